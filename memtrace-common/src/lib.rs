@@ -1,0 +1,268 @@
+//! Types shared by the kernel programs and the agent.
+//!
+//! Every record is `#[repr(C)]`, sized to a multiple of 8 and laid out without implicit padding,
+//! so the two sides agree byte for byte. The first `u32` of every ring-buffer record is its
+//! [`RecordKind`], which is how the agent tells them apart.
+#![no_std]
+
+/// Tag in the first four bytes of every ring-buffer record.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    Fault = 1,
+    Vma = 2,
+    Proc = 3,
+}
+
+impl RecordKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Fault),
+            2 => Some(Self::Vma),
+            3 => Some(Self::Proc),
+            _ => None,
+        }
+    }
+}
+
+/// `FaultRecord::flags`: the kernel accounted the fault as major (it needed I/O).
+pub const FAULT_MAJOR: u32 = 1 << 0;
+/// `FaultRecord::flags`: the fault was taken in kernel mode (copy_from_user and the like).
+pub const FAULT_KERNEL_MODE: u32 = 1 << 1;
+/// `FaultRecord::flags`: `latency_ns` and `error_code` are valid (the fault's entry was seen).
+pub const FAULT_HAS_ENTRY: u32 = 1 << 2;
+
+/// A page fault, emitted when the kernel accounts it as major or minor.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FaultRecord {
+    pub kind: u32,
+    pub flags: u32,
+    /// Thread-group id (the process).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// The faulting virtual address.
+    pub address: u64,
+    /// The instruction pointer at the fault (user or kernel).
+    pub ip: u64,
+    /// x86 page-fault error code (`X86_PF_*` bits) from the entry tracepoint.
+    pub error_code: u64,
+    /// Fault entry to accounting, in nanoseconds.
+    pub latency_ns: u64,
+    /// Id in the `STACKS` map, or a negative errno when no stack was taken.
+    pub user_stack_id: i32,
+    /// Id in the `STACKS` map for faults taken in kernel mode, else negative.
+    pub kernel_stack_id: i32,
+}
+
+/// `VmaRecord::op` values.
+pub const VMA_MMAP: u32 = 1;
+pub const VMA_MUNMAP: u32 = 2;
+pub const VMA_MREMAP: u32 = 3;
+pub const VMA_BRK: u32 = 4;
+
+/// A completed mmap/munmap/mremap/brk call (emitted at syscall exit, only on success).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VmaRecord {
+    pub kind: u32,
+    pub op: u32,
+    pub pid: u32,
+    pub tid: u32,
+    /// mmap: the address returned. munmap: the range start. mremap: old address. brk: new break.
+    pub addr: u64,
+    /// mmap/munmap: length. mremap: old length. brk: the break before the call.
+    pub len: u64,
+    /// mremap: new address (the return value). Otherwise 0.
+    pub new_addr: u64,
+    /// mremap: new length. Otherwise 0.
+    pub new_len: u64,
+    pub prot: u32,
+    pub flags: u32,
+    /// mmap: the file descriptor (-1 for anonymous).
+    pub fd: i32,
+    pub _pad: u32,
+    /// mmap: file offset in bytes.
+    pub offset: u64,
+}
+
+/// `ProcRecord::op` values.
+pub const PROC_FORK: u32 = 1;
+pub const PROC_EXEC: u32 = 2;
+pub const PROC_EXIT: u32 = 3;
+
+/// A process fork (new thread group), exec, or thread-group exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcRecord {
+    pub kind: u32,
+    pub op: u32,
+    pub pid: u32,
+    /// Fork: the child's pid. Otherwise equal to `pid`.
+    pub child_pid: u32,
+    pub comm: [u8; 16],
+}
+
+/// Syscall arguments stashed at entry until the syscall returns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PendingSyscall {
+    pub op: u32,
+    pub _pad: u32,
+    pub args: [u64; 6],
+}
+
+/// A fault whose entry was seen and whose accounting is awaited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FaultEntry {
+    pub tid: u32,
+    pub _pad: u32,
+    pub address: u64,
+    pub error_code: u64,
+    pub entry_ns: u64,
+}
+
+/// Last user stack walked on a CPU: a fault that repeats its ip, frame pointer and return
+/// address reuses the stack id instead of walking the stack again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StackCacheSlot {
+    pub pid: u32,
+    pub stack_id: i32,
+    pub ip: u64,
+    pub bp: u64,
+    pub ret: u64,
+}
+
+/// Indices into the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Fault records dropped because the ring buffer was full.
+    pub const RINGBUF_FULL_FAULT: u32 = 0;
+    /// VMA and process records dropped because the ring buffer was full.
+    pub const RINGBUF_FULL_OTHER: u32 = 1;
+    /// User stacks not captured (stack map full, hash collision or fault in the walk).
+    pub const USER_STACK_LOST: u32 = 2;
+    /// Kernel stacks not captured.
+    pub const KERNEL_STACK_LOST: u32 = 3;
+    /// Accounted faults whose entry was never seen (no latency for them).
+    pub const ENTRY_MISSED: u32 = 4;
+    /// Pending fault entries not spilled at a context switch (map full).
+    pub const PENDING_FULL: u32 = 5;
+    /// Accounted faults seen by the kernel programs (after filtering).
+    pub const FAULTS_SEEN: u32 = 6;
+    /// User stacks reused from the per-CPU cache instead of walked.
+    pub const STACK_CACHE_HITS: u32 = 7;
+    /// Syscall entries not stashed (map full).
+    pub const SYSCALL_PENDING_FULL: u32 = 8;
+    pub const COUNT: u32 = 9;
+}
+
+/// Configuration written into the kernel programs at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// Non-zero: only processes in the `TARGETS` map (and the children they fork) are traced.
+    pub filter_pids: u32,
+    /// Non-zero: capture user (and, for kernel-mode faults, kernel) stacks.
+    pub capture_stacks: u32,
+    /// Non-zero: reuse the last stack id when a fault repeats ip, frame pointer and return address.
+    pub stack_cache: u32,
+    pub _pad: u32,
+}
+
+impl Config {
+    pub const DEFAULT: Config = Config {
+        filter_pids: 0,
+        capture_stacks: 1,
+        stack_cache: 1,
+        _pad: 0,
+    };
+}
+
+/// Tracepoint record layouts the kernel programs read (field name, byte offset, size).
+///
+/// The verifier only allows constant offsets into a tracepoint record, so these are compiled
+/// in; the agent checks each one against `/sys/kernel/tracing/events/<tp>/format` before it
+/// loads anything, and refuses with the differing field named instead of reading garbage.
+pub mod layout {
+    pub type Field = (&'static str, usize, usize);
+    pub const PF_ADDRESS: Field = ("address", 8, 8);
+    pub const PF_IP: Field = ("ip", 16, 8);
+    pub const PF_ERROR_CODE: Field = ("error_code", 24, 8);
+    pub const NEWTASK_PID: Field = ("pid", 8, 4);
+    pub const NEWTASK_CLONE_FLAGS: Field = ("clone_flags", 32, 8);
+    pub const EXIT_GROUP_DEAD: Field = ("group_dead", 32, 1);
+    /// `sys_enter_*`: the n-th argument is at `SYSCALL_ARG0 + 8 * n`; `sys_exit_*`: `ret`.
+    pub const SYSCALL_ARG0: usize = 16;
+    pub const SYSCALL_RET: Field = ("ret", 16, 8);
+
+    /// Every (tracepoint, field) the kernel programs read, for the agent's check.
+    pub const CHECKED: &[(&str, &str, Field)] = &[
+        ("exceptions", "page_fault_user", PF_ADDRESS),
+        ("exceptions", "page_fault_user", PF_IP),
+        ("exceptions", "page_fault_user", PF_ERROR_CODE),
+        ("exceptions", "page_fault_kernel", PF_ADDRESS),
+        ("exceptions", "page_fault_kernel", PF_ERROR_CODE),
+        ("task", "task_newtask", NEWTASK_PID),
+        ("task", "task_newtask", NEWTASK_CLONE_FLAGS),
+        ("sched", "sched_process_exit", EXIT_GROUP_DEAD),
+        ("syscalls", "sys_enter_mmap", ("addr", 16, 8)),
+        ("syscalls", "sys_enter_mmap", ("off", 56, 8)),
+        ("syscalls", "sys_enter_munmap", ("len", 24, 8)),
+        ("syscalls", "sys_enter_mremap", ("new_addr", 48, 8)),
+        ("syscalls", "sys_enter_brk", ("brk", 16, 8)),
+        ("syscalls", "sys_exit_mmap", SYSCALL_RET),
+        ("syscalls", "sys_exit_munmap", SYSCALL_RET),
+        ("syscalls", "sys_exit_mremap", SYSCALL_RET),
+        ("syscalls", "sys_exit_brk", SYSCALL_RET),
+    ];
+}
+
+/// Maximum number of frames in a stack trace (the kernel's `PERF_MAX_STACK_DEPTH`).
+pub const MAX_STACK_DEPTH: usize = 127;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and have no
+    // implicit padding (checked by the layout tests below), so every bit pattern is valid.
+    unsafe impl aya::Pod for FaultRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for VmaRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ProcRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PendingSyscall {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FaultEntry {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn records_have_no_implicit_padding() {
+        // Sum of field sizes equals the struct size: no hidden padding bytes anywhere.
+        assert_eq!(size_of::<FaultRecord>(), 4 * 4 + 8 * 4 + 4 * 2);
+        assert_eq!(size_of::<VmaRecord>(), 4 * 4 + 8 * 4 + 4 * 4 + 8);
+        assert_eq!(size_of::<ProcRecord>(), 4 * 4 + 16);
+        assert_eq!(size_of::<Config>(), 4 * 4);
+        assert_eq!(size_of::<PendingSyscall>(), 8 + 8 * 6);
+        assert_eq!(size_of::<FaultEntry>(), 8 + 8 * 3);
+        assert_eq!(size_of::<StackCacheSlot>(), 8 + 8 * 3);
+    }
+
+    #[test]
+    fn record_kind_round_trips() {
+        for k in [RecordKind::Fault, RecordKind::Vma, RecordKind::Proc] {
+            assert_eq!(RecordKind::from_u32(k as u32), Some(k));
+        }
+        assert_eq!(RecordKind::from_u32(0), None);
+    }
+}

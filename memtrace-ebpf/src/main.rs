@@ -1,0 +1,23 @@
+//! memtrace's kernel programs: one module per hook family.
+//!
+//! Only tracepoints, perf software events and helpers that work under kernel lockdown are used:
+//! records are read straight from the tracepoint context at offsets the agent has checked
+//! against tracefs (see `memtrace_common::layout`), never with `bpf_probe_read_kernel`.
+#![no_std]
+#![no_main]
+
+mod faults;
+mod maps;
+mod proc;
+mod vma;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects any program that could reach this; it is never executed.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,88 @@
+//! Maps and helpers shared by every program.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
+    programs::TracePointContext,
+    EbpfContext, Global,
+};
+use memtrace_common::{counter, Config, FaultEntry, PendingSyscall, StackCacheSlot};
+
+#[unsafe(no_mangle)]
+pub static CONFIG: Global<Config> = Global::new(Config::DEFAULT);
+
+/// Every record for the agent, in the order the kernel produced them. Size set by the agent.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+/// Processes (thread-group ids) to trace when `CONFIG.filter_pids` is set.
+#[map]
+pub static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(8192, 0);
+
+/// De-duplicated user and kernel stacks, referenced by id from fault records.
+#[map]
+pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+
+/// The fault this CPU is handling: written at entry, consumed at accounting.
+#[map]
+pub static FAULT_ENTRY: PerCpuArray<FaultEntry> = PerCpuArray::with_max_entries(1, 0);
+
+/// Fault entries of threads that were switched out mid-fault (major faults sleep on I/O and may
+/// finish on another CPU), keyed by tid.
+#[map]
+pub static PENDING_FAULTS: LruHashMap<u32, FaultEntry> = LruHashMap::with_max_entries(16384, 0);
+
+/// Last user stack walked on this CPU.
+#[map]
+pub static STACK_CACHE: PerCpuArray<StackCacheSlot> = PerCpuArray::with_max_entries(1, 0);
+
+/// Syscall arguments from entry, keyed by tid, until the syscall returns.
+#[map]
+pub static PENDING_SYSCALLS: LruHashMap<u32, PendingSyscall> =
+    LruHashMap::with_max_entries(16384, 0);
+
+/// Loss and efficiency counters (indices in `memtrace_common::counter`).
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+pub fn bump(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: the pointer comes from a successful per-CPU lookup, so it is valid and only
+        // this CPU touches it while this program runs (no preemption inside BPF programs).
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn config() -> Config {
+    CONFIG.load()
+}
+
+/// Is this thread group one we trace?
+#[inline(always)]
+pub fn is_target(tgid: u32) -> bool {
+    if config().filter_pids == 0 {
+        return true;
+    }
+    // SAFETY: the value is a plain u8 and only its presence is used.
+    unsafe { TARGETS.get(&tgid).is_some() }
+}
+
+/// (tgid, tid) of the current task.
+#[inline(always)]
+pub fn current_ids() -> (u32, u32) {
+    let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    ((id >> 32) as u32, id as u32)
+}
+
+/// Reads a field of the tracepoint record at a constant offset.
+///
+/// # Safety
+/// `OFF + size_of::<T>()` must lie within the tracepoint's record, as checked by the agent
+/// against the tracepoint's format file (`memtrace_common::layout`).
+#[inline(always)]
+pub unsafe fn tp_field<T: Copy, const OFF: usize>(ctx: &TracePointContext) -> T {
+    // SAFETY: per the function contract the read is within the record; the verifier checks
+    // the constant offset against the context size as well.
+    unsafe { core::ptr::read(ctx.as_ptr().cast::<u8>().add(OFF).cast::<T>()) }
+}

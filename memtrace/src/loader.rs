@@ -1,0 +1,222 @@
+//! Loading the kernel programs, attaching them, and the agent's handles on their maps.
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
+    programs::{
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        PerfEvent, TracePoint,
+    },
+    Ebpf, EbpfLoader,
+};
+use memtrace_common::{counter, Config};
+
+use crate::{tracefs, Error};
+
+/// The compiled kernel programs, embedded at build time by `build.rs`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
+
+/// Tracepoints and the program attached to each.
+pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("page_fault_user", "exceptions", "page_fault_user"),
+    ("page_fault_kernel", "exceptions", "page_fault_kernel"),
+    ("sched_switch", "sched", "sched_switch"),
+    ("sys_enter_mmap", "syscalls", "sys_enter_mmap"),
+    ("sys_exit_mmap", "syscalls", "sys_exit_mmap"),
+    ("sys_enter_munmap", "syscalls", "sys_enter_munmap"),
+    ("sys_exit_munmap", "syscalls", "sys_exit_munmap"),
+    ("sys_enter_mremap", "syscalls", "sys_enter_mremap"),
+    ("sys_exit_mremap", "syscalls", "sys_exit_mremap"),
+    ("sys_enter_brk", "syscalls", "sys_enter_brk"),
+    ("sys_exit_brk", "syscalls", "sys_exit_brk"),
+    ("task_newtask", "task", "task_newtask"),
+    ("sched_process_exec", "sched", "sched_process_exec"),
+    ("sched_process_exit", "sched", "sched_process_exit"),
+];
+
+/// Perf software events (the kernel's own fault accounting) and their programs.
+pub const PERF_EVENTS: &[(&str, SoftwareEvent)] = &[
+    ("fault_minor", SoftwareEvent::PageFaultsMin),
+    ("fault_major", SoftwareEvent::PageFaultsMaj),
+];
+
+#[derive(Clone, Copy, Debug)]
+pub struct TracerOptions {
+    /// Trace only the pids added with [`Tracer::add_target`] (and their children).
+    pub filter_pids: bool,
+    pub capture_stacks: bool,
+    pub stack_cache: bool,
+    /// Ring buffer size in bytes (a power of two, at least a page).
+    pub ringbuf_bytes: u32,
+}
+
+impl Default for TracerOptions {
+    fn default() -> Self {
+        Self {
+            filter_pids: false,
+            capture_stacks: true,
+            stack_cache: true,
+            ringbuf_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// Loss and efficiency counters summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    pub ringbuf_full_fault: u64,
+    pub ringbuf_full_other: u64,
+    pub user_stack_lost: u64,
+    pub kernel_stack_lost: u64,
+    pub entry_missed: u64,
+    pub pending_full: u64,
+    pub faults_seen: u64,
+    pub stack_cache_hits: u64,
+    pub syscall_pending_full: u64,
+}
+
+/// Loaded and attached kernel programs.
+pub struct Tracer {
+    // Keeps programs and links alive for as long as the tracer lives.
+    _ebpf: Ebpf,
+    pub events: Option<RingBuf<MapData>>,
+    stacks: StackTraceMap<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    targets: HashMap<MapData, u32, u8>,
+}
+
+fn check_root() -> Result<(), Error> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::NotRoot);
+    }
+    Ok(())
+}
+
+fn raise_memlock_rlimit() {
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct is passed by pointer; failure only matters on kernels that
+    // still charge BPF maps to RLIMIT_MEMLOCK, where loading reports its own error.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+}
+
+impl Tracer {
+    pub fn load(opts: TracerOptions) -> Result<Self, Error> {
+        check_root()?;
+        let tracefs = tracefs::ensure_mounted()?;
+        tracefs::check_layout(&tracefs)?;
+        raise_memlock_rlimit();
+
+        let config = Config {
+            filter_pids: opts.filter_pids as u32,
+            capture_stacks: opts.capture_stacks as u32,
+            stack_cache: opts.stack_cache as u32,
+            _pad: 0,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &config, true)
+            .map_max_entries("EVENTS", opts.ringbuf_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(|e| Error::Load(format!("{e:#}")))?;
+
+        for (prog, category, name) in TRACEPOINTS {
+            let tp: &mut TracePoint = program(&mut ebpf, prog)?;
+            tp.load().map_err(|e| load_error(prog, e))?;
+            tp.attach(category, name).map_err(|e| Error::Attach {
+                what: format!("tracepoint {category}:{name}"),
+                reason: e.to_string(),
+            })?;
+        }
+        let cpus = aya::util::online_cpus().map_err(|(what, e)| Error::Attach {
+            what: "perf events".into(),
+            reason: format!("{what}: {e}"),
+        })?;
+        for (prog, event) in PERF_EVENTS {
+            let pe: &mut PerfEvent = program(&mut ebpf, prog)?;
+            pe.load().map_err(|e| load_error(prog, e))?;
+            for &cpu in &cpus {
+                pe.attach(
+                    PerfEventConfig::Software(*event),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Period(1),
+                    false,
+                )
+                .map_err(|e| Error::Attach {
+                    what: format!("perf software event {event:?} on cpu {cpu}"),
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+
+        let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?).map_err(map_error)?;
+        let stacks = StackTraceMap::try_from(take_map(&mut ebpf, "STACKS")?).map_err(map_error)?;
+        let counters =
+            PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?).map_err(map_error)?;
+        let targets = HashMap::try_from(take_map(&mut ebpf, "TARGETS")?).map_err(map_error)?;
+        Ok(Self {
+            _ebpf: ebpf,
+            events: Some(events),
+            stacks,
+            counters,
+            targets,
+        })
+    }
+
+    /// Adds a process to trace (with `filter_pids`).
+    pub fn add_target(&mut self, pid: u32) -> Result<(), Error> {
+        self.targets
+            .insert(pid, 1, 0)
+            .map_err(|e| Error::Map(format!("adding pid {pid} to the target map: {e}")))
+    }
+
+    /// The frames of a stack, innermost first.
+    pub fn stack(&self, id: u32) -> Option<Vec<u64>> {
+        let trace = self.stacks.get(&id, 0).ok()?;
+        Some(trace.frames().iter().map(|f| f.ip).collect())
+    }
+
+    pub fn counters(&self) -> KernelCounters {
+        let sum = |idx: u32| -> u64 {
+            self.counters
+                .get(&idx, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        KernelCounters {
+            ringbuf_full_fault: sum(counter::RINGBUF_FULL_FAULT),
+            ringbuf_full_other: sum(counter::RINGBUF_FULL_OTHER),
+            user_stack_lost: sum(counter::USER_STACK_LOST),
+            kernel_stack_lost: sum(counter::KERNEL_STACK_LOST),
+            entry_missed: sum(counter::ENTRY_MISSED),
+            pending_full: sum(counter::PENDING_FULL),
+            faults_seen: sum(counter::FAULTS_SEEN),
+            stack_cache_hits: sum(counter::STACK_CACHE_HITS),
+            syscall_pending_full: sum(counter::SYSCALL_PENDING_FULL),
+        }
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| Error::Load(format!("program {name} missing from the eBPF object")))?;
+    prog.try_into()
+        .map_err(|_| Error::Load(format!("program {name} has an unexpected type")))
+}
+
+fn load_error(prog: &str, e: aya::programs::ProgramError) -> Error {
+    Error::Load(format!("program {prog}: {e:#}"))
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, Error> {
+    ebpf.take_map(name)
+        .ok_or_else(|| Error::Load(format!("map {name} missing from the eBPF object")))
+}
+
+fn map_error(e: aya::maps::MapError) -> Error {
+    Error::Map(e.to_string())
+}

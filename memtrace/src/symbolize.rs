@@ -1,0 +1,217 @@
+//! Stack symbolization with blazesym.
+//!
+//! User frames are resolved through the agent's own model of the process's mappings (file and
+//! file offset), not through `/proc/PID`, so stacks of processes that have exited still
+//! symbolize. Results are cached per (file, offset) and per kernel address.
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+use blazesym::{
+    symbolize::{
+        source::{Elf, Kernel, Source},
+        Input, Symbolized, Symbolizer as Blaze,
+    },
+    MaybeDefault,
+};
+use serde::Serialize;
+
+use crate::addrspace::AddressSpace;
+
+/// One symbolized frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Frame {
+    /// Function name (demangled), or `[unknown]`.
+    pub function: String,
+    /// Offset of the address from the function's start.
+    pub offset: u64,
+    /// The ELF file, `[kernel]`, or the pseudo-path of an anonymous mapping.
+    pub module: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+    /// A frame inlined into the one after it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub inlined: bool,
+    pub address: u64,
+}
+
+impl Frame {
+    fn unknown(address: u64, module: &str) -> Self {
+        Self {
+            function: "[unknown]".into(),
+            offset: 0,
+            module: module.into(),
+            file: None,
+            line: None,
+            inlined: false,
+            address,
+        }
+    }
+
+    /// `function+0xoff (module)` for tables.
+    pub fn display(&self) -> String {
+        let module = self.module.rsplit('/').next().unwrap_or(&self.module);
+        if self.function == "[unknown]" {
+            format!("[unknown] 0x{:x} ({module})", self.address)
+        } else {
+            format!("{}+0x{:x} ({module})", self.function, self.offset)
+        }
+    }
+}
+
+pub struct Symbolizer {
+    blaze: Blaze,
+    user_cache: HashMap<(Arc<str>, u64), Vec<Frame>>,
+    kernel_cache: HashMap<u64, Vec<Frame>>,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn frames_from(sym: Symbolized<'_>, address: u64, module: &str) -> Vec<Frame> {
+    let Symbolized::Sym(sym) = sym else {
+        return vec![Frame::unknown(address, module)];
+    };
+    let module = sym
+        .module
+        .as_deref()
+        .map(|m| m.to_string_lossy().into_owned())
+        .unwrap_or_else(|| module.to_string());
+    let (file, line) = match &sym.code_info {
+        Some(ci) => (Some(ci.to_path().display().to_string()), ci.line),
+        None => (None, None),
+    };
+    // blazesym lists inlined functions outermost first; a stack reads innermost first.
+    let mut frames: Vec<Frame> = sym
+        .inlined
+        .iter()
+        .rev()
+        .map(|inl| Frame {
+            function: inl.name.to_string(),
+            offset: 0,
+            module: module.clone(),
+            file: inl
+                .code_info
+                .as_ref()
+                .map(|c| c.to_path().display().to_string()),
+            line: inl.code_info.as_ref().and_then(|c| c.line),
+            inlined: true,
+            address,
+        })
+        .collect();
+    frames.push(Frame {
+        function: sym.name.to_string(),
+        offset: sym.offset as u64,
+        module,
+        file,
+        line,
+        inlined: false,
+        address,
+    });
+    frames
+}
+
+impl Symbolizer {
+    pub fn new() -> Self {
+        Self {
+            blaze: Blaze::builder()
+                .enable_code_info(true)
+                .enable_inlined_fns(true)
+                .build(),
+            user_cache: HashMap::new(),
+            kernel_cache: HashMap::new(),
+        }
+    }
+
+    /// Symbolizes a user stack (innermost first) against a process's modelled mappings.
+    pub fn user_stack(&mut self, space: &AddressSpace, ips: &[u64]) -> Vec<Frame> {
+        let mut out = Vec::with_capacity(ips.len());
+        for (i, &ip) in ips.iter().enumerate() {
+            // Return addresses point after the call; look up the call instruction instead.
+            let lookup = if i == 0 { ip } else { ip.saturating_sub(1) };
+            let Some(vma) = space.find(lookup) else {
+                out.push(Frame::unknown(ip, "[unmapped]"));
+                continue;
+            };
+            let Some(path) = vma.path.clone().filter(|p| p.starts_with('/')) else {
+                let module = vma.path.as_deref().unwrap_or("[anon]").to_string();
+                out.push(Frame::unknown(ip, &module));
+                continue;
+            };
+            let offset = vma.file_offset(lookup);
+            let key = (path, offset);
+            if let Some(frames) = self.user_cache.get(&key) {
+                out.extend(frames.iter().cloned().map(|mut f| {
+                    f.address = ip;
+                    f
+                }));
+                continue;
+            }
+            let src = Source::Elf(Elf::new(PathBuf::from(&*key.0)));
+            let frames = match self.blaze.symbolize_single(&src, Input::FileOffset(offset)) {
+                Ok(sym) => frames_from(sym, ip, &key.0),
+                Err(_) => vec![Frame::unknown(ip, &key.0)],
+            };
+            out.extend(frames.iter().cloned());
+            self.user_cache.insert(key, frames);
+        }
+        out
+    }
+
+    /// Symbolizes a kernel stack (innermost first) with /proc/kallsyms.
+    pub fn kernel_stack(&mut self, ips: &[u64]) -> Vec<Frame> {
+        let mut out = Vec::with_capacity(ips.len());
+        for &ip in ips {
+            if let Some(frames) = self.kernel_cache.get(&ip) {
+                out.extend(frames.iter().cloned());
+                continue;
+            }
+            let kernel = Kernel {
+                vmlinux: MaybeDefault::None,
+                ..Kernel::default()
+            };
+            let src = Source::Kernel(kernel);
+            let frames = match self.blaze.symbolize_single(&src, Input::AbsAddr(ip)) {
+                Ok(sym) => frames_from(sym, ip, "[kernel]"),
+                Err(_) => vec![Frame::unknown(ip, "[kernel]")],
+            };
+            out.extend(frames.iter().cloned());
+            self.kernel_cache.insert(ip, frames);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    fn marker_function_for_symbolizer_test() -> u64 {
+        marker_function_for_symbolizer_test as *const () as u64
+    }
+
+    #[test]
+    fn symbolizes_own_function_through_the_maps_model_and_caches_it() {
+        let addr = std::hint::black_box(marker_function_for_symbolizer_test());
+        let space = AddressSpace::read(std::process::id()).expect("own maps");
+        let mut s = Symbolizer::new();
+        let frames = s.user_stack(&space, &[addr + 1]);
+        let last = frames.last().expect("a frame");
+        assert!(
+            last.function
+                .contains("marker_function_for_symbolizer_test"),
+            "{frames:?}"
+        );
+        assert_eq!(last.offset, 1);
+        assert_eq!(s.user_cache.len(), 1);
+        // The second lookup is served from the cache, with this call's address.
+        let again = s.user_stack(&space, &[addr + 1]);
+        assert_eq!(again, frames);
+        let unknown = s.user_stack(&AddressSpace::default(), &[addr]);
+        assert_eq!(unknown[0].module, "[unmapped]");
+    }
+}

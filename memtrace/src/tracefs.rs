@@ -1,0 +1,152 @@
+//! tracefs: finding (or mounting) it, and reading tracepoint format files so the offsets the
+//! kernel programs were compiled with can be checked against the running kernel.
+use std::{
+    ffi::CString,
+    path::{Path, PathBuf},
+};
+
+use crate::Error;
+
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
+
+/// The tracefs mount point, mounting it at /sys/kernel/tracing when nothing is mounted.
+pub fn ensure_mounted() -> Result<PathBuf, Error> {
+    for dir in [TRACEFS, DEBUGFS_TRACING] {
+        if Path::new(dir).join("events").is_dir() {
+            return Ok(PathBuf::from(dir));
+        }
+    }
+    let target = CString::new(TRACEFS).map_err(|_| Error::Tracefs("bad path".into()))?;
+    let fstype = CString::new("tracefs").map_err(|_| Error::Tracefs("bad fstype".into()))?;
+    let source = CString::new("nodev").map_err(|_| Error::Tracefs("bad source".into()))?;
+    // SAFETY: all three pointers are valid NUL-terminated strings that outlive the call; a null
+    // data pointer is allowed.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 || !Path::new(TRACEFS).join("events").is_dir() {
+        let err = std::io::Error::last_os_error();
+        return Err(Error::Tracefs(format!(
+            "tracefs is not mounted and mounting it failed ({err}); run: mount -t tracefs nodev {TRACEFS}"
+        )));
+    }
+    Ok(PathBuf::from(TRACEFS))
+}
+
+/// One field of a tracepoint format.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FormatField {
+    pub name: String,
+    pub offset: usize,
+    pub size: usize,
+}
+
+/// Parses the `field:` lines of a tracepoint `format` file.
+pub fn parse_format(text: &str) -> Vec<FormatField> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let decl = line.strip_prefix("field:")?;
+            let mut parts = decl.split(';').map(str::trim);
+            let decl = parts.next()?;
+            let mut offset = None;
+            let mut size = None;
+            for p in parts {
+                if let Some(v) = p.strip_prefix("offset:") {
+                    offset = v.parse().ok();
+                } else if let Some(v) = p.strip_prefix("size:") {
+                    size = v.parse().ok();
+                }
+            }
+            // The name is the last identifier of the declaration, before any array suffix.
+            let name = decl
+                .split('[')
+                .next()?
+                .split_whitespace()
+                .last()?
+                .to_string();
+            Some(FormatField {
+                name,
+                offset: offset?,
+                size: size?,
+            })
+        })
+        .collect()
+}
+
+pub fn tracepoint_exists(tracefs: &Path, category: &str, name: &str) -> bool {
+    tracefs.join("events").join(category).join(name).is_dir()
+}
+
+pub fn read_format(tracefs: &Path, category: &str, name: &str) -> Result<Vec<FormatField>, Error> {
+    let path = tracefs
+        .join("events")
+        .join(category)
+        .join(name)
+        .join("format");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::MissingTracepoint {
+        tracepoint: format!("{category}:{name}"),
+        reason: e.to_string(),
+    })?;
+    Ok(parse_format(&text))
+}
+
+/// Checks every (tracepoint, field) the kernel programs read against this kernel's formats.
+pub fn check_layout(tracefs: &Path) -> Result<(), Error> {
+    for (category, name, (field, offset, size)) in memtrace_common::layout::CHECKED {
+        let fields = read_format(tracefs, category, name)?;
+        let found = fields.iter().find(|f| f.name == *field);
+        match found {
+            Some(f) if f.offset == *offset && f.size == *size => {}
+            other => {
+                return Err(Error::LayoutMismatch {
+                    tracepoint: format!("{category}:{name}"),
+                    field: field.to_string(),
+                    expected: format!("offset {offset} size {size}"),
+                    found: other.map_or("absent".into(), |f| {
+                        format!("offset {} size {}", f.offset, f.size)
+                    }),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_format_fields() {
+        let text = "name: page_fault_user\nID: 190\nformat:\n\
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;\n\n\
+\tfield:unsigned long address;\toffset:8;\tsize:8;\tsigned:0;\n\
+\tfield:char comm[16];\toffset:12;\tsize:16;\tsigned:0;\n\
+\tfield:__data_loc char[] filename;\toffset:8;\tsize:4;\tsigned:0;\n\
+\nprint fmt: \"address=%ps\", REC->address\n";
+        let f = parse_format(text);
+        let names: Vec<_> = f
+            .iter()
+            .map(|f| (f.name.as_str(), f.offset, f.size))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("common_type", 0, 2),
+                ("common_pid", 4, 4),
+                ("address", 8, 8),
+                ("comm", 12, 16),
+                ("filename", 8, 4),
+            ]
+        );
+    }
+}
