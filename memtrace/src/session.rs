@@ -176,6 +176,10 @@ pub async fn run_faults(
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| Error::Map(format!("polling the ring buffer: {e}")))?;
     let start = Instant::now();
+    eprintln!(
+        "memtrace: tracing page faults of {}; Ctrl-C to stop",
+        describe(&opts.target, &watched)
+    );
     let mut symbolizer = Symbolizer::new();
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut interval = opts
@@ -243,4 +247,23 @@ fn targets_done(traced: &mut Option<Traced>, watched: &[u32], collector: &Collec
         return !collector.spawned.iter().any(|&p| process_alive(p));
     }
     !watched.iter().any(|&p| process_alive(p))
+}
+
+fn describe(target: &Target, watched: &[u32]) -> String {
+    match target {
+        Target::System => "the whole system".into(),
+        Target::Pids(_) => format!("pid {}", join(watched)),
+        Target::Command(argv) => format!(
+            "{} (pid {}) and its children",
+            argv.join(" "),
+            join(watched)
+        ),
+    }
+}
+
+fn join(pids: &[u32]) -> String {
+    pids.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -1,1 +1,295 @@
-fn main() {}
+//! Workloads with known fault behaviour, for memtrace's integration tests, benchmark and demo.
+//!
+//! Each prints one line `key=value ...` at the end with the kernel's own counts for this process
+//! (`/proc/self/stat` minflt/majflt, read just before exit), so a test can compare memtrace's
+//! numbers with the kernel's.
+use std::{
+    io::{BufRead as _, Write as _},
+    ptr,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+const PAGE: usize = 4096;
+
+/// (minflt, majflt) of this process from /proc/self/stat.
+fn own_faults() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let rest = stat.rsplit_once(") ").context("stat format")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the comm: state(0) ppid pgrp session tty tpgid flags minflt(7) cminflt majflt(9).
+    Ok((f[7].parse()?, f[9].parse()?))
+}
+
+fn report(extra: &str) -> Result<()> {
+    let (minflt, majflt) = own_faults()?;
+    println!(
+        "pid={} minflt={minflt} majflt={majflt} {extra}",
+        std::process::id()
+    );
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// Maps `len` bytes of anonymous memory.
+fn map_anon(len: usize, shared: bool) -> Result<*mut u8> {
+    let flags = libc::MAP_ANONYMOUS
+        | if shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
+    // SAFETY: a fresh anonymous mapping; no existing memory is affected.
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        bail!("mmap: {}", std::io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
+/// Writes one byte to each page: one minor fault per page on fresh anonymous memory.
+#[inline(never)]
+fn touch_pages_write(base: *mut u8, pages: usize) {
+    for i in 0..pages {
+        // SAFETY: callers pass a mapping of at least `pages` writable pages.
+        unsafe { ptr::write_volatile(base.add(i * PAGE), i as u8) };
+    }
+}
+
+/// Reads one byte of each page.
+#[inline(never)]
+fn touch_pages_read(base: *const u8, pages: usize) -> u64 {
+    let mut sum = 0u64;
+    for i in 0..pages {
+        // SAFETY: callers pass a mapping of at least `pages` readable pages.
+        sum += unsafe { ptr::read_volatile(base.add(i * PAGE)) } as u64;
+    }
+    sum
+}
+
+fn anon(pages: usize) -> Result<()> {
+    let base = map_anon(pages * PAGE, false)?;
+    touch_pages_write(base, pages);
+    report(&format!("pages={pages}"))
+}
+
+fn heap(pages: usize) -> Result<()> {
+    // A Vec's buffer: malloc'd, so brk heap or an mmap'd chunk depending on size.
+    let mut v: Vec<u8> = Vec::with_capacity(pages * PAGE);
+    touch_pages_write(v.as_mut_ptr(), pages);
+    // SAFETY: every page was written above; the rest stays uninitialised and unread.
+    unsafe { v.set_len(1) };
+    report(&format!("pages={pages}"))
+}
+
+/// Creates a file of `pages` pages on disk and drops it from the page cache.
+fn cold_file(path: &str, pages: usize) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("creating {path}"))?;
+    let chunk = vec![0x5au8; 256 * PAGE];
+    let mut left = pages * PAGE;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        f.write_all(&chunk[..n])?;
+        left -= n;
+    }
+    f.sync_all()?;
+    // SAFETY: plain syscalls on an fd we own.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        bail!("posix_fadvise: {}", std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(f)
+}
+
+fn map_file(f: &std::fs::File, len: usize, prot: i32) -> Result<*mut u8> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: maps a file we own; the mapping is only accessed within `len`.
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_PRIVATE,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        bail!("mmap file: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: advice on the mapping just created; random access disables readahead so each
+    // page read is its own major fault.
+    unsafe { libc::madvise(p, len, libc::MADV_RANDOM) };
+    Ok(p.cast())
+}
+
+fn file(path: &str, pages: usize) -> Result<()> {
+    let f = cold_file(path, pages)?;
+    let base = map_file(&f, pages * PAGE, libc::PROT_READ)?;
+    let sum = touch_pages_read(base, pages);
+    report(&format!("pages={pages} sum={sum}"))?;
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+/// Copy-on-write: read every page of a private file mapping (maps the page-cache page
+/// read-only), then write every page (a protection fault that copies it).
+fn cow(path: &str, pages: usize) -> Result<()> {
+    let f = cold_file(path, pages)?;
+    let base = map_file(&f, pages * PAGE, libc::PROT_READ | libc::PROT_WRITE)?;
+    touch_pages_read(base, pages);
+    touch_pages_write(base, pages);
+    report(&format!("pages={pages}"))?;
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+fn threads(n: usize, pages: usize) -> Result<()> {
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            std::thread::spawn(move || -> Result<()> {
+                let base = map_anon(pages * PAGE, false)?;
+                touch_pages_write(base, pages);
+                Ok(())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().map_err(|_| anyhow::anyhow!("thread panicked"))??;
+    }
+    report(&format!("threads={n} pages={pages}"))
+}
+
+/// Forks `n` children that each touch `pages` anonymous pages and exit.
+fn forks(n: usize, pages: usize) -> Result<()> {
+    for _ in 0..n {
+        // SAFETY: the child only touches memory and exits with _exit.
+        match unsafe { libc::fork() } {
+            -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+            0 => {
+                let code = match map_anon(pages * PAGE, false) {
+                    Ok(base) => {
+                        touch_pages_write(base, pages);
+                        0
+                    }
+                    Err(_) => 1,
+                };
+                // SAFETY: leave the child without running the parent's destructors.
+                unsafe { libc::_exit(code) };
+            }
+            _ => {}
+        }
+    }
+    for _ in 0..n {
+        // SAFETY: reaps any child.
+        unsafe { libc::wait(ptr::null_mut()) };
+    }
+    report(&format!("forks={n} pages={pages}"))
+}
+
+/// Waits for a line on stdin, then touches pages: lets a test attach with -p first.
+fn wait_then_anon(pages: usize) -> Result<()> {
+    println!("ready pid={}", std::process::id());
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let before = own_faults()?;
+    let base = map_anon(pages * PAGE, false)?;
+    touch_pages_write(base, pages);
+    let after = own_faults()?;
+    report(&format!(
+        "pages={pages} delta_minflt={}",
+        after.0 - before.0
+    ))
+}
+
+/// Sleeps, touching nothing (for "pid exits mid-run" checks).
+fn sleep_ms(ms: u64) -> Result<()> {
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    report("")
+}
+
+/// A small tour of memory kinds: heap, private file (major faults), shared memory, a child.
+fn demo(dir: &str) -> Result<()> {
+    let step = std::time::Duration::from_millis(200);
+    heap_phase(8192)?;
+    std::thread::sleep(step);
+    let path = format!("{dir}/memtrace-demo.dat");
+    let f = cold_file(&path, 2048)?;
+    let base = map_file(&f, 2048 * PAGE, libc::PROT_READ)?;
+    read_config_file(base, 2048);
+    let _ = std::fs::remove_file(&path);
+    std::thread::sleep(step);
+    let shm = map_anon(4096 * PAGE, true)?;
+    fill_shared_buffer(shm, 4096);
+    std::thread::sleep(step);
+    forks(2, 1024)?;
+    Ok(())
+}
+
+#[inline(never)]
+fn heap_phase(pages: usize) -> Result<()> {
+    let mut v: Vec<u8> = Vec::with_capacity(pages * PAGE);
+    touch_pages_write(v.as_mut_ptr(), pages);
+    // SAFETY: the first byte was written above.
+    unsafe { v.set_len(1) };
+    std::hint::black_box(&v);
+    Ok(())
+}
+
+#[inline(never)]
+fn read_config_file(base: *const u8, pages: usize) -> u64 {
+    touch_pages_read(base, pages)
+}
+
+#[inline(never)]
+fn fill_shared_buffer(base: *mut u8, pages: usize) {
+    touch_pages_write(base, pages)
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: memtrace-workload anon PAGES | heap PAGES | file PATH PAGES | cow PATH PAGES |\n\
+         \x20      threads N PAGES | forks N PAGES | wait-then-anon PAGES | sleep MS | demo DIR"
+    );
+    std::process::exit(2)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let num = |i: usize| -> Result<usize> {
+        args.get(i)
+            .with_context(|| "missing number")?
+            .parse::<usize>()
+            .context("not a number")
+    };
+    let s = |i: usize| -> &str { args.get(i).map_or("", String::as_str) };
+    match s(0) {
+        "anon" => anon(num(1)?),
+        "heap" => heap(num(1)?),
+        "file" => file(s(1), num(2)?),
+        "cow" => cow(s(1), num(2)?),
+        "threads" => threads(num(1)?, num(2)?),
+        "forks" => forks(num(1)?, num(2)?),
+        "wait-then-anon" => wait_then_anon(num(1)?),
+        "sleep" => sleep_ms(num(1)? as u64),
+        "demo" => demo(if s(1).is_empty() { "/var/tmp" } else { s(1) }),
+        _ => usage(),
+    }
+}

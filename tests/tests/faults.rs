@@ -1,0 +1,439 @@
+//! `memtrace faults` end to end: the real eBPF programs, real workloads, and memtrace's numbers
+//! checked against the kernel's own accounting (`/proc/PID/stat`, read by the workload itself
+//! just before it exits). Needs root.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::PathBuf,
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+fn workload() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_memtrace-workload"))
+}
+
+fn memtrace() -> PathBuf {
+    let p = workload().with_file_name("memtrace");
+    assert!(
+        p.exists(),
+        "{} not built: run the tests with `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the integration tests load eBPF programs: run them as root"
+    );
+}
+
+/// Runs memtrace with `args` and returns (parsed JSON report, workload stdout line fields, output).
+fn run_json(args: &[&str]) -> (Value, Output) {
+    require_root();
+    let out = Command::new(memtrace())
+        .args(["faults", "--format", "json"])
+        .args(args)
+        .output()
+        .expect("run memtrace");
+    assert!(
+        out.status.success(),
+        "memtrace failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The traced command shares stdout: its `pid=...` line comes before the JSON document.
+    let start = stdout
+        .find("\n{")
+        .map(|i| i + 1)
+        .or_else(|| stdout.starts_with('{').then_some(0));
+    let json = &stdout[start.expect("a JSON document on stdout")..];
+    (serde_json::from_str(json).expect("valid JSON"), out)
+}
+
+/// `key=value` fields of the workload's report line.
+fn workload_fields(out: &Output) -> std::collections::HashMap<String, u64> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("pid="))
+        .expect("workload report line");
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+fn process(report: &Value, pid: u64) -> &Value {
+    report["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .find(|p| p["pid"] == pid)
+        .unwrap_or_else(|| panic!("pid {pid} missing from report: {report}"))
+}
+
+fn within(actual: u64, expected: u64, pct: f64) -> bool {
+    (actual as f64 - expected as f64).abs() <= expected as f64 * pct / 100.0
+}
+
+fn callsites_of(report: &Value, pid: u64) -> Vec<&Value> {
+    let mut v: Vec<&Value> = report["callsites"]
+        .as_array()
+        .expect("callsites")
+        .iter()
+        .filter(|c| c["pid"] == pid)
+        .collect();
+    v.sort_by_key(|c| std::cmp::Reverse(c["count"].as_u64()));
+    v
+}
+
+fn frames_text(site: &Value) -> String {
+    site["frames"]
+        .as_array()
+        .map(|f| {
+            f.iter()
+                .map(|x| x["function"].as_str().unwrap_or("").to_string())
+                .collect::<Vec<_>>()
+                .join(" <- ")
+        })
+        .unwrap_or_default()
+}
+
+fn scratch(name: &str) -> String {
+    // A disk-backed directory: tmpfs pages never take major faults.
+    let dir = std::env::var("MEMTRACE_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    format!("{dir}/memtrace-test-{}-{name}", std::process::id())
+}
+
+#[test]
+fn anonymous_first_touch_matches_kernel_minor_count() {
+    let pages = 50_000u64;
+    let (r, out) = run_json(&[
+        "--",
+        workload().to_str().unwrap(),
+        "anon",
+        &pages.to_string(),
+    ]);
+    let w = workload_fields(&out);
+    let p = process(&r, w["pid"]);
+    let minor = p["minor"].as_u64().unwrap();
+    assert!(
+        within(minor, w["minflt"], 1.0),
+        "memtrace minor {minor} vs kernel minflt {}",
+        w["minflt"]
+    );
+    assert_eq!(p["major"], 0);
+    assert_eq!(r["lost"]["events"], 0, "lost: {}", r["lost"]);
+    let top = callsites_of(&r, w["pid"])[0];
+    assert!(
+        within(top["count"].as_u64().unwrap(), pages, 1.0),
+        "top callsite {top}"
+    );
+    assert_eq!(top["kind"], "minor");
+    assert!(
+        matches!(
+            top["mapping"]["class"].as_str(),
+            Some("anon_private" | "heap")
+        ),
+        "{top}"
+    );
+    assert!(
+        frames_text(top).contains("touch_pages_write"),
+        "top callsite frames: {}",
+        frames_text(top)
+    );
+    assert_eq!(top["access"][0]["access"], "write");
+    assert_eq!(top["access"][0]["cause"], "not_present");
+    let lat = &p["latency_ns"]["minor"];
+    assert!(lat["count"].as_u64().unwrap() >= pages * 99 / 100, "{lat}");
+    assert!(
+        lat["p50"].as_u64().unwrap() > 50,
+        "minor latency p50 implausibly small: {lat}"
+    );
+}
+
+#[test]
+fn cold_file_reads_are_major_faults_on_the_file() {
+    let pages = 2_000u64;
+    let path = scratch("major.dat");
+    let (r, out) = run_json(&[
+        "--",
+        workload().to_str().unwrap(),
+        "file",
+        &path,
+        &pages.to_string(),
+    ]);
+    let w = workload_fields(&out);
+    let p = process(&r, w["pid"]);
+    let major = p["major"].as_u64().unwrap();
+    assert!(
+        within(major, pages, 1.0),
+        "memtrace major {major}, expected {pages}"
+    );
+    assert!(
+        within(major, w["majflt"], 1.0),
+        "memtrace major {major} vs kernel majflt {}",
+        w["majflt"]
+    );
+    let site = callsites_of(&r, w["pid"])
+        .into_iter()
+        .find(|c| c["kind"] == "major")
+        .expect("a major callsite");
+    assert_eq!(site["mapping"]["class"], "file_private");
+    assert_eq!(site["mapping"]["path"], path.as_str());
+    assert!(
+        frames_text(site).contains("touch_pages_read"),
+        "{}",
+        frames_text(site)
+    );
+    let (maj, min) = (&p["latency_ns"]["major"], &p["latency_ns"]["minor"]);
+    assert!(
+        maj["p50"].as_u64() > min["p50"].as_u64(),
+        "major p50 {maj} should exceed minor p50 {min}"
+    );
+    assert!(maj["p99"].as_u64() > min["p99"].as_u64());
+}
+
+#[test]
+fn copy_on_write_is_a_write_protection_fault() {
+    let pages = 2_000u64;
+    let path = scratch("cow.dat");
+    let (r, out) = run_json(&[
+        "--",
+        workload().to_str().unwrap(),
+        "cow",
+        &path,
+        &pages.to_string(),
+    ]);
+    let w = workload_fields(&out);
+    let cow: u64 = callsites_of(&r, w["pid"])
+        .iter()
+        .filter(|c| {
+            c["mapping"]["class"] == "file_private" && c["mapping"]["path"] == path.as_str()
+        })
+        .flat_map(|c| c["access"].as_array().unwrap().iter())
+        .filter(|a| a["access"] == "write" && a["cause"] == "protection")
+        .map(|a| a["count"].as_u64().unwrap())
+        .sum();
+    assert!(
+        within(cow, pages, 1.0),
+        "write/protection faults on {path}: {cow}, expected {pages}"
+    );
+}
+
+#[test]
+fn thread_counts_add_up_to_the_process() {
+    let (r, out) = run_json(&["--", workload().to_str().unwrap(), "threads", "4", "5000"]);
+    let w = workload_fields(&out);
+    let p = process(&r, w["pid"]);
+    let threads = p["threads"].as_array().unwrap();
+    assert!(threads.len() >= 5, "main + 4 workers: {threads:?}");
+    let sum: u64 = threads
+        .iter()
+        .map(|t| t["minor"].as_u64().unwrap() + t["major"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        sum,
+        p["minor"].as_u64().unwrap() + p["major"].as_u64().unwrap()
+    );
+    assert!(
+        threads
+            .iter()
+            .filter(|t| t["minor"].as_u64().unwrap() >= 5000)
+            .count()
+            >= 4,
+        "{threads:?}"
+    );
+    assert!(
+        within(p["minor"].as_u64().unwrap(), w["minflt"], 1.0),
+        "{} vs {}",
+        p["minor"],
+        w["minflt"]
+    );
+}
+
+#[test]
+fn forked_children_are_followed_and_symbolized_after_exit() {
+    let (r, out) = run_json(&["--", workload().to_str().unwrap(), "forks", "3", "3000"]);
+    let w = workload_fields(&out);
+    let children: Vec<&Value> = r["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["pid"] != w["pid"])
+        .collect();
+    assert_eq!(children.len(), 3, "three children: {}", r["processes"]);
+    for c in children {
+        assert!(c["exited"].as_bool().unwrap());
+        assert!(c["minor"].as_u64().unwrap() >= 3000, "{c}");
+        let top = callsites_of(&r, c["pid"].as_u64().unwrap())[0];
+        assert!(
+            frames_text(top).contains("touch_pages_write"),
+            "child stack: {}",
+            frames_text(top)
+        );
+    }
+}
+
+#[test]
+fn attach_by_pid_counts_what_happens_after_attach() {
+    require_root();
+    let mut wl = Command::new(workload())
+        .args(["wait-then-anon", "20000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut wl_out = BufReader::new(wl.stdout.take().unwrap());
+    let mut line = String::new();
+    wl_out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("ready"), "{line}");
+    let pid = wl.id().to_string();
+    let mut mt = Command::new(memtrace())
+        .args(["faults", "--format", "json", "-d", "60s", "-p", &pid])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(mt.stderr.take().unwrap());
+    let mut banner = String::new();
+    err.read_line(&mut banner).unwrap();
+    assert!(banner.contains("tracing page faults of pid"), "{banner}");
+    wl.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let mut report_line = String::new();
+    wl_out.read_line(&mut report_line).unwrap();
+    wl.wait().unwrap();
+    // memtrace ends on its own when the pid exits.
+    let out = mt.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let r: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let delta: u64 = report_line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("delta_minflt="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let minor = process(&r, pid.parse().unwrap())["minor"].as_u64().unwrap();
+    assert!(
+        minor >= delta && within(minor, delta, 2.0),
+        "memtrace {minor} vs kernel delta {delta}"
+    );
+}
+
+#[test]
+fn system_wide_sees_several_processes() {
+    require_root();
+    let mut mt = Command::new(memtrace())
+        .args(["faults", "--format", "json", "-d", "3s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(mt.stderr.take().unwrap());
+    let mut banner = String::new();
+    err.read_line(&mut banner).unwrap();
+    let pids: Vec<u64> = (0..3)
+        .map(|_| {
+            let out = Command::new(workload())
+                .args(["anon", "3000"])
+                .output()
+                .unwrap();
+            workload_fields(&out)["pid"]
+        })
+        .collect();
+    let out = mt.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let r: Value = serde_json::from_slice(&out.stdout).expect("json");
+    for pid in pids {
+        assert!(process(&r, pid)["minor"].as_u64().unwrap() >= 3000);
+    }
+}
+
+fn run_fail(args: &[&str]) -> (i32, String) {
+    let out = Command::new(memtrace()).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    require_root();
+    let (code, err) = run_fail(&["faults", "-p", "999999999"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("no process with pid 999999999"), "{err}");
+    let (code, err) = run_fail(&["faults", "--", "/nonexistent/command"]);
+    assert_eq!(code, 127, "{err}");
+    assert!(
+        err.contains("cannot start /nonexistent/command") && err.contains("not found"),
+        "{err}"
+    );
+    let (code, err) = run_fail(&["faults", "-d", "soon"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("bad duration"), "{err}");
+    // Not root: drop privileges in the child before exec.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(memtrace())
+        .args(["faults", "-d", "1s"])
+        .output();
+    if let Ok(out) = out {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{err}");
+        assert!(err.contains("needs root"), "{err}");
+    }
+}
+
+#[test]
+fn pid_exiting_mid_run_still_gets_a_report() {
+    require_root();
+    let mut wl = Command::new(workload())
+        .args(["sleep", "700"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = wl.id().to_string();
+    let started = std::time::Instant::now();
+    let out = Command::new(memtrace())
+        .args(["faults", "-d", "30s", "-p", &pid])
+        .output()
+        .unwrap();
+    wl.wait().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "memtrace should end when the pid exits"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("memtrace faults:") && stdout.contains("Lost:"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_reports_every_probe() {
+    require_root();
+    let out = Command::new(memtrace()).args(["check"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for needle in [
+        "tracefs",
+        "exceptions:page_fault_user",
+        "PageFaultsMaj",
+        "lockdown",
+        "load + attach all programs",
+    ] {
+        assert!(stdout.contains(needle), "missing {needle}: {stdout}");
+    }
+}
