@@ -67,10 +67,10 @@ pub fn parse_format(text: &str) -> Vec<FormatField> {
             }
             // The name is the last identifier of the declaration, before any array suffix.
             let name = decl
-                .split('[')
-                .next()?
                 .split_whitespace()
                 .last()?
+                .split('[')
+                .next()?
                 .to_string();
             Some(FormatField {
                 name,
