@@ -13,8 +13,8 @@ use memtrace_common::{
 };
 
 use crate::maps::{
-    bump, config, current_ids, is_target, tp_field, EVENTS, FAULT_ENTRY, PENDING_FAULTS, STACKS,
-    STACK_CACHE,
+    bump, config, current_ids, is_target, tp_field, wakeup_flags, EVENTS, FAULT_ENTRY,
+    PENDING_FAULTS, STACKS, STACK_CACHE,
 };
 
 /// Highest user-space address on x86_64 (47-bit address space; 5-level paging is rarer).
@@ -168,7 +168,7 @@ fn try_fault_accounted(ctx: &PerfEventContext, kind_flags: u32) -> Result<u32, u
         user_stack_id,
         kernel_stack_id,
     });
-    rec.submit(0);
+    rec.submit(wakeup_flags());
     Ok(0)
 }
 

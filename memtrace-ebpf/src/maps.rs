@@ -53,6 +53,20 @@ pub fn bump(index: u32) {
     }
 }
 
+/// Wake the agent only once this much data is waiting: a wakeup per record (the default) costs
+/// an irq_work and a context switch per page fault. The agent also drains on a short timer.
+const WAKEUP_BYTES: u64 = 256 * 1024;
+
+/// Submit flags for a ring-buffer record: wake the reader only when a batch is waiting.
+#[inline(always)]
+pub fn wakeup_flags() -> u64 {
+    if EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64
+    }
+}
+
 #[inline(always)]
 pub fn config() -> Config {
     CONFIG.load()

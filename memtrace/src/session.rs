@@ -186,6 +186,8 @@ pub async fn run_faults(
         .interval
         .map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
     let mut exit_check = tokio::time::interval(Duration::from_millis(100));
+    // The kernel side wakes us only per batch; drain whatever is waiting at least this often.
+    let mut drain = tokio::time::interval(Duration::from_millis(10));
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
 
@@ -205,6 +207,12 @@ pub async fn run_faults(
                 let stack = |id| tracer.stack(id);
                 let input = ReportInput { collector: &collector, counters: tracer.counters(), stack: &stack, elapsed: start.elapsed() };
                 on_report(&report::build(&input, &mut symbolizer, &opts.report));
+            }
+            _ = drain.tick() => {
+                let rb = ring.get_mut();
+                while let Some(item) = rb.next() {
+                    collector.on_bytes(&item);
+                }
             }
             _ = exit_check.tick() => {
                 if targets_done(&mut traced, &watched, &collector) {

@@ -78,8 +78,10 @@ fn touch_pages_read(base: *const u8, pages: usize) -> u64 {
 
 fn anon(pages: usize) -> Result<()> {
     let base = map_anon(pages * PAGE, false)?;
+    let start = std::time::Instant::now();
     touch_pages_write(base, pages);
-    report(&format!("pages={pages}"))
+    let touch_ns = start.elapsed().as_nanos();
+    report(&format!("pages={pages} touch_ns={touch_ns}"))
 }
 
 fn heap(pages: usize) -> Result<()> {

@@ -1,1 +1,316 @@
-fn main() {}
+//! `cargo xtask`: setup (toolchain pieces), demo, test and bench for memtrace.
+//!
+//! Every command runs `setup` first, which is idempotent and quick once done, so a fresh machine
+//! needs nothing but `cargo xtask demo` or `cargo xtask test`.
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building the eBPF programs needs: nightly rust-src and bpf-linker.
+    Setup,
+    /// Build (release) and run `memtrace faults` on the bundled demo workload, or on CMD.
+    Demo {
+        /// A command to trace instead of the demo workload.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Run the whole test suite: unit tests and the root-only integration tests.
+    Test,
+    /// Overhead of `memtrace faults` on a page-fault-heavy workload, against an untraced run.
+    Bench {
+        /// Pages first-touched per run.
+        #[arg(long, default_value_t = 1_000_000)]
+        pages: u64,
+        /// Runs per configuration (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+}
+
+fn root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+/// Puts cargo's bin directory on PATH for everything started from here (bpf-linker lives there).
+fn extend_path() {
+    let bin = cargo_bin_dir();
+    let path = env::var_os("PATH").unwrap_or_default();
+    if !env::split_paths(&path).any(|p| p == bin) {
+        let mut paths = vec![bin];
+        paths.extend(env::split_paths(&path));
+        if let Ok(joined) = env::join_paths(paths) {
+            // SAFETY: xtask is single-threaded at this point; nothing reads the environment
+            // concurrently.
+            unsafe { env::set_var("PATH", joined) };
+        }
+    }
+}
+
+fn setup() -> Result<()> {
+    extend_path();
+    // 1. The nightly toolchain builds the eBPF crate with -Z build-std=core.
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let sysroot = PathBuf::from(sysroot.trim());
+    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    // 2. bpf-linker, linked against the nightly toolchain's own libLLVM (the system has no
+    //    LLVM of the same major version).
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !linker_ok {
+        let lib = sysroot.join("lib");
+        let llvm = std::fs::read_dir(&lib)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libLLVM.so."))
+            })
+            .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+        let file = llvm
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        // e.g. libLLVM.so.22.1-rust-1.97.0-nightly -> feature llvm-22
+        let major = file
+            .trim_start_matches("libLLVM.so.")
+            .split('.')
+            .next()
+            .unwrap_or("22")
+            .to_string();
+        let prefix = env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/root"))
+            .join(".cache/memtrace/llvm");
+        let prefix_lib = prefix.join("lib");
+        std::fs::create_dir_all(&prefix_lib)?;
+        for name in [file.as_str(), "libLLVM.so"] {
+            let link = prefix_lib.join(name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&llvm, &link)
+                .with_context(|| format!("linking {}", link.display()))?;
+        }
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", &prefix))?;
+    }
+    // 3. tracefs (memtrace mounts it too; doing it here makes `perf`/`bpftrace` checks work).
+    if !Path::new("/sys/kernel/tracing/events").is_dir() && is_root() {
+        let _ = Command::new("mount")
+            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+            .status();
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_ok_and(|u| u.trim() == "0")
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root_dir());
+    c
+}
+
+fn test() -> Result<()> {
+    setup()?;
+    if !is_root() {
+        bail!("the integration tests load eBPF programs: run `cargo xtask test` as root");
+    }
+    run(cargo().args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "memtrace-ebpf",
+        "--bins",
+    ]))?;
+    run(cargo().args(["test", "--workspace", "--exclude", "memtrace-ebpf"]))
+}
+
+fn demo(command: Vec<String>) -> Result<()> {
+    setup()?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "memtrace",
+        "-p",
+        "memtrace-tests",
+    ]))?;
+    let bin = root_dir().join("target/release");
+    let mut cmd = Command::new(bin.join("memtrace"));
+    cmd.args(["faults", "--hist", "--top", "5", "--"]);
+    if command.is_empty() {
+        cmd.arg(bin.join("memtrace-workload"))
+            .args(["demo", "/var/tmp"]);
+    } else {
+        cmd.args(command);
+    }
+    run(&mut cmd)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// One run: returns (touch-phase seconds, lost fault records or 0 untraced).
+fn bench_run(bin: &Path, pages: u64, tracer: Option<&[&str]>) -> Result<(f64, u64)> {
+    let workload = bin.join("memtrace-workload");
+    let mut cmd = match tracer {
+        None => Command::new(&workload),
+        Some(flags) => {
+            let mut c = Command::new(bin.join("memtrace"));
+            c.args(["faults", "--format", "json"])
+                .args(flags)
+                .arg("--")
+                .arg(&workload);
+            c
+        }
+    };
+    let out = output(cmd.args(["anon", &pages.to_string()]))?;
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("pid="))
+        .context("no workload report")?;
+    let ns: f64 = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("touch_ns="))
+        .context("no touch_ns")?
+        .parse()?;
+    let lost = match out.find("\n{") {
+        Some(i) => {
+            let report: serde_json::Value = serde_json::from_str(&out[i + 1..])?;
+            report["lost"]["events"].as_u64().unwrap_or(0)
+        }
+        None => 0,
+    };
+    Ok((ns / 1e9, lost))
+}
+
+fn bench(pages: u64, runs: usize) -> Result<()> {
+    setup()?;
+    if !is_root() {
+        bail!("the benchmark loads eBPF programs: run it as root");
+    }
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "memtrace",
+        "-p",
+        "memtrace-tests",
+    ]))?;
+    let bin = root_dir().join("target/release");
+    let configs: [(&str, Option<&[&str]>); 4] = [
+        ("untraced", None),
+        ("memtrace faults (stacks + latency + mappings)", Some(&[])),
+        ("memtrace faults --no-stacks", Some(&["--no-stacks"])),
+        (
+            "memtrace faults, stack walked every fault",
+            Some(&["--no-stack-cache"]),
+        ),
+    ];
+    println!("workload: first touch of {pages} anonymous pages, {runs} runs per row, median; machine: {} CPUs", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    let mut base = 0.0;
+    for (name, flags) in configs {
+        let mut times = Vec::new();
+        let mut lost = 0;
+        for _ in 0..runs {
+            let (t, l) = bench_run(&bin, pages, flags)?;
+            times.push(t);
+            lost += l;
+        }
+        let m = median(times);
+        if flags.is_none() {
+            base = m;
+        }
+        println!(
+            "{name:<48} {:>8.3} s  {:>7.2} us/fault  {:>5.2}x  lost {lost}",
+            m,
+            m * 1e6 / pages as f64,
+            m / base
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup(),
+        Cmd::Demo { command } => demo(command),
+        Cmd::Test => test(),
+        Cmd::Bench { pages, runs } => bench(pages, runs),
+    }
+}
