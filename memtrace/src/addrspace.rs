@@ -268,7 +268,7 @@ impl AddressSpace {
             }
         };
         let end = page_align(new_brk);
-        self.remove_range(heap_start, u64::MAX.min(end.max(self.heap_end(heap_start))));
+        self.remove_range(heap_start, end.max(self.heap_end(heap_start)));
         if end > heap_start {
             self.insert(Vma {
                 start: heap_start,

@@ -88,7 +88,7 @@ pub fn run() -> (Vec<Probe>, bool) {
             },
         ));
     }
-    for (prog, (_, event)) in PERF_EVENTS.iter().enumerate().map(|(i, e)| (i, e)) {
+    for (prog, (_, event)) in PERF_EVENTS.iter().enumerate() {
         let config = match prog {
             0 => 5,
             _ => 6,

@@ -177,10 +177,11 @@ impl<S: ProcSource> Collector<S> {
                 // The fd may be closed (and its number reused) by the time this record is read,
                 // so a file mapping's path comes from a fresh /proc/PID/maps while the process
                 // lives, and from the fd only when that read shows nothing for the range.
-                if !anonymous && self.reread_now(r.pid) {
-                    if self.space_mut(r.pid).find(r.addr).is_some() {
-                        return;
-                    }
+                if !anonymous
+                    && self.reread_now(r.pid)
+                    && self.space_mut(r.pid).find(r.addr).is_some()
+                {
+                    return;
                 }
                 let path = if anonymous {
                     None

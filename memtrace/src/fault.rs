@@ -106,6 +106,11 @@ impl Latency {
         // It fails only for values beyond u64 range tracking, which a latency cannot reach.
         let _ = self.0.record(ns.max(1));
     }
+    /// Adds another histogram's samples to this one.
+    pub fn merge(&mut self, other: &Latency) {
+        // Both auto-resize, so adding cannot run out of range.
+        let _ = self.0.add(&other.0);
+    }
     pub fn hist(&self) -> &Histogram<u64> {
         &self.0
     }

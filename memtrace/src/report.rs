@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::{
     addrspace::MappingClass,
     collector::Collector,
-    fault::{Access, Cause, Counts, FaultKind, LatencySummary},
+    fault::{Access, Cause, Counts, FaultKind, Latency, LatencySummary},
     loader::KernelCounters,
     symbolize::{Frame, Symbolizer},
 };
@@ -196,7 +196,7 @@ pub fn build(
                     major: c.major,
                 })
                 .collect();
-            mappings.sort_by(|a, b| (b.minor + b.major).cmp(&(a.minor + a.major)));
+            mappings.sort_by_key(|m| std::cmp::Reverse(m.minor + m.major));
             ProcessReport {
                 pid,
                 comm: comm(pid),
@@ -224,45 +224,67 @@ pub fn build(
             .then(a.pid.cmp(&b.pid))
     });
 
-    let mut sites: Vec<_> = agg.callsites.iter().collect();
-    sites.sort_by(|a, b| b.1.count.cmp(&a.1.count));
-    let limit = if opts.format == Format::Table {
-        opts.top
-    } else {
-        usize::MAX
-    };
+    // Symbolize every stack, then merge callsites whose stacks name the same functions: an
+    // unrolled loop faults from several instructions of one function, and a user asks "which
+    // function", not "which instruction".
     let empty = crate::addrspace::AddressSpace::default();
-    let callsites = sites
-        .into_iter()
-        .take(limit)
-        .map(|(k, v)| {
-            let space = procs.get(&k.pid).map_or(&empty, |p| &p.space);
-            let frames = k
-                .user_stack
-                .and_then(|id| (input.stack)(id))
-                .map(|ips| symbolizer.user_stack(space, &ips))
-                .unwrap_or_default();
-            let kernel_frames = k
-                .kernel_stack
-                .and_then(|id| (input.stack)(id))
-                .map(|ips| symbolizer.kernel_stack(&ips))
-                .unwrap_or_default();
-            CallsiteReport {
+    type MergeKey = (u32, FaultKind, MappingClass, Option<String>, Vec<String>);
+    let mut merged: HashMap<MergeKey, (CallsiteReport, Latency, HashMap<(Access, Cause), u64>)> =
+        HashMap::new();
+    for (k, v) in &agg.callsites {
+        let space = procs.get(&k.pid).map_or(&empty, |p| &p.space);
+        let frames = k
+            .user_stack
+            .and_then(|id| (input.stack)(id))
+            .map(|ips| symbolizer.user_stack(space, &ips))
+            .unwrap_or_default();
+        let kernel_frames = k
+            .kernel_stack
+            .and_then(|id| (input.stack)(id))
+            .map(|ips| symbolizer.kernel_stack(&ips))
+            .unwrap_or_default();
+        let names = frames
+            .iter()
+            .chain(&kernel_frames)
+            .map(|f| format!("{}@{}", f.function, f.module))
+            .collect();
+        let path = k.path.as_deref().map(str::to_string);
+        let key = (k.pid, k.kind, k.class, path.clone(), names);
+        let entry = merged.entry(key).or_insert_with(|| {
+            let site = CallsiteReport {
                 pid: k.pid,
                 comm: comm(k.pid),
                 kind: k.kind,
-                count: v.count,
+                count: 0,
                 mapping: MappingReport {
                     class: k.class,
-                    path: k.path.as_deref().map(str::to_string),
+                    path,
                 },
-                access: access_list(&v.by_access),
-                latency_ns: v.latency.summary(),
+                access: Vec::new(),
+                latency_ns: LatencySummary::default(),
                 frames,
                 kernel_frames,
-            }
+            };
+            (site, Latency::default(), HashMap::new())
+        });
+        entry.0.count += v.count;
+        entry.1.merge(&v.latency);
+        for (a, n) in &v.by_access {
+            *entry.2.entry(*a).or_default() += n;
+        }
+    }
+    let mut callsites: Vec<CallsiteReport> = merged
+        .into_values()
+        .map(|(mut site, latency, access)| {
+            site.latency_ns = latency.summary();
+            site.access = access_list(&access);
+            site
         })
         .collect();
+    callsites.sort_by_key(|s| std::cmp::Reverse(s.count));
+    if opts.format == Format::Table {
+        callsites.truncate(opts.top);
+    }
 
     let c = input.counters;
     let stats = input.collector.stats;
