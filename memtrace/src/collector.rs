@@ -139,13 +139,21 @@ impl<S: ProcSource> Collector<S> {
 
     fn on_fault(&mut self, r: &FaultRecord) {
         self.observe(r.pid);
-        let mut vma = self.processes[&r.pid].space.find(r.address).cloned();
-        if vma.is_none() && self.reread(r.pid) {
-            vma = self.processes[&r.pid].space.find(r.address).cloned();
+        // Only the class and path are needed: no VMA copy on this per-fault path.
+        let lookup = |c: &Self| {
+            c.processes[&r.pid]
+                .space
+                .find(r.address)
+                .map(|v| (v.class, v.path.clone()))
+        };
+        let mut mapping = lookup(self);
+        if mapping.is_none() && self.reread(r.pid) {
+            mapping = lookup(self);
         }
-        if vma.is_none() {
+        let (class, path) = mapping.unwrap_or_else(|| {
             self.stats.unclassified += 1;
-        }
+            (MappingClass::Other, None)
+        });
         let has_entry = r.flags & FAULT_HAS_ENTRY != 0;
         let (access, cause) = decode_error_code(has_entry.then_some(r.error_code));
         let fault = Fault {
@@ -163,8 +171,8 @@ impl<S: ProcSource> Collector<S> {
             cause,
             user_stack: u32::try_from(r.user_stack_id).ok(),
             kernel_stack: u32::try_from(r.kernel_stack_id).ok(),
-            class: vma.as_ref().map_or(MappingClass::Other, |v| v.class),
-            path: vma.and_then(|v| v.path),
+            class,
+            path,
         };
         self.faults.record(&fault);
     }

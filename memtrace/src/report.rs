@@ -229,8 +229,8 @@ pub fn build(
     // function", not "which instruction".
     let empty = crate::addrspace::AddressSpace::default();
     type MergeKey = (u32, FaultKind, MappingClass, Option<String>, Vec<String>);
-    let mut merged: HashMap<MergeKey, (CallsiteReport, Latency, HashMap<(Access, Cause), u64>)> =
-        HashMap::new();
+    type Merged = (CallsiteReport, Latency, HashMap<(Access, Cause), u64>);
+    let mut merged: HashMap<MergeKey, Merged> = HashMap::new();
     for (k, v) in &agg.callsites {
         let space = procs.get(&k.pid).map_or(&empty, |p| &p.space);
         let frames = k

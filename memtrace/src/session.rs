@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
@@ -187,7 +188,7 @@ pub async fn run_faults(
         .map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
     let mut exit_check = tokio::time::interval(Duration::from_millis(100));
     // The kernel side wakes us only per batch; drain whatever is waiting at least this often.
-    let mut drain = tokio::time::interval(Duration::from_millis(10));
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
 
@@ -195,25 +196,15 @@ pub async fn run_faults(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(|e| Error::Map(format!("polling the ring buffer: {e}")))?;
-                let rb = guard.get_inner_mut();
-                while let Some(item) = rb.next() {
-                    collector.on_bytes(&item);
-                }
+                drain(guard.get_inner_mut(), &mut collector);
                 guard.clear_ready();
             }
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
             _ = &mut ctrl_c => break,
             _ = async { match interval.as_mut() { Some(i) => { i.tick().await; } None => std::future::pending().await } } => {
-                let stack = |id| tracer.stack(id);
-                let input = ReportInput { collector: &collector, counters: tracer.counters(), stack: &stack, elapsed: start.elapsed() };
-                on_report(&report::build(&input, &mut symbolizer, &opts.report));
+                on_report(&snapshot(&tracer, &collector, &mut symbolizer, opts, start));
             }
-            _ = drain.tick() => {
-                let rb = ring.get_mut();
-                while let Some(item) = rb.next() {
-                    collector.on_bytes(&item);
-                }
-            }
+            _ = drain_tick.tick() => drain(ring.get_mut(), &mut collector),
             _ = exit_check.tick() => {
                 if targets_done(&mut traced, &watched, &collector) {
                     break;
@@ -223,24 +214,39 @@ pub async fn run_faults(
     }
     // Records still in flight when the end came.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let rb = ring.get_mut();
-    while let Some(item) = rb.next() {
-        collector.on_bytes(&item);
-    }
+    drain(ring.get_mut(), &mut collector);
     if let Some(mut t) = traced {
         if t.child.try_wait().ok().flatten().is_none() {
             // Ended by Ctrl-C or --duration: the command keeps running unless the user stops it.
             log::info!("command {} still running", t.child.id());
         }
     }
+    Ok(snapshot(&tracer, &collector, &mut symbolizer, opts, start))
+}
+
+/// Hands every waiting ring-buffer record to the collector.
+fn drain(ring: &mut RingBuf<MapData>, collector: &mut Collector) {
+    while let Some(item) = ring.next() {
+        collector.on_bytes(&item);
+    }
+}
+
+/// A report of everything collected so far.
+fn snapshot(
+    tracer: &Tracer,
+    collector: &Collector,
+    symbolizer: &mut Symbolizer,
+    opts: &FaultsOptions,
+    start: Instant,
+) -> FaultReport {
     let stack = |id| tracer.stack(id);
     let input = ReportInput {
-        collector: &collector,
+        collector,
         counters: tracer.counters(),
         stack: &stack,
         elapsed: start.elapsed(),
     };
-    Ok(report::build(&input, &mut symbolizer, &opts.report))
+    report::build(&input, symbolizer, &opts.report)
 }
 
 /// With targets: have they all exited (the command, its descendants, every -p pid)?

@@ -56,6 +56,14 @@ fn run_json(args: &[&str]) -> (Value, Output) {
     (serde_json::from_str(json).expect("valid JSON"), out)
 }
 
+/// Runs the workload with `args` under `memtrace faults --format json`.
+fn trace_workload(args: &[&str]) -> (Value, Output) {
+    let workload = workload();
+    let mut all = vec!["--", workload.to_str().expect("UTF-8 path")];
+    all.extend_from_slice(args);
+    run_json(&all)
+}
+
 /// `key=value` fields of the workload's report line.
 fn workload_fields(out: &Output) -> std::collections::HashMap<String, u64> {
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -114,12 +122,7 @@ fn scratch(name: &str) -> String {
 #[test]
 fn anonymous_first_touch_matches_kernel_minor_count() {
     let pages = 50_000u64;
-    let (r, out) = run_json(&[
-        "--",
-        workload().to_str().unwrap(),
-        "anon",
-        &pages.to_string(),
-    ]);
+    let (r, out) = trace_workload(&["anon", &pages.to_string()]);
     let w = workload_fields(&out);
     let p = process(&r, w["pid"]);
     let minor = p["minor"].as_u64().unwrap();
@@ -162,13 +165,7 @@ fn anonymous_first_touch_matches_kernel_minor_count() {
 fn cold_file_reads_are_major_faults_on_the_file() {
     let pages = 2_000u64;
     let path = scratch("major.dat");
-    let (r, out) = run_json(&[
-        "--",
-        workload().to_str().unwrap(),
-        "file",
-        &path,
-        &pages.to_string(),
-    ]);
+    let (r, out) = trace_workload(&["file", &path, &pages.to_string()]);
     let w = workload_fields(&out);
     let p = process(&r, w["pid"]);
     let major = p["major"].as_u64().unwrap();
@@ -204,13 +201,7 @@ fn cold_file_reads_are_major_faults_on_the_file() {
 fn copy_on_write_is_a_write_protection_fault() {
     let pages = 2_000u64;
     let path = scratch("cow.dat");
-    let (r, out) = run_json(&[
-        "--",
-        workload().to_str().unwrap(),
-        "cow",
-        &path,
-        &pages.to_string(),
-    ]);
+    let (r, out) = trace_workload(&["cow", &path, &pages.to_string()]);
     let w = workload_fields(&out);
     let cow: u64 = callsites_of(&r, w["pid"])
         .iter()
@@ -229,7 +220,7 @@ fn copy_on_write_is_a_write_protection_fault() {
 
 #[test]
 fn thread_counts_add_up_to_the_process() {
-    let (r, out) = run_json(&["--", workload().to_str().unwrap(), "threads", "4", "5000"]);
+    let (r, out) = trace_workload(&["threads", "4", "5000"]);
     let w = workload_fields(&out);
     let p = process(&r, w["pid"]);
     let threads = p["threads"].as_array().unwrap();
@@ -260,7 +251,7 @@ fn thread_counts_add_up_to_the_process() {
 
 #[test]
 fn forked_children_are_followed_and_symbolized_after_exit() {
-    let (r, out) = run_json(&["--", workload().to_str().unwrap(), "forks", "3", "3000"]);
+    let (r, out) = trace_workload(&["forks", "3", "3000"]);
     let w = workload_fields(&out);
     let children: Vec<&Value> = r["processes"]
         .as_array()

@@ -198,8 +198,8 @@ fn test() -> Result<()> {
     run(cargo().args(["test", "--workspace", "--exclude", "memtrace-ebpf"]))
 }
 
-fn demo(command: Vec<String>) -> Result<()> {
-    setup()?;
+/// Builds memtrace and the workloads optimized; returns the directory holding them.
+fn build_release() -> Result<PathBuf> {
     run(cargo().args([
         "build",
         "--release",
@@ -208,7 +208,12 @@ fn demo(command: Vec<String>) -> Result<()> {
         "-p",
         "memtrace-tests",
     ]))?;
-    let bin = root_dir().join("target/release");
+    Ok(root_dir().join("target/release"))
+}
+
+fn demo(command: Vec<String>) -> Result<()> {
+    setup()?;
+    let bin = build_release()?;
     let mut cmd = Command::new(bin.join("memtrace"));
     cmd.args(["faults", "--hist", "--top", "5", "--"]);
     if command.is_empty() {
@@ -264,15 +269,7 @@ fn bench(pages: u64, runs: usize) -> Result<()> {
     if !is_root() {
         bail!("the benchmark loads eBPF programs: run it as root");
     }
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "memtrace",
-        "-p",
-        "memtrace-tests",
-    ]))?;
-    let bin = root_dir().join("target/release");
+    let bin = build_release()?;
     let configs: [(&str, Option<&[&str]>); 4] = [
         ("untraced", None),
         ("memtrace faults (stacks + latency + mappings)", Some(&[])),
