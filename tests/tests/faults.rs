@@ -286,15 +286,7 @@ fn attach_by_pid_counts_what_happens_after_attach() {
     wl_out.read_line(&mut line).unwrap();
     assert!(line.starts_with("ready"), "{line}");
     let pid = wl.id().to_string();
-    let mut mt = Command::new(memtrace())
-        .args(["faults", "--format", "json", "-d", "60s", "-p", &pid])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(mt.stderr.take().unwrap());
-    let mut banner = String::new();
-    err.read_line(&mut banner).unwrap();
+    let (mt, banner) = start_memtrace(&["faults", "--format", "json", "-d", "60s", "-p", &pid]);
     assert!(banner.contains("tracing page faults of pid"), "{banner}");
     wl.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     let mut report_line = String::new();
@@ -320,15 +312,7 @@ fn attach_by_pid_counts_what_happens_after_attach() {
 #[test]
 fn system_wide_sees_several_processes() {
     require_root();
-    let mut mt = Command::new(memtrace())
-        .args(["faults", "--format", "json", "-d", "3s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(mt.stderr.take().unwrap());
-    let mut banner = String::new();
-    err.read_line(&mut banner).unwrap();
+    let (mt, _banner) = start_memtrace(&["faults", "--format", "json", "-d", "3s"]);
     let pids: Vec<u64> = (0..3)
         .map(|_| {
             let out = Command::new(workload())
@@ -344,6 +328,22 @@ fn system_wide_sees_several_processes() {
     for pid in pids {
         assert!(process(&r, pid)["minor"].as_u64().unwrap() >= 3000);
     }
+}
+
+/// Starts memtrace in the background and waits until it says it is tracing; returns the
+/// child (its stderr pipe kept open) and that banner line.
+fn start_memtrace(args: &[&str]) -> (std::process::Child, String) {
+    let mut mt = Command::new(memtrace())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start memtrace");
+    let mut banner = String::new();
+    BufReader::new(mt.stderr.as_mut().expect("stderr"))
+        .read_line(&mut banner)
+        .expect("banner");
+    (mt, banner)
 }
 
 fn run_fail(args: &[&str]) -> (i32, String) {
