@@ -4,12 +4,14 @@
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
-    macros::{perf_event, tracepoint},
-    programs::{tracing::StackIdContext, PerfEventContext, TracePointContext},
+    macros::{perf_event, raw_tracepoint, tracepoint},
+    programs::{
+        tracing::StackIdContext, PerfEventContext, RawTracePointContext, TracePointContext,
+    },
 };
 use memtrace_common::{
-    counter, layout, FaultEntry, FaultRecord, RecordKind, FAULT_HAS_ENTRY, FAULT_KERNEL_MODE,
-    FAULT_MAJOR,
+    counter, layout, stack_cache_slot, FaultEntry, FaultRecord, RecordKind, FAULT_HAS_ENTRY,
+    FAULT_KERNEL_MODE, FAULT_MAJOR,
 };
 
 use crate::maps::{
@@ -20,30 +22,55 @@ use crate::maps::{
 /// Highest user-space address on x86_64 (47-bit address space; 5-level paging is rarer).
 const USER_ADDR_MAX: u64 = 0x0000_7fff_ffff_ffff;
 
+// Fault entry. Raw tracepoints are the fast path (the arguments arrive in registers, no trace
+// record is built); the classic tracepoints are the fallback where raw ones cannot attach.
+// TP_PROTO(unsigned long address, struct pt_regs *regs, unsigned long error_code).
+
+#[raw_tracepoint(tracepoint = "page_fault_user")]
+pub fn page_fault_user_raw(ctx: RawTracePointContext) -> u32 {
+    fault_entry(ctx.arg::<u64>(0), ctx.arg::<u64>(2))
+}
+
+#[raw_tracepoint(tracepoint = "page_fault_kernel")]
+pub fn page_fault_kernel_raw(ctx: RawTracePointContext) -> u32 {
+    fault_entry(ctx.arg::<u64>(0), ctx.arg::<u64>(2))
+}
+
 #[tracepoint]
 pub fn page_fault_user(ctx: TracePointContext) -> u32 {
-    try_fault_entry(&ctx).unwrap_or(0)
+    fault_entry_from_record(&ctx)
 }
 
 #[tracepoint]
 pub fn page_fault_kernel(ctx: TracePointContext) -> u32 {
-    try_fault_entry(&ctx).unwrap_or(0)
+    fault_entry_from_record(&ctx)
 }
 
 #[inline(always)]
-fn try_fault_entry(ctx: &TracePointContext) -> Result<u32, u32> {
+fn fault_entry_from_record(ctx: &TracePointContext) -> u32 {
+    // SAFETY: offsets checked against this kernel's format file by the agent.
+    let (address, error_code) = unsafe {
+        (
+            tp_field::<u64, { layout::PF_ADDRESS.1 }>(ctx),
+            tp_field::<u64, { layout::PF_ERROR_CODE.1 }>(ctx),
+        )
+    };
+    fault_entry(address, error_code)
+}
+
+/// Stamps this CPU's entry slot; the accounting program completes it.
+#[inline(always)]
+fn fault_entry(address: u64, error_code: u64) -> u32 {
+    if address > USER_ADDR_MAX {
+        return 0;
+    }
     let (tgid, tid) = current_ids();
     if !is_target(tgid) {
-        return Ok(0);
+        return 0;
     }
-    // SAFETY: offsets checked against this kernel's format file by the agent.
-    let address: u64 = unsafe { tp_field::<u64, { layout::PF_ADDRESS.1 }>(ctx) };
-    if address > USER_ADDR_MAX {
-        return Ok(0);
-    }
-    // SAFETY: as above.
-    let error_code: u64 = unsafe { tp_field::<u64, { layout::PF_ERROR_CODE.1 }>(ctx) };
-    let slot = FAULT_ENTRY.get_ptr_mut(0).ok_or(0u32)?;
+    let Some(slot) = FAULT_ENTRY.get_ptr_mut(0) else {
+        return 0;
+    };
     // SAFETY: per-CPU slot from a successful lookup; BPF programs are not preempted.
     unsafe {
         *slot = FaultEntry {
@@ -54,13 +81,23 @@ fn try_fault_entry(ctx: &TracePointContext) -> Result<u32, u32> {
             entry_ns: bpf_ktime_get_ns(),
         };
     }
-    Ok(0)
+    0
 }
 
 /// A thread switched out in the middle of a fault takes its entry along, keyed by tid, so the
 /// fault still gets its latency when it completes on another CPU.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch_raw(_ctx: RawTracePointContext) -> u32 {
+    spill_fault_entry()
+}
+
 #[tracepoint]
 pub fn sched_switch(_ctx: TracePointContext) -> u32 {
+    spill_fault_entry()
+}
+
+#[inline(always)]
+fn spill_fault_entry() -> u32 {
     let Some(slot) = FAULT_ENTRY.get_ptr_mut(0) else {
         return 0;
     };
@@ -183,8 +220,10 @@ fn walk_stack(ctx: &PerfEventContext, flags: u64, lost: u32) -> i32 {
     }
 }
 
-/// A fault loop repeats the same ip, frame pointer and return address thousands of times; the
-/// frame-pointer walk it would repeat is the dominant cost, so reuse the last id on this CPU.
+/// A fault loop repeats the same few ips with the same frame pointer and return address thousands
+/// of times; the frame-pointer walk it would repeat is the dominant cost (about 1.5 us), so reuse
+/// the id walked last time. The key cannot tell two call chains apart that share the innermost
+/// frame pointer and return address; those are the same callsite in every report we print.
 #[inline(always)]
 fn user_stack_cached(ctx: &PerfEventContext, tgid: u32, ip: u64, bp: u64, enabled: bool) -> i32 {
     if !enabled {
@@ -192,7 +231,7 @@ fn user_stack_cached(ctx: &PerfEventContext, tgid: u32, ip: u64, bp: u64, enable
     }
     // SAFETY: reads 8 bytes of the faulting thread's user stack; a bad pointer only fails.
     let ret: u64 = unsafe { bpf_probe_read_user((bp + 8) as *const u64) }.unwrap_or(0);
-    let Some(slot) = STACK_CACHE.get_ptr_mut(0) else {
+    let Some(slot) = STACK_CACHE.get_ptr_mut(stack_cache_slot(ip, ret)) else {
         return walk_stack(ctx, BPF_F_USER_STACK as u64, counter::USER_STACK_LOST);
     };
     // SAFETY: per-CPU slot from a successful lookup; BPF programs are not preempted.

@@ -5,7 +5,9 @@ use aya_ebpf::{
     programs::TracePointContext,
     EbpfContext, Global,
 };
-use memtrace_common::{counter, Config, FaultEntry, PendingSyscall, StackCacheSlot};
+use memtrace_common::{
+    counter, Config, FaultEntry, PendingSyscall, StackCacheSlot, STACK_CACHE_SLOTS,
+};
 
 #[unsafe(no_mangle)]
 pub static CONFIG: Global<Config> = Global::new(Config::DEFAULT);
@@ -31,9 +33,10 @@ pub static FAULT_ENTRY: PerCpuArray<FaultEntry> = PerCpuArray::with_max_entries(
 #[map]
 pub static PENDING_FAULTS: LruHashMap<u32, FaultEntry> = LruHashMap::with_max_entries(16384, 0);
 
-/// Last user stack walked on this CPU.
+/// Recently walked user stacks on this CPU, direct-mapped by `stack_cache_slot(ip, ret)`.
 #[map]
-pub static STACK_CACHE: PerCpuArray<StackCacheSlot> = PerCpuArray::with_max_entries(1, 0);
+pub static STACK_CACHE: PerCpuArray<StackCacheSlot> =
+    PerCpuArray::with_max_entries(STACK_CACHE_SLOTS, 0);
 
 /// Syscall arguments from entry, keyed by tid, until the syscall returns.
 #[map]

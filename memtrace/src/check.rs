@@ -144,11 +144,16 @@ pub fn run() -> (Vec<Probe>, bool) {
             filter_pids: true,
             ..TracerOptions::default()
         }) {
-            Ok(_) => probes.push(probe(
-                "load + attach all programs",
-                true,
-                "ring buffer, stack map, per-CPU maps, tracepoints, perf events: ok",
-            )),
+            Ok(tracer) => {
+                probes.push(probe(
+                    "load + attach all programs",
+                    true,
+                    "ring buffer, stack map, per-CPU maps, tracepoints, perf events: ok",
+                ));
+                for (hook, method) in &tracer.attach_methods {
+                    probes.push(probe(format!("attach {hook}"), true, method.to_string()));
+                }
+            }
             Err(e) => probes.push(probe("load + attach all programs", false, e.to_string())),
         }
     }
@@ -168,7 +173,7 @@ pub fn render(probes: &[Probe]) -> String {
         );
     }
     out.push_str(
-        "\nattach methods:\n  fault entry, access type   tracepoints exceptions:page_fault_{user,kernel}\n  \
+        "\nattach methods:\n  fault entry, access type   exceptions:page_fault_{user,kernel} (raw tracepoints, else tracepoints)\n  \
          fault kind, count, stacks  perf software events page-faults-min/maj (the kernel's accounting), one per CPU\n  \
          fault latency              entry timestamp per CPU, carried across context switches (sched:sched_switch)\n  \
          mapping classification     /proc/PID/maps + syscalls:sys_{enter,exit}_{mmap,munmap,mremap,brk}\n  \

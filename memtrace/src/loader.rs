@@ -3,7 +3,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
     programs::{
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-        PerfEvent, TracePoint,
+        PerfEvent, RawTracePoint, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
@@ -46,6 +46,8 @@ pub struct TracerOptions {
     pub stack_cache: bool,
     /// Ring buffer size in bytes (a power of two, at least a page).
     pub ringbuf_bytes: u32,
+    /// Attach classic tracepoints even where raw tracepoints work (for comparison).
+    pub classic_tracepoints: bool,
 }
 
 impl Default for TracerOptions {
@@ -55,6 +57,7 @@ impl Default for TracerOptions {
             capture_stacks: true,
             stack_cache: true,
             ringbuf_bytes: 32 * 1024 * 1024,
+            classic_tracepoints: false,
         }
     }
 }
@@ -81,6 +84,66 @@ pub struct Tracer {
     stacks: StackTraceMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
     targets: HashMap<MapData, u32, u8>,
+    /// How each hook got attached, for `memtrace check`.
+    pub attach_methods: Vec<(String, AttachMethod)>,
+}
+
+/// How a hook is attached, chosen by trying the cheapest kind first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachMethod {
+    /// `BPF_RAW_TRACEPOINT_OPEN`: the program gets the tracepoint's arguments directly.
+    RawTracepoint,
+    /// A classic tracepoint (perf event + trace record) because raw ones are not allowed.
+    TracepointAfterRawFailed(String),
+    /// A classic tracepoint, by configuration or because no raw program exists for it.
+    Tracepoint,
+    /// A sampling software perf event, period 1, on each of this many CPUs.
+    PerfEventPerCpu(usize),
+}
+
+impl std::fmt::Display for AttachMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::RawTracepoint => f.write_str("raw tracepoint"),
+            Self::TracepointAfterRawFailed(why) => {
+                write!(f, "tracepoint (raw tracepoint refused: {why})")
+            }
+            Self::Tracepoint => f.write_str("tracepoint"),
+            Self::PerfEventPerCpu(n) => write!(f, "perf event, period 1, on each of {n} CPUs"),
+        }
+    }
+}
+
+/// Raw-tracepoint programs for the hot hooks, by tracepoint name. A raw tracepoint skips
+/// building the trace record, which is a measurable share of a page fault's cost.
+pub const RAW_TRACEPOINTS: &[(&str, &str)] = &[
+    ("page_fault_user_raw", "page_fault_user"),
+    ("page_fault_kernel_raw", "page_fault_kernel"),
+    ("sched_switch_raw", "sched_switch"),
+];
+
+fn attach_tracepoint(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<(), Error> {
+    let tp: &mut TracePoint = program(ebpf, prog)?;
+    tp.load().map_err(|e| load_error(prog, e))?;
+    tp.attach(category, name).map_err(|e| Error::Attach {
+        what: format!("tracepoint {category}:{name}"),
+        reason: e.to_string(),
+    })?;
+    Ok(())
+}
+
+fn attach_raw_tracepoint(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), Error> {
+    let tp: &mut RawTracePoint = program(ebpf, prog)?;
+    tp.load().map_err(|e| load_error(prog, e))?;
+    if let Err(e) = tp.attach(name) {
+        // Unload so the fallback's program is the only one left for this hook.
+        let _ = tp.unload();
+        return Err(Error::Attach {
+            what: format!("raw tracepoint {name}"),
+            reason: e.to_string(),
+        });
+    }
+    Ok(())
 }
 
 fn check_root() -> Result<(), Error> {
@@ -120,13 +183,24 @@ impl Tracer {
             .load(EBPF_OBJECT)
             .map_err(|e| Error::Load(format!("{e:#}")))?;
 
+        let mut attach_methods = Vec::new();
         for (prog, category, name) in TRACEPOINTS {
-            let tp: &mut TracePoint = program(&mut ebpf, prog)?;
-            tp.load().map_err(|e| load_error(prog, e))?;
-            tp.attach(category, name).map_err(|e| Error::Attach {
-                what: format!("tracepoint {category}:{name}"),
-                reason: e.to_string(),
-            })?;
+            let method = match RAW_TRACEPOINTS.iter().find(|(_, tp)| tp == name) {
+                Some((raw_prog, _)) if !opts.classic_tracepoints => {
+                    match attach_raw_tracepoint(&mut ebpf, raw_prog, name) {
+                        Ok(()) => AttachMethod::RawTracepoint,
+                        Err(e) => {
+                            attach_tracepoint(&mut ebpf, prog, category, name)?;
+                            AttachMethod::TracepointAfterRawFailed(e.to_string())
+                        }
+                    }
+                }
+                _ => {
+                    attach_tracepoint(&mut ebpf, prog, category, name)?;
+                    AttachMethod::Tracepoint
+                }
+            };
+            attach_methods.push((format!("{category}:{name}"), method));
         }
         let cpus = aya::util::online_cpus().map_err(|(what, e)| Error::Attach {
             what: "perf events".into(),
@@ -147,6 +221,10 @@ impl Tracer {
                     reason: e.to_string(),
                 })?;
             }
+            attach_methods.push((
+                format!("perf software event {event:?}"),
+                AttachMethod::PerfEventPerCpu(cpus.len()),
+            ));
         }
 
         let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?).map_err(map_error)?;
@@ -160,6 +238,7 @@ impl Tracer {
             stacks,
             counters,
             targets,
+            attach_methods,
         })
     }
 

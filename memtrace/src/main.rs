@@ -77,6 +77,9 @@ struct FaultsArgs {
     /// Walk the user stack on every fault instead of reusing repeats (for comparison).
     #[arg(long, hide = true)]
     no_stack_cache: bool,
+    /// Attach classic tracepoints where raw tracepoints would work (for comparison).
+    #[arg(long, hide = true)]
+    classic_tracepoints: bool,
     /// Ring buffer size in MiB (power of two).
     #[arg(long, default_value_t = 32)]
     ringbuf_mb: u32,
@@ -104,6 +107,7 @@ fn faults(args: FaultsArgs) -> anyhow::Result<()> {
             capture_stacks: !args.no_stacks,
             stack_cache: !args.no_stack_cache,
             ringbuf_bytes: args.ringbuf_mb.saturating_mul(1024 * 1024),
+            classic_tracepoints: args.classic_tracepoints,
         },
         report: ReportOptions {
             format: args.format,

@@ -76,7 +76,19 @@ fn touch_pages_read(base: *const u8, pages: usize) -> u64 {
     sum
 }
 
-fn anon(pages: usize) -> Result<()> {
+/// `warm`: first touch and unmap as many pages untimed, so the timed touch gets guest pages the
+/// hypervisor has already backed (a VM that returns free memory to its host otherwise charges
+/// a host fault to some runs and not others, and the run-to-run spread swamps what we measure).
+fn anon(pages: usize, warm: bool) -> Result<()> {
+    if warm {
+        let len = pages * PAGE;
+        let base = map_anon(len, false)?;
+        touch_pages_write(base, pages);
+        // SAFETY: `base` is the mapping of `len` bytes made above and nothing refers to it now.
+        if unsafe { libc::munmap(base.cast(), len) } != 0 {
+            bail!("munmap: {}", std::io::Error::last_os_error());
+        }
+    }
     let base = map_anon(pages * PAGE, false)?;
     let start = std::time::Instant::now();
     touch_pages_write(base, pages);
@@ -265,9 +277,33 @@ fn fill_shared_buffer(base: *mut u8, pages: usize) {
     touch_pages_write(base, pages)
 }
 
+/// First-touches `pages` pages in total through one 64 MiB window, dropping it with
+/// MADV_DONTNEED between rounds: the page allocator hands the same, already host-backed pages
+/// back each round, so a fault costs the same in every run (the cheapest fault there is, and
+/// the hardest case for a tracer's relative overhead).
+fn anon_recycle(pages: usize) -> Result<()> {
+    const WINDOW: usize = 16 * 1024;
+    let base = map_anon(WINDOW * PAGE, false)?;
+    let mut touch_ns = 0;
+    let mut left = pages;
+    while left > 0 {
+        let n = left.min(WINDOW);
+        let start = std::time::Instant::now();
+        touch_pages_write(base, n);
+        touch_ns += start.elapsed().as_nanos();
+        // SAFETY: drops the contents of our own private anonymous mapping; nothing borrows it.
+        if unsafe { libc::madvise(base.cast(), WINDOW * PAGE, libc::MADV_DONTNEED) } != 0 {
+            bail!("madvise: {}", std::io::Error::last_os_error());
+        }
+        left -= n;
+    }
+    report(&format!("pages={pages} touch_ns={touch_ns}"))
+}
+
 fn usage() -> ! {
     eprintln!(
-        "usage: memtrace-workload anon PAGES | heap PAGES | file PATH PAGES | cow PATH PAGES |\n\
+        "usage: memtrace-workload anon PAGES | anon-warm PAGES | anon-recycle PAGES |\n\
+         \x20      heap PAGES | file PATH PAGES | cow PATH PAGES |\n\
          \x20      threads N PAGES | forks N PAGES | wait-then-anon PAGES | sleep MS | demo DIR"
     );
     std::process::exit(2)
@@ -283,7 +319,9 @@ fn main() -> Result<()> {
     };
     let s = |i: usize| -> &str { args.get(i).map_or("", String::as_str) };
     match s(0) {
-        "anon" => anon(num(1)?),
+        "anon" => anon(num(1)?, false),
+        "anon-warm" => anon(num(1)?, true),
+        "anon-recycle" => anon_recycle(num(1)?),
         "heap" => heap(num(1)?),
         "file" => file(s(1), num(2)?),
         "cow" => cow(s(1), num(2)?),
