@@ -148,6 +148,17 @@ pub const fn stack_cache_slot(ip: u64, ret: u64) -> u32 {
     (h >> (64 - STACK_CACHE_SLOTS.trailing_zeros())) as u32
 }
 
+/// The last target-map answer on a CPU. A fault loop asks about the same process every time;
+/// the answer stands while `TARGETS_GENERATION` (bumped after every change to the target map)
+/// is unchanged, which turns a hash lookup per fault into two array reads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TargetCacheSlot {
+    pub generation: u64,
+    pub tgid: u32,
+    pub is_target: u32,
+}
+
 /// Indices into the per-CPU `COUNTERS` array.
 pub mod counter {
     /// Fault records dropped because the ring buffer was full.
@@ -162,8 +173,8 @@ pub mod counter {
     pub const ENTRY_MISSED: u32 = 4;
     /// Pending fault entries not spilled at a context switch (map full).
     pub const PENDING_FULL: u32 = 5;
-    /// Accounted faults seen by the kernel programs (after filtering).
-    pub const FAULTS_SEEN: u32 = 6;
+    /// Child processes not followed because the target map was full.
+    pub const TARGETS_FULL: u32 = 6;
     /// User stacks reused from the per-CPU cache instead of walked.
     pub const STACK_CACHE_HITS: u32 = 7;
     /// Syscall entries not stashed (map full).
@@ -265,6 +276,7 @@ mod tests {
         assert_eq!(size_of::<VmaRecord>(), 4 * 4 + 8 * 4 + 4 * 4 + 8);
         assert_eq!(size_of::<ProcRecord>(), 4 * 4 + 16);
         assert_eq!(size_of::<Config>(), 4 * 4);
+        assert_eq!(size_of::<TargetCacheSlot>(), 8 + 4 * 2);
         assert_eq!(size_of::<PendingSyscall>(), 8 + 8 * 6);
         assert_eq!(size_of::<FaultEntry>(), 8 + 8 * 3);
         assert_eq!(size_of::<StackCacheSlot>(), 8 + 8 * 3);

@@ -124,18 +124,23 @@ pub fn fault_major(ctx: PerfEventContext) -> u32 {
     try_fault_accounted(&ctx, FAULT_MAJOR).unwrap_or(0)
 }
 
-/// Takes the entry for `tid`: this CPU's slot, else one spilled at a context switch.
+/// The entry of the fault `tid` is completing at `address`, if this CPU's slot holds it.
 #[inline(always)]
-fn take_entry(tid: u32, address: u64) -> Option<FaultEntry> {
-    if let Some(slot) = FAULT_ENTRY.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot from a successful lookup; BPF programs are not preempted.
-        let entry = unsafe { &mut *slot };
-        if entry.entry_ns != 0 && entry.tid == tid && (entry.address ^ address) < 4096 {
-            let taken = *entry;
-            entry.entry_ns = 0;
-            return Some(taken);
-        }
+fn take_local_entry(tid: u32, address: u64) -> Option<FaultEntry> {
+    let slot = FAULT_ENTRY.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot from a successful lookup; BPF programs are not preempted.
+    let entry = unsafe { &mut *slot };
+    if entry.entry_ns != 0 && entry.tid == tid && (entry.address ^ address) < 4096 {
+        let taken = *entry;
+        entry.entry_ns = 0;
+        return Some(taken);
     }
+    None
+}
+
+/// The entry `tid` took along when it was switched out mid-fault.
+#[inline(always)]
+fn take_spilled_entry(tid: u32) -> Option<FaultEntry> {
     // SAFETY: the value is copied out before the element is removed.
     let spilled = unsafe { PENDING_FAULTS.get(&tid) }.copied();
     if spilled.is_some() {
@@ -147,7 +152,7 @@ fn take_entry(tid: u32, address: u64) -> Option<FaultEntry> {
 #[inline(always)]
 fn try_fault_accounted(ctx: &PerfEventContext, kind_flags: u32) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
-    if tgid == 0 || !is_target(tgid) {
+    if tgid == 0 {
         return Ok(0);
     }
     // SAFETY: `ctx.ctx` is the kernel-provided `bpf_perf_event_data`; field reads at constant
@@ -156,15 +161,22 @@ fn try_fault_accounted(ctx: &PerfEventContext, kind_flags: u32) -> Result<u32, u
         let data = &*ctx.ctx;
         (data.addr, data.regs.rip, data.regs.rbp, data.regs.cs)
     };
+    // An entry stamped for this thread means it passed the target filter at entry.
+    let entry = match take_local_entry(tid, address) {
+        Some(entry) => Some(entry),
+        None if !is_target(tgid) => return Ok(0),
+        None => take_spilled_entry(tid),
+    };
     let kernel_mode = cs & 3 == 0;
     let mut flags = kind_flags;
     if kernel_mode {
         flags |= FAULT_KERNEL_MODE;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
-    let (latency_ns, error_code) = match take_entry(tid, address) {
+    let (latency_ns, error_code) = match entry {
         Some(entry) => {
             flags |= FAULT_HAS_ENTRY;
+            // SAFETY: no preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
             (now.saturating_sub(entry.entry_ns), entry.error_code)
         }
         None => {
@@ -172,7 +184,6 @@ fn try_fault_accounted(ctx: &PerfEventContext, kind_flags: u32) -> Result<u32, u
             (0, 0)
         }
     };
-    bump(counter::FAULTS_SEEN);
 
     let cfg = config();
     let (user_stack_id, kernel_stack_id) = if cfg.capture_stacks == 0 {

@@ -1,12 +1,12 @@
 //! Maps and helpers shared by every program.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
     programs::TracePointContext,
     EbpfContext, Global,
 };
 use memtrace_common::{
-    counter, Config, FaultEntry, PendingSyscall, StackCacheSlot, STACK_CACHE_SLOTS,
+    counter, Config, FaultEntry, PendingSyscall, StackCacheSlot, TargetCacheSlot, STACK_CACHE_SLOTS,
 };
 
 #[unsafe(no_mangle)]
@@ -19,6 +19,14 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
 /// Processes (thread-group ids) to trace when `CONFIG.filter_pids` is set.
 #[map]
 pub static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(8192, 0);
+
+/// Rewritten after every change to `TARGETS` (by the agent too), invalidating `TARGET_CACHE`.
+#[map]
+pub static TARGETS_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
+
+/// This CPU's last `TARGETS` answer.
+#[map]
+pub static TARGET_CACHE: PerCpuArray<TargetCacheSlot> = PerCpuArray::with_max_entries(1, 0);
 
 /// De-duplicated user and kernel stacks, referenced by id from fault records.
 #[map]
@@ -81,8 +89,43 @@ pub fn is_target(tgid: u32) -> bool {
     if config().filter_pids == 0 {
         return true;
     }
+    let (Some(generation), Some(cache)) =
+        (TARGETS_GENERATION.get_ptr(0), TARGET_CACHE.get_ptr_mut(0))
+    else {
+        return lookup_target(tgid);
+    };
+    // SAFETY: pointers from successful lookups; a torn read of the shared generation only
+    // causes a cache miss. The per-CPU slot is ours while this program runs.
+    let (generation, cache) = unsafe { (core::ptr::read_volatile(generation), &mut *cache) };
+    if cache.tgid == tgid && cache.generation == generation {
+        return cache.is_target != 0;
+    }
+    // The generation is read before the map: a change racing with this lookup bumps it after,
+    // so the answer cached here is never trusted past that change.
+    let answer = lookup_target(tgid);
+    *cache = TargetCacheSlot {
+        generation,
+        tgid,
+        is_target: answer as u32,
+    };
+    answer
+}
+
+#[inline(always)]
+fn lookup_target(tgid: u32) -> bool {
     // SAFETY: the value is a plain u8 and only its presence is used.
     unsafe { TARGETS.get(&tgid).is_some() }
+}
+
+/// Records a change to `TARGETS` for every CPU's cache. The new generation is a fresh
+/// timestamp rather than an increment: two CPUs bumping at once could both write `g + 1`, and a
+/// cache filled between the two would survive the second change. Timestamps differ.
+#[inline(always)]
+pub fn targets_changed() {
+    if let Some(generation) = TARGETS_GENERATION.get_ptr_mut(0) {
+        // SAFETY: a valid map value; a plain 8-byte store cannot tear on x86_64.
+        unsafe { core::ptr::write_volatile(generation, aya_ebpf::helpers::bpf_ktime_get_ns()) };
+    }
 }
 
 /// (tgid, tid) of the current task.

@@ -3,7 +3,9 @@
 use aya_ebpf::{helpers::bpf_get_current_comm, macros::tracepoint, programs::TracePointContext};
 use memtrace_common::{counter, layout, ProcRecord, RecordKind, PROC_EXEC, PROC_EXIT, PROC_FORK};
 
-use crate::maps::{bump, config, current_ids, is_target, tp_field, EVENTS, TARGETS};
+use crate::maps::{
+    bump, config, current_ids, is_target, targets_changed, tp_field, EVENTS, TARGETS,
+};
 
 /// `CLONE_THREAD`: the new task joins its parent's thread group.
 const CLONE_THREAD: u64 = 0x0001_0000;
@@ -39,8 +41,12 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // Follow children before they can run: the new task is not yet runnable here.
-    if config().filter_pids != 0 && TARGETS.insert(&child, &1, 0).is_err() {
-        bump(counter::RINGBUF_FULL_OTHER);
+    if config().filter_pids != 0 {
+        if TARGETS.insert(&child, &1, 0).is_ok() {
+            targets_changed();
+        } else {
+            bump(counter::TARGETS_FULL);
+        }
     }
     emit(PROC_FORK, tgid, child);
     0
@@ -62,6 +68,10 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let group_dead: u8 = unsafe { tp_field::<u8, { layout::EXIT_GROUP_DEAD.1 }>(&ctx) };
     if group_dead != 0 && is_target(tgid) {
         emit(PROC_EXIT, tgid, tgid);
+        // The pid may be reused by a process nobody asked to trace.
+        if config().filter_pids != 0 && TARGETS.remove(&tgid).is_ok() {
+            targets_changed();
+        }
     }
     0
 }

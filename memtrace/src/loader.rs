@@ -1,6 +1,6 @@
 //! Loading the kernel programs, attaching them, and the agent's handles on their maps.
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
     programs::{
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         PerfEvent, RawTracePoint, TracePoint,
@@ -71,7 +71,7 @@ pub struct KernelCounters {
     pub kernel_stack_lost: u64,
     pub entry_missed: u64,
     pub pending_full: u64,
-    pub faults_seen: u64,
+    pub targets_full: u64,
     pub stack_cache_hits: u64,
     pub syscall_pending_full: u64,
 }
@@ -84,6 +84,7 @@ pub struct Tracer {
     stacks: StackTraceMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
     targets: HashMap<MapData, u32, u8>,
+    targets_generation: Array<MapData, u64>,
     /// How each hook got attached, for `memtrace check`.
     pub attach_methods: Vec<(String, AttachMethod)>,
 }
@@ -144,6 +145,17 @@ fn attach_raw_tracepoint(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), 
         });
     }
     Ok(())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (the clock of `bpf_ktime_get_ns`).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn check_root() -> Result<(), Error> {
@@ -232,12 +244,15 @@ impl Tracer {
         let counters =
             PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?).map_err(map_error)?;
         let targets = HashMap::try_from(take_map(&mut ebpf, "TARGETS")?).map_err(map_error)?;
+        let targets_generation =
+            Array::try_from(take_map(&mut ebpf, "TARGETS_GENERATION")?).map_err(map_error)?;
         Ok(Self {
             _ebpf: ebpf,
             events: Some(events),
             stacks,
             counters,
             targets,
+            targets_generation,
             attach_methods,
         })
     }
@@ -246,7 +261,12 @@ impl Tracer {
     pub fn add_target(&mut self, pid: u32) -> Result<(), Error> {
         self.targets
             .insert(pid, 1, 0)
-            .map_err(|e| Error::Map(format!("adding pid {pid} to the target map: {e}")))
+            .map_err(|e| Error::Map(format!("adding pid {pid} to the target map: {e}")))?;
+        // After the insert, so no CPU keeps a "not a target" answer for this pid. A timestamp
+        // from the kernel programs' clock, like theirs, so no two changes write the same value.
+        self.targets_generation
+            .set(0, monotonic_ns(), 0)
+            .map_err(|e| Error::Map(format!("bumping the target-map generation: {e}")))
     }
 
     /// The frames of a stack, innermost first.
@@ -269,7 +289,7 @@ impl Tracer {
             kernel_stack_lost: sum(counter::KERNEL_STACK_LOST),
             entry_missed: sum(counter::ENTRY_MISSED),
             pending_full: sum(counter::PENDING_FULL),
-            faults_seen: sum(counter::FAULTS_SEEN),
+            targets_full: sum(counter::TARGETS_FULL),
             stack_cache_hits: sum(counter::STACK_CACHE_HITS),
             syscall_pending_full: sum(counter::SYSCALL_PENDING_FULL),
         }

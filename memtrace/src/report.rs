@@ -318,6 +318,10 @@ pub fn build(
             count: c.syscall_pending_full,
         },
         Loss {
+            cause: "target map full (child processes not followed)",
+            count: c.targets_full,
+        },
+        Loss {
             cause: "undecodable records",
             count: stats.undecodable,
         },
