@@ -64,14 +64,27 @@ pub fn bump(index: u32) {
     }
 }
 
-/// Wake the agent only once this much data is waiting: a wakeup per record (the default) costs
-/// an irq_work and a context switch per page fault. The agent also drains on a short timer.
-const WAKEUP_BYTES: u64 = 256 * 1024;
+/// Records a CPU submits between wakeups of the agent (256 KiB of fault records). A wakeup
+/// per record (the default) costs an irq_work and a context switch per page fault, and asking
+/// the ring how full it is costs a helper call per record; a per-CPU count is two array reads.
+/// The agent also drains on a short timer, so a quiet CPU's last records are not left waiting.
+const RECORDS_PER_WAKEUP: u64 = 4096;
+
+/// This CPU's records since its last wakeup of the agent.
+#[map]
+pub static RECORDS_SINCE_WAKEUP: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Submit flags for a ring-buffer record: wake the reader only when a batch is waiting.
 #[inline(always)]
 pub fn wakeup_flags() -> u64 {
-    if EVENTS.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+    let Some(count) = RECORDS_SINCE_WAKEUP.get_ptr_mut(0) else {
+        return 0; // the default: wake the reader
+    };
+    // SAFETY: per-CPU slot from a successful lookup; BPF programs are not preempted.
+    let count = unsafe { &mut *count };
+    *count += 1;
+    if *count >= RECORDS_PER_WAKEUP {
+        *count = 0;
         aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64
     } else {
         aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64
