@@ -464,11 +464,12 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
             c.pid,
             c.comm
         );
-        for f in c.frames.iter().take(8) {
-            let _ = writeln!(out, "{:>12}{}", "", f.display());
-        }
+        // Innermost first: a kernel-mode fault's kernel frames sit below the syscall's user frames.
         for f in c.kernel_frames.iter().take(6) {
             let _ = writeln!(out, "{:>12}[k] {}", "", f.display());
+        }
+        for f in c.frames.iter().take(8) {
+            let _ = writeln!(out, "{:>12}{}", "", f.display());
         }
     }
     let lost: Vec<String> = r

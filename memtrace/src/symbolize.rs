@@ -75,11 +75,16 @@ fn frames_from(sym: Symbolized<'_>, address: u64, module: &str) -> Vec<Frame> {
     let Symbolized::Sym(sym) = sym else {
         return vec![Frame::unknown(address, module)];
     };
-    let module = sym
-        .module
-        .as_deref()
-        .map(|m| m.to_string_lossy().into_owned())
-        .unwrap_or_else(|| module.to_string());
+    // The mapped file names the module; blazesym's module is where the symbol was found, which
+    // for a stripped library is its separate debug file (`<build-id>.debug`).
+    let module = if module.starts_with('/') {
+        module.to_string()
+    } else {
+        sym.module
+            .as_deref()
+            .map(|m| m.to_string_lossy().into_owned())
+            .unwrap_or_else(|| module.to_string())
+    };
     let (file, line) = match &sym.code_info {
         Some(ci) => (Some(ci.to_path().display().to_string()), ci.line),
         None => (None, None),

@@ -300,9 +300,27 @@ fn anon_recycle(pages: usize) -> Result<()> {
     report(&format!("pages={pages} touch_ns={touch_ns}"))
 }
 
+/// Lets the kernel first-touch `pages` fresh anonymous pages: read(2) from /dev/zero into them,
+/// so every fault is taken in kernel mode (on the user buffer, inside the copy-out).
+#[inline(never)]
+fn read_zero_into(base: *mut u8, len: usize) -> Result<()> {
+    use std::io::Read as _;
+    let mut zero = std::fs::File::open("/dev/zero").context("open /dev/zero")?;
+    // SAFETY: `base` is a fresh private mapping of `len` bytes that nothing else refers to.
+    let buf = unsafe { std::slice::from_raw_parts_mut(base, len) };
+    zero.read_exact(buf).context("read /dev/zero")
+}
+
+fn kernel_touch(pages: usize) -> Result<()> {
+    let base = map_anon(pages * PAGE, false)?;
+    read_zero_into(base, pages * PAGE)?;
+    report(&format!("pages={pages}"))
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: memtrace-workload anon PAGES | anon-warm PAGES | anon-recycle PAGES |\n\
+         \x20      kernel-touch PAGES |\n\
          \x20      heap PAGES | file PATH PAGES | cow PATH PAGES |\n\
          \x20      threads N PAGES | forks N PAGES | wait-then-anon PAGES | sleep MS | demo DIR"
     );
@@ -322,6 +340,7 @@ fn main() -> Result<()> {
         "anon" => anon(num(1)?, false),
         "anon-warm" => anon(num(1)?, true),
         "anon-recycle" => anon_recycle(num(1)?),
+        "kernel-touch" => kernel_touch(num(1)?),
         "heap" => heap(num(1)?),
         "file" => file(s(1), num(2)?),
         "cow" => cow(s(1), num(2)?),

@@ -162,6 +162,52 @@ fn anonymous_first_touch_matches_kernel_minor_count() {
 }
 
 #[test]
+fn faults_in_kernel_mode_carry_the_kernel_stack() {
+    // read(2) from /dev/zero into untouched memory: the kernel takes every fault in its
+    // copy-out, so each is kernel-mode with both stacks.
+    let pages = 2_000u64;
+    let (r, out) = trace_workload(&["kernel-touch", &pages.to_string()]);
+    let w = workload_fields(&out);
+    let p = process(&r, w["pid"]);
+    let kernel_mode = p["kernel_mode"].as_u64().unwrap();
+    assert!(
+        within(kernel_mode, pages, 1.0),
+        "kernel-mode faults {kernel_mode}, expected {pages}"
+    );
+    assert!(
+        within(p["minor"].as_u64().unwrap(), w["minflt"], 1.0),
+        "memtrace minor {} vs kernel minflt {}",
+        p["minor"],
+        w["minflt"]
+    );
+    let top = callsites_of(&r, w["pid"])[0];
+    assert!(
+        within(top["count"].as_u64().unwrap(), pages, 1.0),
+        "top callsite {top}"
+    );
+    let kernel = top["kernel_frames"]
+        .as_array()
+        .map(|f| {
+            f.iter()
+                .filter_map(|x| x["function"].as_str())
+                .collect::<Vec<_>>()
+                .join(" <- ")
+        })
+        .unwrap_or_default();
+    assert!(
+        kernel.contains("read_zero"),
+        "kernel stack should pass through read_zero: {kernel}"
+    );
+    assert!(
+        frames_text(top).contains("read_zero_into"),
+        "user stack should name the reading function: {}",
+        frames_text(top)
+    );
+    assert_eq!(top["mapping"]["class"], "anon_private");
+    assert_eq!(top["access"][0]["access"], "write");
+}
+
+#[test]
 fn cold_file_reads_are_major_faults_on_the_file() {
     let pages = 2_000u64;
     let path = scratch("major.dat");

@@ -250,6 +250,22 @@ fn bench_run(
         }
     };
     let out = output(cmd.args([workload, &pages.to_string()]))?;
+    let seconds = touch_seconds(&out)?;
+    let lost = match out.find("\n{") {
+        _ if tracer.is_none() => 0,
+        Some(i) => {
+            let report: serde_json::Value = serde_json::from_str(&out[i + 1..])?;
+            report["lost"]["events"]
+                .as_u64()
+                .context("report without lost.events")?
+        }
+        None => bail!("memtrace printed no JSON report"),
+    };
+    Ok((seconds, lost))
+}
+
+/// The touch-phase time from the workload's report line.
+fn touch_seconds(out: &str) -> Result<f64> {
     let line = out
         .lines()
         .find(|l| l.starts_with("pid="))
@@ -259,16 +275,7 @@ fn bench_run(
         .find_map(|kv| kv.strip_prefix("touch_ns="))
         .context("no touch_ns")?
         .parse()?;
-    let lost = match out.find("\n{") {
-        Some(i) => {
-            let report: serde_json::Value = serde_json::from_str(&out[i + 1..])?;
-            report["lost"]["events"]
-                .as_u64()
-                .context("report without lost.events")?
-        }
-        None => bail!("memtrace printed no JSON report"),
-    };
-    Ok((ns / 1e9, lost))
+    Ok(ns / 1e9)
 }
 
 type BenchConfig = (&'static str, Option<&'static [&'static str]>);
@@ -297,18 +304,20 @@ fn bench_table(
     let base = median(times[0].clone());
     println!("\n{workload} {pages}: {runs} rounds, configurations interleaved");
     println!(
-        "{:<44} {:>9} {:>10} {:>7} {:>12} {:>6}",
+        "{:<46} {:>9} {:>10} {:>7} {:>12} {:>6}  runs (s)",
         "configuration", "median", "per fault", "ratio", "round ratio", "lost"
     );
     for (i, (name, _)) in configs.iter().enumerate() {
         let m = median(times[i].clone());
         let round_ratio = median(times[i].iter().zip(&times[0]).map(|(t, b)| t / b).collect());
+        let all: Vec<String> = times[i].iter().map(|t| format!("{t:.2}")).collect();
         println!(
-            "{name:<44} {m:>7.3} s {:>7.2} us {:>6.2}x {:>11.2}x {:>6}",
+            "{name:<46} {m:>7.3} s {:>7.2} us {:>6.2}x {:>11.2}x {:>6}  {}",
             m * 1e6 / pages as f64,
             m / base,
             round_ratio,
-            lost[i]
+            lost[i],
+            all.join(" ")
         );
     }
     Ok(())
