@@ -230,6 +230,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// bpftrace counting the workload's faults by user stack: the yardstick the field already has.
+const BPFTRACE: &[&str] = &["bpftrace"];
+const BPFTRACE_PROGRAM: &str = "software:minor-faults:1 /pid == cpid/ { @[ustack] = count(); }";
+
 /// One run: returns (touch-phase seconds, lost records or 0 untraced).
 fn bench_run(
     bin: &Path,
@@ -238,6 +242,12 @@ fn bench_run(
     tracer: Option<&[&str]>,
 ) -> Result<(f64, u64)> {
     let workload_bin = bin.join("memtrace-workload");
+    if tracer == Some(BPFTRACE) {
+        let cmd_line = format!("{} {workload} {pages}", workload_bin.display());
+        let mut cmd = Command::new("bpftrace");
+        let out = output(cmd.args(["-e", BPFTRACE_PROGRAM, "-c", &cmd_line]))?;
+        return Ok((touch_seconds(&out)?, 0));
+    }
     let mut cmd = match tracer {
         None => Command::new(&workload_bin),
         Some(flags) => {
@@ -333,16 +343,29 @@ fn bench(pages: u64, runs: usize) -> Result<()> {
         "memtrace overhead, touch-phase wall time of memtrace-workload; machine: {} CPUs",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    let bpftrace = Command::new("bpftrace")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !bpftrace {
+        println!("(bpftrace not installed: its comparison rows are skipped)");
+    }
+    let with_bpftrace = |mut configs: Vec<BenchConfig>| {
+        if bpftrace {
+            configs.push(("bpftrace: count by ustack", Some(BPFTRACE)));
+        }
+        configs
+    };
     // The reference: first touch of fresh anonymous memory, as a program would fault it.
     bench_table(
         &bin,
         "anon",
         pages,
         runs,
-        &[
+        &with_bpftrace(vec![
             ("untraced", None),
             ("memtrace faults (stacks + latency + mappings)", Some(&[])),
-        ],
+        ]),
     )?;
     // The worst case for a tracer: the cheapest fault there is (recycled, host-backed pages).
     bench_table(
@@ -350,7 +373,7 @@ fn bench(pages: u64, runs: usize) -> Result<()> {
         "anon-recycle",
         pages,
         runs,
-        &[
+        &with_bpftrace(vec![
             ("untraced", None),
             ("memtrace faults (stacks + latency + mappings)", Some(&[])),
             ("memtrace faults --no-stacks", Some(&["--no-stacks"])),
@@ -362,7 +385,7 @@ fn bench(pages: u64, runs: usize) -> Result<()> {
                 "memtrace faults, classic tracepoints",
                 Some(&["--classic-tracepoints"]),
             ),
-        ],
+        ]),
     )
 }
 
