@@ -292,7 +292,7 @@ type BenchConfig = (&'static str, Option<&'static [&'static str]>);
 
 /// Runs every configuration once per round, rotating the order each round so that slow phases
 /// of a noisy machine (a VM whose host reclaims freed memory makes fresh pages cost 2-10 us)
-/// fall on every configuration alike. Prints median time, per-fault cost, the ratio of medians
+/// fall on every configuration alike, with the same pause before every run. Prints median time, per-fault cost, the ratio of medians
 /// and the median of per-round ratios against the untraced run.
 fn bench_table(
     bin: &Path,
@@ -306,6 +306,10 @@ fn bench_table(
     for round in 0..runs {
         for k in 0..configs.len() {
             let i = (k + round) % configs.len();
+            // Every run starts from the same state: the previous run's memory freed and given
+            // time to settle (a tracer's own start-up would otherwise be a pause only traced
+            // runs get).
+            std::thread::sleep(std::time::Duration::from_secs(2));
             let (t, l) = bench_run(bin, workload, pages, configs[i].1)?;
             times[i].push(t);
             lost[i] += l;
