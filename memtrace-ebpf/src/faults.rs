@@ -15,7 +15,7 @@ use memtrace_common::{
 };
 
 use crate::maps::{
-    bump, config, current_ids, is_target, tp_field, wakeup_flags, EVENTS, FAULT_ENTRY,
+    bump, config, cpu_state, current_ids, is_target, tp_field, wakeup_flags, EVENTS,
     PENDING_FAULTS, STACKS, STACK_CACHE,
 };
 
@@ -68,19 +68,17 @@ fn fault_entry(address: u64, error_code: u64) -> u32 {
     if !is_target(tgid) {
         return 0;
     }
-    let Some(slot) = FAULT_ENTRY.get_ptr_mut(0) else {
+    let Some(state) = cpu_state() else {
         return 0;
     };
-    // SAFETY: per-CPU slot from a successful lookup; BPF programs are not preempted.
-    unsafe {
-        *slot = FaultEntry {
-            tid,
-            _pad: 0,
-            address,
-            error_code,
-            entry_ns: bpf_ktime_get_ns(),
-        };
-    }
+    state.entry = FaultEntry {
+        tid,
+        _pad: 0,
+        address,
+        error_code,
+        // SAFETY: no preconditions.
+        entry_ns: unsafe { bpf_ktime_get_ns() },
+    };
     0
 }
 
@@ -98,16 +96,15 @@ pub fn sched_switch(_ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn spill_fault_entry() -> u32 {
-    let Some(slot) = FAULT_ENTRY.get_ptr_mut(0) else {
+    let Some(state) = cpu_state() else {
         return 0;
     };
     let (_, tid) = current_ids();
-    // SAFETY: per-CPU slot from a successful lookup; BPF programs are not preempted.
-    let entry = unsafe { &mut *slot };
+    let entry = &mut state.entry;
     if entry.entry_ns == 0 || entry.tid != tid {
         return 0;
     }
-    if PENDING_FAULTS.insert(&tid, &*entry, 0).is_err() {
+    if PENDING_FAULTS.insert(tid, *entry, 0).is_err() {
         crate::maps::bump(counter::PENDING_FULL);
     }
     entry.entry_ns = 0;
@@ -127,9 +124,7 @@ pub fn fault_major(ctx: PerfEventContext) -> u32 {
 /// The entry of the fault `tid` is completing at `address`, if this CPU's slot holds it.
 #[inline(always)]
 fn take_local_entry(tid: u32, address: u64) -> Option<FaultEntry> {
-    let slot = FAULT_ENTRY.get_ptr_mut(0)?;
-    // SAFETY: per-CPU slot from a successful lookup; BPF programs are not preempted.
-    let entry = unsafe { &mut *slot };
+    let entry = &mut cpu_state()?.entry;
     if entry.entry_ns != 0 && entry.tid == tid && (entry.address ^ address) < 4096 {
         let taken = *entry;
         entry.entry_ns = 0;
@@ -142,9 +137,9 @@ fn take_local_entry(tid: u32, address: u64) -> Option<FaultEntry> {
 #[inline(always)]
 fn take_spilled_entry(tid: u32) -> Option<FaultEntry> {
     // SAFETY: the value is copied out before the element is removed.
-    let spilled = unsafe { PENDING_FAULTS.get(&tid) }.copied();
+    let spilled = unsafe { PENDING_FAULTS.get(tid) }.copied();
     if spilled.is_some() {
-        let _ = PENDING_FAULTS.remove(&tid);
+        let _ = PENDING_FAULTS.remove(tid);
     }
     spilled
 }
@@ -253,7 +248,9 @@ fn user_stack_cached(ctx: &PerfEventContext, tgid: u32, ip: u64, bp: u64, enable
         && cache.ret == ret
         && cache.stack_id >= 0
     {
-        bump(counter::STACK_CACHE_HITS);
+        if let Some(state) = cpu_state() {
+            state.stack_cache_hits += 1;
+        }
         return cache.stack_id;
     }
     let id = walk_stack(ctx, BPF_F_USER_STACK as u64, counter::USER_STACK_LOST);

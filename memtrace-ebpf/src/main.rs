@@ -11,7 +11,9 @@ mod maps;
 mod proc;
 mod vma;
 
-#[cfg(not(test))]
+// Only on the BPF target: a host build (clippy over the workspace) links std through the
+// agent's feature set of memtrace-common, and std brings its own.
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     // SAFETY: the verifier rejects any program that could reach this; it is never executed.

@@ -6,7 +6,8 @@ use aya_ebpf::{
     EbpfContext, Global,
 };
 use memtrace_common::{
-    counter, Config, FaultEntry, PendingSyscall, StackCacheSlot, TargetCacheSlot, STACK_CACHE_SLOTS,
+    counter, Config, CpuState, FaultEntry, PendingSyscall, StackCacheSlot, TargetCacheSlot,
+    STACK_CACHE_SLOTS,
 };
 
 #[unsafe(no_mangle)]
@@ -24,17 +25,13 @@ pub static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(8192, 0);
 #[map]
 pub static TARGETS_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 
-/// This CPU's last `TARGETS` answer.
+/// Per-CPU fault-path state (entry slot, target cache, wakeup count), one cache line.
 #[map]
-pub static TARGET_CACHE: PerCpuArray<TargetCacheSlot> = PerCpuArray::with_max_entries(1, 0);
+pub static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
 
 /// De-duplicated user and kernel stacks, referenced by id from fault records.
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
-
-/// The fault this CPU is handling: written at entry, consumed at accounting.
-#[map]
-pub static FAULT_ENTRY: PerCpuArray<FaultEntry> = PerCpuArray::with_max_entries(1, 0);
 
 /// Fault entries of threads that were switched out mid-fault (major faults sleep on I/O and may
 /// finish on another CPU), keyed by tid.
@@ -70,18 +67,13 @@ pub fn bump(index: u32) {
 /// The agent also drains on a short timer, so a quiet CPU's last records are not left waiting.
 const RECORDS_PER_WAKEUP: u64 = 4096;
 
-/// This CPU's records since its last wakeup of the agent.
-#[map]
-pub static RECORDS_SINCE_WAKEUP: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
 /// Submit flags for a ring-buffer record: wake the reader only when a batch is waiting.
 #[inline(always)]
 pub fn wakeup_flags() -> u64 {
-    let Some(count) = RECORDS_SINCE_WAKEUP.get_ptr_mut(0) else {
+    let Some(state) = cpu_state() else {
         return 0; // the default: wake the reader
     };
-    // SAFETY: per-CPU slot from a successful lookup; BPF programs are not preempted.
-    let count = unsafe { &mut *count };
+    let count = &mut state.records_since_wakeup;
     *count += 1;
     if *count >= RECORDS_PER_WAKEUP {
         *count = 0;
@@ -102,14 +94,13 @@ pub fn is_target(tgid: u32) -> bool {
     if config().filter_pids == 0 {
         return true;
     }
-    let (Some(generation), Some(cache)) =
-        (TARGETS_GENERATION.get_ptr(0), TARGET_CACHE.get_ptr_mut(0))
-    else {
+    let (Some(generation), Some(state)) = (TARGETS_GENERATION.get_ptr(0), cpu_state()) else {
         return lookup_target(tgid);
     };
-    // SAFETY: pointers from successful lookups; a torn read of the shared generation only
-    // causes a cache miss. The per-CPU slot is ours while this program runs.
-    let (generation, cache) = unsafe { (core::ptr::read_volatile(generation), &mut *cache) };
+    let cache = &mut state.target;
+    // SAFETY: a pointer from a successful lookup; a torn read of the shared generation only
+    // causes a cache miss.
+    let generation = unsafe { core::ptr::read_volatile(generation) };
     if cache.tgid == tgid && cache.generation == generation {
         return cache.is_target != 0;
     }
@@ -127,7 +118,7 @@ pub fn is_target(tgid: u32) -> bool {
 #[inline(always)]
 fn lookup_target(tgid: u32) -> bool {
     // SAFETY: the value is a plain u8 and only its presence is used.
-    unsafe { TARGETS.get(&tgid).is_some() }
+    unsafe { TARGETS.get(tgid).is_some() }
 }
 
 /// Records a change to `TARGETS` for every CPU's cache. The new generation is a fresh
@@ -139,6 +130,16 @@ pub fn targets_changed() {
         // SAFETY: a valid map value; a plain 8-byte store cannot tear on x86_64.
         unsafe { core::ptr::write_volatile(generation, aya_ebpf::helpers::bpf_ktime_get_ns()) };
     }
+}
+
+/// This CPU's fault-path state.
+#[inline(always)]
+pub fn cpu_state() -> Option<&'static mut CpuState> {
+    let state = CPU_STATE.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU value from a successful lookup: valid for the program's run, and only
+    // this CPU touches it while the program runs (BPF programs are not preempted). Callers do
+    // not hold two references at once.
+    Some(unsafe { &mut *state })
 }
 
 /// (tgid, tid) of the current task.

@@ -42,7 +42,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     }
     // Follow children before they can run: the new task is not yet runnable here.
     if config().filter_pids != 0 {
-        if TARGETS.insert(&child, &1, 0).is_ok() {
+        if TARGETS.insert(child, 1, 0).is_ok() {
             targets_changed();
         } else {
             bump(counter::TARGETS_FULL);
@@ -69,7 +69,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if group_dead != 0 && is_target(tgid) {
         emit(PROC_EXIT, tgid, tgid);
         // The pid may be reused by a process nobody asked to trace.
-        if config().filter_pids != 0 && TARGETS.remove(&tgid).is_ok() {
+        if config().filter_pids != 0 && TARGETS.remove(tgid).is_ok() {
             targets_changed();
         }
     }

@@ -26,7 +26,7 @@ fn stash(op: u32, args: [u64; 6]) -> u32 {
         return 0;
     }
     let pending = PendingSyscall { op, _pad: 0, args };
-    if PENDING_SYSCALLS.insert(&tid, &pending, 0).is_err() {
+    if PENDING_SYSCALLS.insert(tid, pending, 0).is_err() {
         bump(counter::SYSCALL_PENDING_FULL);
     }
     0
@@ -96,10 +96,10 @@ pub fn sys_exit_brk(ctx: TracePointContext) -> u32 {
 fn complete(ctx: &TracePointContext, op: u32) -> u32 {
     let (tgid, tid) = current_ids();
     // SAFETY: copied out before removal.
-    let Some(pending) = (unsafe { PENDING_SYSCALLS.get(&tid) }).copied() else {
+    let Some(pending) = (unsafe { PENDING_SYSCALLS.get(tid) }).copied() else {
         return 0;
     };
-    let _ = PENDING_SYSCALLS.remove(&tid);
+    let _ = PENDING_SYSCALLS.remove(tid);
     if pending.op != op {
         return 0;
     }
