@@ -165,7 +165,8 @@ fn anonymous_first_touch_matches_kernel_minor_count() {
 fn faults_in_kernel_mode_carry_the_kernel_stack() {
     // read(2) from /dev/zero into untouched memory: the kernel takes every fault in its
     // copy-out, so each is kernel-mode with both stacks.
-    let pages = 2_000u64;
+    // Enough pages that the ~20 faults the child takes before memtrace follows it stay < 1%.
+    let pages = 20_000u64;
     let (r, out) = trace_workload(&["kernel-touch", &pages.to_string()]);
     let w = workload_fields(&out);
     let p = process(&r, w["pid"]);
