@@ -149,8 +149,8 @@ pub const fn stack_cache_slot(ip: u64, ret: u64) -> u32 {
 }
 
 /// The last target-map answer on a CPU. A fault loop asks about the same process every time;
-/// the answer stands while `TARGETS_GENERATION` (bumped after every change to the target map)
-/// is unchanged, which turns a hash lookup per fault into two array reads.
+/// the answer stands while `TARGETS_GENERATION` (rewritten after every change to the target
+/// map) is unchanged, which turns a hash lookup per fault into two array reads.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TargetCacheSlot {
@@ -159,10 +159,9 @@ pub struct TargetCacheSlot {
     pub is_target: u32,
 }
 
-/// Everything a CPU's fault path reads and writes per fault, in one 64-byte value: a VM exit
-/// (a fault on fresh memory takes one) leaves the caches cold, and every separate map value
-/// the programs touch is then a separate miss.
-#[repr(C, align(64))]
+/// The per-CPU state the fault path reads and writes on every fault, in one map value (one
+/// lookup, adjacent memory).
+#[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuState {
     /// The fault this CPU is handling: written at entry, consumed at accounting.
@@ -170,8 +169,6 @@ pub struct CpuState {
     pub target: TargetCacheSlot,
     /// Fault records submitted since this CPU last woke the agent.
     pub records_since_wakeup: u64,
-    /// User stacks reused from the stack cache instead of walked.
-    pub stack_cache_hits: u64,
 }
 
 /// Indices into the per-CPU `COUNTERS` array.
@@ -190,8 +187,8 @@ pub mod counter {
     pub const PENDING_FULL: u32 = 5;
     /// Child processes not followed because the target map was full.
     pub const TARGETS_FULL: u32 = 6;
-    /// Unused (stack-cache hits are counted in `CpuState`).
-    pub const UNUSED_7: u32 = 7;
+    /// User stacks reused from the per-CPU cache instead of walked.
+    pub const STACK_CACHE_HITS: u32 = 7;
     /// Syscall entries not stashed (map full).
     pub const SYSCALL_PENDING_FULL: u32 = 8;
     pub const COUNT: u32 = 9;
@@ -292,10 +289,9 @@ mod tests {
         assert_eq!(size_of::<ProcRecord>(), 4 * 4 + 16);
         assert_eq!(size_of::<Config>(), 4 * 4);
         assert_eq!(size_of::<TargetCacheSlot>(), 8 + 4 * 2);
-        assert_eq!(size_of::<CpuState>(), 64);
         assert_eq!(
-            size_of::<FaultEntry>() + size_of::<TargetCacheSlot>() + 2 * 8,
-            size_of::<CpuState>()
+            size_of::<CpuState>(),
+            size_of::<FaultEntry>() + size_of::<TargetCacheSlot>() + 8
         );
         assert_eq!(size_of::<PendingSyscall>(), 8 + 8 * 6);
         assert_eq!(size_of::<FaultEntry>(), 8 + 8 * 3);

@@ -248,9 +248,7 @@ fn user_stack_cached(ctx: &PerfEventContext, tgid: u32, ip: u64, bp: u64, enable
         && cache.ret == ret
         && cache.stack_id >= 0
     {
-        if let Some(state) = cpu_state() {
-            state.stack_cache_hits += 1;
-        }
+        bump(counter::STACK_CACHE_HITS);
         return cache.stack_id;
     }
     let id = walk_stack(ctx, BPF_F_USER_STACK as u64, counter::USER_STACK_LOST);

@@ -21,11 +21,12 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
 #[map]
 pub static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(8192, 0);
 
-/// Rewritten after every change to `TARGETS` (by the agent too), invalidating `TARGET_CACHE`.
+/// Rewritten after every change to `TARGETS` (by the agent too), invalidating every CPU's
+/// `CpuState::target`.
 #[map]
 pub static TARGETS_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Per-CPU fault-path state (entry slot, target cache, wakeup count), one cache line.
+/// Per-CPU fault-path state: entry slot, target cache, wakeup count.
 #[map]
 pub static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
 

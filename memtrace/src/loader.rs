@@ -7,7 +7,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use memtrace_common::{counter, Config, CpuState};
+use memtrace_common::{counter, Config};
 
 use crate::{tracefs, Error};
 
@@ -85,7 +85,6 @@ pub struct Tracer {
     counters: PerCpuArray<MapData, u64>,
     targets: HashMap<MapData, u32, u8>,
     targets_generation: Array<MapData, u64>,
-    cpu_state: PerCpuArray<MapData, CpuStatePod>,
     /// How each hook got attached, for `memtrace check`.
     pub attach_methods: Vec<(String, AttachMethod)>,
 }
@@ -157,21 +156,6 @@ fn monotonic_ns() -> u64 {
     // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// `CpuState` as a map value the agent can read.
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-struct CpuStatePod(CpuState);
-
-// SAFETY: CpuState is repr(C), plain integers, no padding (checked in memtrace-common's tests).
-unsafe impl aya::Pod for CpuStatePod {}
-
-impl std::ops::Deref for CpuStatePod {
-    type Target = CpuState;
-    fn deref(&self) -> &CpuState {
-        &self.0
-    }
 }
 
 fn check_root() -> Result<(), Error> {
@@ -262,8 +246,7 @@ impl Tracer {
         let targets = HashMap::try_from(take_map(&mut ebpf, "TARGETS")?).map_err(map_error)?;
         let targets_generation =
             Array::try_from(take_map(&mut ebpf, "TARGETS_GENERATION")?).map_err(map_error)?;
-        let cpu_state =
-            PerCpuArray::try_from(take_map(&mut ebpf, "CPU_STATE")?).map_err(map_error)?;
+
         Ok(Self {
             _ebpf: ebpf,
             events: Some(events),
@@ -271,7 +254,6 @@ impl Tracer {
             counters,
             targets,
             targets_generation,
-            cpu_state,
             attach_methods,
         })
     }
@@ -309,11 +291,7 @@ impl Tracer {
             entry_missed: sum(counter::ENTRY_MISSED),
             pending_full: sum(counter::PENDING_FULL),
             targets_full: sum(counter::TARGETS_FULL),
-            stack_cache_hits: self
-                .cpu_state
-                .get(&0, 0)
-                .map(|per_cpu| per_cpu.iter().map(|s| s.stack_cache_hits).sum())
-                .unwrap_or(0),
+            stack_cache_hits: sum(counter::STACK_CACHE_HITS),
             syscall_pending_full: sum(counter::SYSCALL_PENDING_FULL),
         }
     }

@@ -76,19 +76,7 @@ fn touch_pages_read(base: *const u8, pages: usize) -> u64 {
     sum
 }
 
-/// `warm`: first touch and unmap as many pages untimed, so the timed touch gets guest pages the
-/// hypervisor has already backed (a VM that returns free memory to its host otherwise charges
-/// a host fault to some runs and not others, and the run-to-run spread swamps what we measure).
-fn anon(pages: usize, warm: bool) -> Result<()> {
-    if warm {
-        let len = pages * PAGE;
-        let base = map_anon(len, false)?;
-        touch_pages_write(base, pages);
-        // SAFETY: `base` is the mapping of `len` bytes made above and nothing refers to it now.
-        if unsafe { libc::munmap(base.cast(), len) } != 0 {
-            bail!("munmap: {}", std::io::Error::last_os_error());
-        }
-    }
+fn anon(pages: usize) -> Result<()> {
     let base = map_anon(pages * PAGE, false)?;
     let start = std::time::Instant::now();
     touch_pages_write(base, pages);
@@ -319,7 +307,7 @@ fn kernel_touch(pages: usize) -> Result<()> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: memtrace-workload anon PAGES | anon-warm PAGES | anon-recycle PAGES |\n\
+        "usage: memtrace-workload anon PAGES | anon-recycle PAGES |\n\
          \x20      kernel-touch PAGES |\n\
          \x20      heap PAGES | file PATH PAGES | cow PATH PAGES |\n\
          \x20      threads N PAGES | forks N PAGES | wait-then-anon PAGES | sleep MS | demo DIR"
@@ -337,8 +325,7 @@ fn main() -> Result<()> {
     };
     let s = |i: usize| -> &str { args.get(i).map_or("", String::as_str) };
     match s(0) {
-        "anon" => anon(num(1)?, false),
-        "anon-warm" => anon(num(1)?, true),
+        "anon" => anon(num(1)?),
         "anon-recycle" => anon_recycle(num(1)?),
         "kernel-touch" => kernel_touch(num(1)?),
         "heap" => heap(num(1)?),

@@ -90,6 +90,16 @@ fn within(actual: u64, expected: u64, pct: f64) -> bool {
     (actual as f64 - expected as f64).abs() <= expected as f64 * pct / 100.0
 }
 
+/// memtrace's minor count for process `p` within 1% of the kernel's minflt in workload fields `w`.
+fn assert_minor_matches_kernel(p: &Value, w: &std::collections::HashMap<String, u64>) {
+    let minor = p["minor"].as_u64().expect("minor count");
+    assert!(
+        within(minor, w["minflt"], 1.0),
+        "memtrace minor {minor} vs kernel minflt {}",
+        w["minflt"]
+    );
+}
+
 fn callsites_of(report: &Value, pid: u64) -> Vec<&Value> {
     let mut v: Vec<&Value> = report["callsites"]
         .as_array()
@@ -101,8 +111,14 @@ fn callsites_of(report: &Value, pid: u64) -> Vec<&Value> {
     v
 }
 
+/// Function names of a callsite's user stack, innermost first.
 fn frames_text(site: &Value) -> String {
-    site["frames"]
+    stack_text(site, "frames")
+}
+
+/// Function names of the stack under `key` ("frames" or "kernel_frames"), innermost first.
+fn stack_text(site: &Value, key: &str) -> String {
+    site[key]
         .as_array()
         .map(|f| {
             f.iter()
@@ -125,12 +141,7 @@ fn anonymous_first_touch_matches_kernel_minor_count() {
     let (r, out) = trace_workload(&["anon", &pages.to_string()]);
     let w = workload_fields(&out);
     let p = process(&r, w["pid"]);
-    let minor = p["minor"].as_u64().unwrap();
-    assert!(
-        within(minor, w["minflt"], 1.0),
-        "memtrace minor {minor} vs kernel minflt {}",
-        w["minflt"]
-    );
+    assert_minor_matches_kernel(p, &w);
     assert_eq!(p["major"], 0);
     assert_eq!(r["lost"]["events"], 0, "lost: {}", r["lost"]);
     let top = callsites_of(&r, w["pid"])[0];
@@ -175,26 +186,13 @@ fn faults_in_kernel_mode_carry_the_kernel_stack() {
         within(kernel_mode, pages, 1.0),
         "kernel-mode faults {kernel_mode}, expected {pages}"
     );
-    assert!(
-        within(p["minor"].as_u64().unwrap(), w["minflt"], 1.0),
-        "memtrace minor {} vs kernel minflt {}",
-        p["minor"],
-        w["minflt"]
-    );
+    assert_minor_matches_kernel(p, &w);
     let top = callsites_of(&r, w["pid"])[0];
     assert!(
         within(top["count"].as_u64().unwrap(), pages, 1.0),
         "top callsite {top}"
     );
-    let kernel = top["kernel_frames"]
-        .as_array()
-        .map(|f| {
-            f.iter()
-                .filter_map(|x| x["function"].as_str())
-                .collect::<Vec<_>>()
-                .join(" <- ")
-        })
-        .unwrap_or_default();
+    let kernel = stack_text(top, "kernel_frames");
     assert!(
         kernel.contains("read_zero"),
         "kernel stack should pass through read_zero: {kernel}"
@@ -288,12 +286,7 @@ fn thread_counts_add_up_to_the_process() {
             >= 4,
         "{threads:?}"
     );
-    assert!(
-        within(p["minor"].as_u64().unwrap(), w["minflt"], 1.0),
-        "{} vs {}",
-        p["minor"],
-        w["minflt"]
-    );
+    assert_minor_matches_kernel(p, &w);
 }
 
 #[test]

@@ -230,46 +230,47 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// bpftrace counting the workload's faults by user stack: the yardstick the field already has.
-const BPFTRACE: &[&str] = &["bpftrace"];
+/// What runs the workload in a benchmark row.
+#[derive(Clone, Copy)]
+enum Runner {
+    Untraced,
+    /// `memtrace faults` with these extra flags.
+    Memtrace(&'static [&'static str]),
+    /// bpftrace counting the workload's faults by user stack: the yardstick the field has.
+    Bpftrace,
+}
+
 const BPFTRACE_PROGRAM: &str = "software:minor-faults:1 /pid == cpid/ { @[ustack] = count(); }";
 
-/// One run: returns (touch-phase seconds, lost records or 0 untraced).
-fn bench_run(
-    bin: &Path,
-    workload: &str,
-    pages: u64,
-    tracer: Option<&[&str]>,
-) -> Result<(f64, u64)> {
+/// One run: returns (touch-phase seconds, lost records; 0 where the runner cannot say).
+fn bench_run(bin: &Path, workload: &str, pages: u64, runner: Runner) -> Result<(f64, u64)> {
     let workload_bin = bin.join("memtrace-workload");
-    if tracer == Some(BPFTRACE) {
-        let cmd_line = format!("{} {workload} {pages}", workload_bin.display());
-        let mut cmd = Command::new("bpftrace");
-        let out = output(cmd.args(["-e", BPFTRACE_PROGRAM, "-c", &cmd_line]))?;
-        return Ok((touch_seconds(&out)?, 0));
-    }
-    let mut cmd = match tracer {
-        None => Command::new(&workload_bin),
-        Some(flags) => {
-            let mut c = Command::new(bin.join("memtrace"));
-            c.args(["faults", "--format", "json"])
+    let pages = pages.to_string();
+    let out = match runner {
+        Runner::Untraced => output(Command::new(&workload_bin).args([workload, &pages]))?,
+        Runner::Bpftrace => {
+            let cmd_line = format!("{} {workload} {pages}", workload_bin.display());
+            output(Command::new("bpftrace").args(["-e", BPFTRACE_PROGRAM, "-c", &cmd_line]))?
+        }
+        Runner::Memtrace(flags) => output(
+            Command::new(bin.join("memtrace"))
+                .args(["faults", "--format", "json"])
                 .args(flags)
                 .arg("--")
-                .arg(&workload_bin);
-            c
-        }
+                .arg(&workload_bin)
+                .args([workload, &pages]),
+        )?,
     };
-    let out = output(cmd.args([workload, &pages.to_string()]))?;
     let seconds = touch_seconds(&out)?;
-    let lost = match out.find("\n{") {
-        _ if tracer.is_none() => 0,
-        Some(i) => {
+    let lost = match runner {
+        Runner::Memtrace(_) => {
+            let i = out.find("\n{").context("memtrace printed no JSON report")?;
             let report: serde_json::Value = serde_json::from_str(&out[i + 1..])?;
             report["lost"]["events"]
                 .as_u64()
                 .context("report without lost.events")?
         }
-        None => bail!("memtrace printed no JSON report"),
+        Runner::Untraced | Runner::Bpftrace => 0,
     };
     Ok((seconds, lost))
 }
@@ -288,7 +289,7 @@ fn touch_seconds(out: &str) -> Result<f64> {
     Ok(ns / 1e9)
 }
 
-type BenchConfig = (&'static str, Option<&'static [&'static str]>);
+type BenchConfig = (&'static str, Runner);
 
 /// Runs every configuration once per round, rotating the order each round so that slow phases
 /// of a noisy machine (a VM whose host reclaims freed memory makes fresh pages cost 2-10 us)
@@ -356,7 +357,7 @@ fn bench(pages: u64, runs: usize) -> Result<()> {
     }
     let with_bpftrace = |mut configs: Vec<BenchConfig>| {
         if bpftrace {
-            configs.push(("bpftrace: count by ustack", Some(BPFTRACE)));
+            configs.push(("bpftrace: count by ustack", Runner::Bpftrace));
         }
         configs
     };
@@ -367,8 +368,11 @@ fn bench(pages: u64, runs: usize) -> Result<()> {
         pages,
         runs,
         &with_bpftrace(vec![
-            ("untraced", None),
-            ("memtrace faults (stacks + latency + mappings)", Some(&[])),
+            ("untraced", Runner::Untraced),
+            (
+                "memtrace faults (stacks + latency + mappings)",
+                Runner::Memtrace(&[]),
+            ),
         ]),
     )?;
     // The worst case for a tracer: the cheapest fault there is (recycled, host-backed pages).
@@ -378,16 +382,22 @@ fn bench(pages: u64, runs: usize) -> Result<()> {
         pages,
         runs,
         &with_bpftrace(vec![
-            ("untraced", None),
-            ("memtrace faults (stacks + latency + mappings)", Some(&[])),
-            ("memtrace faults --no-stacks", Some(&["--no-stacks"])),
+            ("untraced", Runner::Untraced),
+            (
+                "memtrace faults (stacks + latency + mappings)",
+                Runner::Memtrace(&[]),
+            ),
+            (
+                "memtrace faults --no-stacks",
+                Runner::Memtrace(&["--no-stacks"]),
+            ),
             (
                 "memtrace faults, stack walked every fault",
-                Some(&["--no-stack-cache"]),
+                Runner::Memtrace(&["--no-stack-cache"]),
             ),
             (
                 "memtrace faults, classic tracepoints",
-                Some(&["--classic-tracepoints"]),
+                Runner::Memtrace(&["--classic-tracepoints"]),
             ),
         ]),
     )
