@@ -124,8 +124,15 @@ pub struct FaultEntry {
     pub entry_ns: u64,
 }
 
-/// A recently walked user stack: a fault that repeats its ip, frame pointer and return address
-/// reuses the stack id instead of walking the stack again.
+/// A recently walked user stack. A fault loop repeats the same faulting instruction with the
+/// same frame and stack pointers thousands of times; walking its stack again each time is the
+/// dominant cost of stack capture, so the id walked first is reused.
+///
+/// Registers cannot tell apart two call chains whose frames sit at the same stack addresses
+/// (two functions with equal frame sizes calling the same helper from the same depth), and no
+/// cheaper check than the walk itself sees every caller. So the stack is walked again on every
+/// [`STACK_CACHE_VERIFY_EVERY`]-th hit: after a change of call chain at identical stack
+/// addresses, at most `STACK_CACHE_VERIFY_EVERY - 1` faults keep the previous chain's stack.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StackCacheSlot {
@@ -133,18 +140,52 @@ pub struct StackCacheSlot {
     pub stack_id: i32,
     pub ip: u64,
     pub bp: u64,
-    pub ret: u64,
+    pub sp: u64,
+    /// Hits since the stack was last walked.
+    pub unverified: u32,
+    pub _pad: u32,
+}
+
+/// Every how many cache hits the stack is walked anyway, to catch a changed call chain.
+pub const STACK_CACHE_VERIFY_EVERY: u32 = 32;
+
+impl StackCacheSlot {
+    /// The cached stack id for a fault with these registers, or `None` when the stack must be
+    /// walked (another fault, a failed walk, or a periodic check); then call [`Self::fill`].
+    #[inline(always)]
+    pub fn lookup(&mut self, pid: u32, ip: u64, bp: u64, sp: u64) -> Option<i32> {
+        if self.pid != pid || self.ip != ip || self.bp != bp || self.sp != sp || self.stack_id < 0
+        {
+            return None;
+        }
+        self.unverified += 1;
+        (self.unverified < STACK_CACHE_VERIFY_EVERY).then_some(self.stack_id)
+    }
+
+    /// Remembers a freshly walked stack.
+    #[inline(always)]
+    pub fn fill(&mut self, pid: u32, ip: u64, bp: u64, sp: u64, stack_id: i32) {
+        *self = StackCacheSlot {
+            pid,
+            stack_id,
+            ip,
+            bp,
+            sp,
+            unverified: 0,
+            _pad: 0,
+        };
+    }
 }
 
 /// Slots in each CPU's stack cache (a power of two). Several: an unrolled fault loop takes its
 /// faults at 2-8 different instructions in turn, and a single slot would miss on every one.
 pub const STACK_CACHE_SLOTS: u32 = 64;
 
-/// The stack-cache slot for a fault at `ip` whose caller returns to `ret` (Fibonacci hashing,
-/// so nearby instructions of one loop spread over different slots).
+/// The stack-cache slot for a fault at `ip` with frame pointer `bp` (Fibonacci hashing, so
+/// nearby instructions of one loop spread over different slots).
 #[inline(always)]
-pub const fn stack_cache_slot(ip: u64, ret: u64) -> u32 {
-    let h = (ip ^ ret.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+pub const fn stack_cache_slot(ip: u64, bp: u64) -> u32 {
+    let h = (ip ^ bp.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     (h >> (64 - STACK_CACHE_SLOTS.trailing_zeros())) as u32
 }
 
@@ -202,7 +243,7 @@ pub struct Config {
     pub filter_pids: u32,
     /// Non-zero: capture user (and, for kernel-mode faults, kernel) stacks.
     pub capture_stacks: u32,
-    /// Non-zero: reuse the last stack id when a fault repeats ip, frame pointer and return address.
+    /// Non-zero: reuse the last stack id when a fault repeats ip, frame and stack pointers.
     pub stack_cache: u32,
     pub _pad: u32,
 }
@@ -295,19 +336,41 @@ mod tests {
         );
         assert_eq!(size_of::<PendingSyscall>(), 8 + 8 * 6);
         assert_eq!(size_of::<FaultEntry>(), 8 + 8 * 3);
-        assert_eq!(size_of::<StackCacheSlot>(), 8 + 8 * 3);
+        assert_eq!(size_of::<StackCacheSlot>(), 8 + 8 * 3 + 4 * 2);
     }
 
     #[test]
     fn stack_cache_spreads_an_unrolled_loop() {
         // The four stores of a 4x-unrolled page-touch loop (from memtrace-workload's release
         // build) must land in four different slots, or they evict each other on every fault.
-        let ret = 0x5555_5557_1d00;
+        let bp = 0x7ffd_1234_5670;
         let ips = [0x1d603u64, 0x1d60d, 0x1d618, 0x1d627].map(|o| 0x5555_5555_0000 + o);
-        let mut slots = ips.map(|ip| stack_cache_slot(ip, ret));
+        let mut slots = ips.map(|ip| stack_cache_slot(ip, bp));
         assert!(slots.iter().all(|&s| s < STACK_CACHE_SLOTS));
         slots.sort_unstable();
         assert!(slots.windows(2).all(|w| w[0] != w[1]), "{slots:?}");
+    }
+
+    #[test]
+    fn stack_cache_walks_again_periodically() {
+        let (pid, ip, bp, sp) = (7, 0x1000, 0x7ff0, 0x7fe0);
+        let mut slot = StackCacheSlot::default();
+        assert_eq!(slot.lookup(pid, ip, bp, sp), None);
+        slot.fill(pid, ip, bp, sp, 42);
+        for _ in 1..STACK_CACHE_VERIFY_EVERY {
+            assert_eq!(slot.lookup(pid, ip, bp, sp), Some(42));
+        }
+        // Due for a check: walk; a new round of reuse follows the walk.
+        assert_eq!(slot.lookup(pid, ip, bp, sp), None);
+        slot.fill(pid, ip, bp, sp, 43);
+        assert_eq!(slot.lookup(pid, ip, bp, sp), Some(43));
+        // Any register differing, another process, or a failed walk: walk.
+        assert_eq!(slot.lookup(pid, ip, bp, sp + 8), None);
+        assert_eq!(slot.lookup(pid, ip, bp + 8, sp), None);
+        assert_eq!(slot.lookup(pid, ip + 1, bp, sp), None);
+        assert_eq!(slot.lookup(pid + 1, ip, bp, sp), None);
+        slot.fill(pid, ip, bp, sp, -14);
+        assert_eq!(slot.lookup(pid, ip, bp, sp), None);
     }
 
     #[test]

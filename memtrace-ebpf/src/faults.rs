@@ -3,7 +3,7 @@
 //! are the kernel's counts and the latency spans the whole fault.
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::bpf_ktime_get_ns,
     macros::{perf_event, raw_tracepoint, tracepoint},
     programs::{
         tracing::StackIdContext, PerfEventContext, RawTracePointContext, TracePointContext,
@@ -152,9 +152,15 @@ fn try_fault_accounted(ctx: &PerfEventContext, kind_flags: u32) -> Result<u32, u
     }
     // SAFETY: `ctx.ctx` is the kernel-provided `bpf_perf_event_data`; field reads at constant
     // offsets are checked by the verifier.
-    let (address, ip, bp, cs) = unsafe {
+    let (address, ip, bp, sp, cs) = unsafe {
         let data = &*ctx.ctx;
-        (data.addr, data.regs.rip, data.regs.rbp, data.regs.cs)
+        (
+            data.addr,
+            data.regs.rip,
+            data.regs.rbp,
+            data.regs.rsp,
+            data.regs.cs,
+        )
     };
     // An entry stamped for this thread means it passed the target filter at entry.
     let entry = match take_local_entry(tid, address) {
@@ -190,7 +196,7 @@ fn try_fault_accounted(ctx: &PerfEventContext, kind_flags: u32) -> Result<u32, u
         )
     } else {
         (
-            user_stack_cached(ctx, tgid, ip, bp, cfg.stack_cache != 0),
+            user_stack_cached(ctx, tgid, (ip, bp, sp), cfg.stack_cache != 0),
             -1,
         )
     };
@@ -226,36 +232,28 @@ fn walk_stack(ctx: &PerfEventContext, flags: u64, lost: u32) -> i32 {
     }
 }
 
-/// A fault loop repeats the same few ips with the same frame pointer and return address thousands
-/// of times; the frame-pointer walk it would repeat is the dominant cost (about 1.5 us), so reuse
-/// the id walked last time. The key cannot tell two call chains apart that share the innermost
-/// frame pointer and return address; those are the same callsite in every report we print.
+/// The user stack id, reused from this CPU's stack cache when the fault repeats a recent
+/// fault's registers (see `StackCacheSlot` for when it is walked anyway), walked otherwise.
 #[inline(always)]
-fn user_stack_cached(ctx: &PerfEventContext, tgid: u32, ip: u64, bp: u64, enabled: bool) -> i32 {
+fn user_stack_cached(
+    ctx: &PerfEventContext,
+    tgid: u32,
+    (ip, bp, sp): (u64, u64, u64),
+    enabled: bool,
+) -> i32 {
     if !enabled {
         return walk_stack(ctx, BPF_F_USER_STACK as u64, counter::USER_STACK_LOST);
     }
-    // SAFETY: reads 8 bytes of the faulting thread's user stack; a bad pointer only fails.
-    let ret: u64 = unsafe { bpf_probe_read_user((bp + 8) as *const u64) }.unwrap_or(0);
-    let Some(slot) = STACK_CACHE.get_ptr_mut(stack_cache_slot(ip, ret)) else {
+    let Some(slot) = STACK_CACHE.get_ptr_mut(stack_cache_slot(ip, bp)) else {
         return walk_stack(ctx, BPF_F_USER_STACK as u64, counter::USER_STACK_LOST);
     };
     // SAFETY: per-CPU slot from a successful lookup; BPF programs are not preempted.
     let cache = unsafe { &mut *slot };
-    if cache.pid == tgid
-        && cache.ip == ip
-        && cache.bp == bp
-        && cache.ret == ret
-        && cache.stack_id >= 0
-    {
+    if let Some(id) = cache.lookup(tgid, ip, bp, sp) {
         bump(counter::STACK_CACHE_HITS);
-        return cache.stack_id;
+        return id;
     }
     let id = walk_stack(ctx, BPF_F_USER_STACK as u64, counter::USER_STACK_LOST);
-    cache.pid = tgid;
-    cache.ip = ip;
-    cache.bp = bp;
-    cache.ret = ret;
-    cache.stack_id = id;
+    cache.fill(tgid, ip, bp, sp, id);
     id
 }

@@ -39,7 +39,7 @@ pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
 #[map]
 pub static PENDING_FAULTS: LruHashMap<u32, FaultEntry> = LruHashMap::with_max_entries(16384, 0);
 
-/// Recently walked user stacks on this CPU, direct-mapped by `stack_cache_slot(ip, ret)`.
+/// Recently walked user stacks on this CPU, direct-mapped by `stack_cache_slot(ip, bp)`.
 #[map]
 pub static STACK_CACHE: PerCpuArray<StackCacheSlot> =
     PerCpuArray::with_max_entries(STACK_CACHE_SLOTS, 0);

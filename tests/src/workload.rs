@@ -305,10 +305,33 @@ fn kernel_touch(pages: usize) -> Result<()> {
     report(&format!("pages={pages}"))
 }
 
+/// Two callers of the same touch loop, called one after the other from the same function:
+/// their frames sit at the same stack addresses, so only the return address tells their
+/// faults apart (the case the stack cache's periodic check exists for).
+fn two_callers(pages: usize) -> Result<()> {
+    first_caller(pages)?;
+    second_caller(pages)?;
+    report(&format!("pages={pages}"))
+}
+
+#[inline(never)]
+fn first_caller(pages: usize) -> Result<()> {
+    let base = map_anon(pages * PAGE, false)?;
+    touch_pages_write(base, pages);
+    Ok(())
+}
+
+#[inline(never)]
+fn second_caller(pages: usize) -> Result<()> {
+    let base = map_anon(pages * PAGE, false)?;
+    touch_pages_write(base, pages);
+    Ok(())
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: memtrace-workload anon PAGES | anon-recycle PAGES |\n\
-         \x20      kernel-touch PAGES |\n\
+         \x20      kernel-touch PAGES | two-callers PAGES |\n\
          \x20      heap PAGES | file PATH PAGES | cow PATH PAGES |\n\
          \x20      threads N PAGES | forks N PAGES | wait-then-anon PAGES | sleep MS | demo DIR"
     );
@@ -328,6 +351,7 @@ fn main() -> Result<()> {
         "anon" => anon(num(1)?),
         "anon-recycle" => anon_recycle(num(1)?),
         "kernel-touch" => kernel_touch(num(1)?),
+        "two-callers" => two_callers(num(1)?),
         "heap" => heap(num(1)?),
         "file" => file(s(1), num(2)?),
         "cow" => cow(s(1), num(2)?),

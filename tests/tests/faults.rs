@@ -173,6 +173,31 @@ fn anonymous_first_touch_matches_kernel_minor_count() {
 }
 
 #[test]
+fn two_callers_at_the_same_stack_depth_get_their_own_stacks() {
+    // The stack cache reuses a walked stack while ip, frame and stack pointers repeat; two
+    // callers whose frames share addresses differ only in the return address, which is
+    // walked again every 32nd hit. Each caller must end up with its own faults.
+    let pages = 20_000u64;
+    let (r, out) = trace_workload(&["two-callers", &pages.to_string()]);
+    let w = workload_fields(&out);
+    let sites = callsites_of(&r, w["pid"]);
+    let count_through = |caller: &str| -> u64 {
+        sites
+            .iter()
+            .filter(|c| frames_text(c).contains(caller))
+            .map(|c| c["count"].as_u64().unwrap())
+            .sum()
+    };
+    for caller in ["first_caller", "second_caller"] {
+        let n = count_through(caller);
+        assert!(
+            within(n, pages, 1.0),
+            "{n} faults attributed through {caller}, expected {pages}"
+        );
+    }
+}
+
+#[test]
 fn faults_in_kernel_mode_carry_the_kernel_stack() {
     // read(2) from /dev/zero into untouched memory: the kernel takes every fault in its
     // copy-out, so each is kernel-mode with both stacks.
