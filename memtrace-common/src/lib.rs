@@ -154,8 +154,7 @@ impl StackCacheSlot {
     /// walked (another fault, a failed walk, or a periodic check); then call [`Self::fill`].
     #[inline(always)]
     pub fn lookup(&mut self, pid: u32, ip: u64, bp: u64, sp: u64) -> Option<i32> {
-        if self.pid != pid || self.ip != ip || self.bp != bp || self.sp != sp || self.stack_id < 0
-        {
+        if self.pid != pid || self.ip != ip || self.bp != bp || self.sp != sp || self.stack_id < 0 {
             return None;
         }
         self.unverified += 1;

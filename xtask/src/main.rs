@@ -38,6 +38,9 @@ enum Cmd {
         /// Rounds (each runs every configuration once; medians are reported).
         #[arg(long, default_value_t = 7)]
         runs: usize,
+        /// Only this workload's table: `anon` (the reference) or `anon-recycle` (worst case).
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -338,7 +341,37 @@ fn bench_table(
     Ok(())
 }
 
-fn bench(pages: u64, runs: usize) -> Result<()> {
+/// Is bpftrace on PATH? Installs Debian's package when it is not (the comparison the bench
+/// prints is against the tool the field reaches for).
+fn bpftrace_available() -> bool {
+    let works = || {
+        Command::new("bpftrace")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works() {
+        return true;
+    }
+    println!("xtask: installing bpftrace (apt-get) for the comparison rows");
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    apt(&["update", "-qq"]) && apt(&["install", "-y", "-qq", "bpftrace"]) && works()
+}
+
+fn bench(pages: u64, runs: usize, only: Option<&str>) -> Result<()> {
+    if let Some(w) = only {
+        if !["anon", "anon-recycle"].contains(&w) {
+            bail!("--only takes anon or anon-recycle, not {w:?}");
+        }
+    }
+    let wanted = |workload: &str| only.is_none_or(|w| w == workload);
     setup()?;
     if !is_root() {
         bail!("the benchmark loads eBPF programs: run it as root");
@@ -348,12 +381,9 @@ fn bench(pages: u64, runs: usize) -> Result<()> {
         "memtrace overhead, touch-phase wall time of memtrace-workload; machine: {} CPUs",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let bpftrace = Command::new("bpftrace")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let bpftrace = bpftrace_available();
     if !bpftrace {
-        println!("(bpftrace not installed: its comparison rows are skipped)");
+        println!("(bpftrace could not be installed: its comparison rows are skipped)");
     }
     let with_bpftrace = |mut configs: Vec<BenchConfig>| {
         if bpftrace {
@@ -362,19 +392,24 @@ fn bench(pages: u64, runs: usize) -> Result<()> {
         configs
     };
     // The reference: first touch of fresh anonymous memory, as a program would fault it.
-    bench_table(
-        &bin,
-        "anon",
-        pages,
-        runs,
-        &with_bpftrace(vec![
-            ("untraced", Runner::Untraced),
-            (
-                "memtrace faults (stacks + latency + mappings)",
-                Runner::Memtrace(&[]),
-            ),
-        ]),
-    )?;
+    if wanted("anon") {
+        bench_table(
+            &bin,
+            "anon",
+            pages,
+            runs,
+            &with_bpftrace(vec![
+                ("untraced", Runner::Untraced),
+                (
+                    "memtrace faults (stacks + latency + mappings)",
+                    Runner::Memtrace(&[]),
+                ),
+            ]),
+        )?;
+    }
+    if !wanted("anon-recycle") {
+        return Ok(());
+    }
     // The worst case for a tracer: the cheapest fault there is (recycled, host-backed pages).
     bench_table(
         &bin,
@@ -408,6 +443,6 @@ fn main() -> Result<()> {
         Cmd::Setup => setup(),
         Cmd::Demo { command } => demo(command),
         Cmd::Test => test(),
-        Cmd::Bench { pages, runs } => bench(pages, runs),
+        Cmd::Bench { pages, runs, only } => bench(pages, runs, only.as_deref()),
     }
 }
