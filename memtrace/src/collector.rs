@@ -19,7 +19,7 @@ pub struct ProcessInfo {
     pub comm: String,
     pub space: AddressSpace,
     pub exited: bool,
-    /// When /proc/PID/maps was last read, to bound re-reads on unknown addresses.
+    /// When /proc/PID/maps was last re-read for an unknown address, to bound such re-reads.
     last_read: Option<Instant>,
 }
 
@@ -89,7 +89,9 @@ impl<S: ProcSource> Collector<S> {
             comm: source.comm(pid).unwrap_or_default(),
             space: source.maps(pid).unwrap_or_default(),
             exited: false,
-            last_read: Some(Instant::now()),
+            // The first unknown address may re-read at once: a process first seen in the
+            // middle of an exec (a traced command held before it) has its new maps already.
+            last_read: None,
         })
     }
 
@@ -129,11 +131,13 @@ impl<S: ProcSource> Collector<S> {
         }
         info.last_read = Some(Instant::now());
         match self.source.maps(pid) {
-            Some(space) => {
+            // A process that already exited (its exit record not read yet) shows an empty
+            // maps file: its memory is gone, and the model built so far is the better record.
+            Some(space) if !space.is_empty() => {
                 info.space = space;
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
@@ -265,6 +269,20 @@ mod tests {
         }
     }
 
+    /// /proc of a process that has exited but not been reaped: every maps file is empty.
+    struct Exited;
+    impl ProcSource for Exited {
+        fn maps(&self, _pid: u32) -> Option<AddressSpace> {
+            Some(AddressSpace::default())
+        }
+        fn comm(&self, _pid: u32) -> Option<String> {
+            None
+        }
+        fn fd_path(&self, _pid: u32, _fd: i32) -> Option<Arc<str>> {
+            None
+        }
+    }
+
     fn fault(pid: u32, address: u64, flags: u32) -> Record {
         Record::Fault(FaultRecord {
             kind: RecordKind::Fault as u32,
@@ -278,6 +296,44 @@ mod tests {
             kernel_stack_id: -14,
             ..Default::default()
         })
+    }
+
+    #[test]
+    fn an_exited_process_keeps_its_model() {
+        // Records are read after the fact: a short-lived process may be gone when its file
+        // mmap record arrives, and the re-read of its maps then finds nothing.
+        let mut c = Collector::new(Exited);
+        c.processes.insert(
+            1,
+            ProcessInfo {
+                comm: "app".into(),
+                space: AddressSpace::from_maps(
+                    "01000000-01100000 rw-p 00000000 00:00 0 [heap]\n\
+                     7f0000000000-7f0000200000 r-xp 00000000 08:01 7 /lib/libc.so.6\n",
+                ),
+                ..Default::default()
+            },
+        );
+        c.on_record(Record::Vma(VmaRecord {
+            kind: RecordKind::Vma as u32,
+            op: VMA_MMAP,
+            pid: 1,
+            addr: 0x7000_0000,
+            len: 0x10000,
+            flags: 0x02,
+            fd: 3,
+            ..Default::default()
+        }));
+        c.on_record(fault(1, 0x0100_0010, 0));
+        c.on_record(fault(1, 0x7f00_0000_1000, 0));
+        c.on_record(fault(1, 0x7000_1000, 0));
+        assert_eq!(c.stats.unclassified, 0);
+        let classes: std::collections::HashSet<MappingClass> =
+            c.faults.callsites.keys().map(|k| k.class).collect();
+        assert_eq!(
+            classes,
+            [MappingClass::Heap, MappingClass::FilePrivate].into()
+        );
     }
 
     #[test]

@@ -162,7 +162,13 @@ pub async fn run_faults(
             }
         }
         Target::Command(argv) => {
-            let t = spawn_held(argv, |pid| tracer.add_target(pid))?;
+            // The child is still memtrace's fork, held before exec: reading its maps now lets
+            // the faults it takes until exec be classified like the rest.
+            let t = spawn_held(argv, |pid| {
+                tracer.add_target(pid)?;
+                collector.observe(pid);
+                Ok(())
+            })?;
             watched.push(t.child.id());
             traced = Some(t);
         }

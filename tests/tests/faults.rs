@@ -129,6 +129,18 @@ fn stack_text(site: &Value, key: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The count of the loss cause whose description contains `what`.
+fn lost_count(report: &Value, what: &str) -> u64 {
+    report["lost"]["causes"]
+        .as_array()
+        .expect("lost causes")
+        .iter()
+        .find(|c| c["cause"].as_str().is_some_and(|s| s.contains(what)))
+        .unwrap_or_else(|| panic!("no loss cause {what:?}: {}", report["lost"]))["count"]
+        .as_u64()
+        .expect("count")
+}
+
 fn scratch(name: &str) -> String {
     // A disk-backed directory: tmpfs pages never take major faults.
     let dir = std::env::var("MEMTRACE_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into());
@@ -144,6 +156,14 @@ fn anonymous_first_touch_matches_kernel_minor_count() {
     assert_minor_matches_kernel(p, &w);
     assert_eq!(p["major"], 0);
     assert_eq!(r["lost"]["events"], 0, "lost: {}", r["lost"]);
+    // Every fault, from the held child's last ones before exec through exec itself, falls in
+    // a mapping memtrace knows of.
+    assert_eq!(
+        lost_count(&r, "outside every known mapping"),
+        0,
+        "lost: {}",
+        r["lost"]
+    );
     let top = callsites_of(&r, w["pid"])[0];
     assert!(
         within(top["count"].as_u64().unwrap(), pages, 1.0),
