@@ -283,6 +283,21 @@ mod tests {
         }
     }
 
+    /// A private 64 KiB mapping of fd 3 at `addr`.
+    fn file_mmap(pid: u32, addr: u64, offset: u64) -> Record {
+        Record::Vma(VmaRecord {
+            kind: RecordKind::Vma as u32,
+            op: VMA_MMAP,
+            pid,
+            addr,
+            len: 0x10000,
+            flags: 0x02,
+            fd: 3,
+            offset,
+            ..Default::default()
+        })
+    }
+
     fn fault(pid: u32, address: u64, flags: u32) -> Record {
         Record::Fault(FaultRecord {
             kind: RecordKind::Fault as u32,
@@ -314,16 +329,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        c.on_record(Record::Vma(VmaRecord {
-            kind: RecordKind::Vma as u32,
-            op: VMA_MMAP,
-            pid: 1,
-            addr: 0x7000_0000,
-            len: 0x10000,
-            flags: 0x02,
-            fd: 3,
-            ..Default::default()
-        }));
+        c.on_record(file_mmap(1, 0x7000_0000, 0));
         c.on_record(fault(1, 0x0100_0010, 0));
         c.on_record(fault(1, 0x7f00_0000_1000, 0));
         c.on_record(fault(1, 0x7000_1000, 0));
@@ -340,17 +346,7 @@ mod tests {
     fn classifies_faults_through_mmap_fork_and_exit() {
         let mut c = Collector::new(Fake);
         c.on_record(fault(1, 0x0100_0010, 0));
-        c.on_record(Record::Vma(VmaRecord {
-            kind: RecordKind::Vma as u32,
-            op: VMA_MMAP,
-            pid: 1,
-            addr: 0x7000_0000,
-            len: 0x10000,
-            flags: 0x02,
-            fd: 3,
-            offset: 0x2000,
-            ..Default::default()
-        }));
+        c.on_record(file_mmap(1, 0x7000_0000, 0x2000));
         c.on_record(fault(1, 0x7000_1000, FAULT_MAJOR));
         c.on_record(Record::Proc(ProcRecord {
             kind: RecordKind::Proc as u32,

@@ -294,6 +294,14 @@ fn touch_seconds(out: &str) -> Result<f64> {
 
 type BenchConfig = (&'static str, Runner);
 
+/// The baseline every table's ratios are taken against (first in every table).
+const UNTRACED: BenchConfig = ("untraced", Runner::Untraced);
+/// What a user gets from `memtrace faults`: stacks, latency and mapping classification.
+const MEMTRACE_DEFAULT: BenchConfig = (
+    "memtrace faults (stacks + latency + mappings)",
+    Runner::Memtrace(&[]),
+);
+
 /// Runs every configuration once per round, rotating the order each round so that slow phases
 /// of a noisy machine (a VM whose host reclaims freed memory makes fresh pages cost 2-10 us)
 /// fall on every configuration alike, with the same pause before every run. Prints median time, per-fault cost, the ratio of medians
@@ -398,13 +406,7 @@ fn bench(pages: u64, runs: usize, only: Option<&str>) -> Result<()> {
             "anon",
             pages,
             runs,
-            &with_bpftrace(vec![
-                ("untraced", Runner::Untraced),
-                (
-                    "memtrace faults (stacks + latency + mappings)",
-                    Runner::Memtrace(&[]),
-                ),
-            ]),
+            &with_bpftrace(vec![UNTRACED, MEMTRACE_DEFAULT]),
         )?;
     }
     if !wanted("anon-recycle") {
@@ -417,11 +419,8 @@ fn bench(pages: u64, runs: usize, only: Option<&str>) -> Result<()> {
         pages,
         runs,
         &with_bpftrace(vec![
-            ("untraced", Runner::Untraced),
-            (
-                "memtrace faults (stacks + latency + mappings)",
-                Runner::Memtrace(&[]),
-            ),
+            UNTRACED,
+            MEMTRACE_DEFAULT,
             (
                 "memtrace faults --no-stacks",
                 Runner::Memtrace(&["--no-stacks"]),
