@@ -19,7 +19,8 @@ pub struct ProcessInfo {
     pub comm: String,
     pub space: AddressSpace,
     pub exited: bool,
-    /// When /proc/PID/maps was last re-read for an unknown address, to bound such re-reads.
+    /// When /proc/PID/maps was last re-read (`None` since first sight), to bound the re-reads
+    /// an unknown address triggers.
     last_read: Option<Instant>,
 }
 
