@@ -31,8 +31,16 @@ pub const FAULT_MAJOR: u32 = 1 << 0;
 pub const FAULT_KERNEL_MODE: u32 = 1 << 1;
 /// `FaultRecord::flags`: `latency_ns` and `error_code` are valid (the fault's entry was seen).
 pub const FAULT_HAS_ENTRY: u32 = 1 << 2;
+/// `FaultRecord::flags`: stacks were captured for this fault: its frames follow the record
+/// (`n_user` user frames, then `n_kernel` kernel frames). `stack_token` names the user stack
+/// for later faults that reuse it.
+pub const FAULT_STACK_WALKED: u32 = 1 << 3;
+/// `FaultRecord::flags`: the user stack was not walked; it is the one last walked under
+/// `stack_token` (a fault at the same instruction, frame and stack pointer).
+pub const FAULT_STACK_REUSED: u32 = 1 << 4;
 
-/// A page fault, emitted when the kernel accounts it as major or minor.
+/// A page fault, emitted when the kernel accounts it as major or minor. A record with
+/// `FAULT_STACK_WALKED` is followed in the ring buffer by its `n_user + n_kernel` frames.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FaultRecord {
@@ -50,10 +58,40 @@ pub struct FaultRecord {
     pub error_code: u64,
     /// Fault entry to accounting, in nanoseconds.
     pub latency_ns: u64,
-    /// Id in the `STACKS` map, or a negative errno when no stack was taken.
-    pub user_stack_id: i32,
-    /// Id in the `STACKS` map for faults taken in kernel mode, else negative.
-    pub kernel_stack_id: i32,
+    /// Names a walked user stack: the CPU, the stack-cache slot and that CPU's walk count
+    /// (see [`stack_token`]); 0 when the stack is not cached.
+    pub stack_token: u64,
+    /// User frames that follow this record (innermost first).
+    pub n_user: u32,
+    /// Kernel frames that follow the user frames (innermost first).
+    pub n_kernel: u32,
+}
+
+/// A fault record and room for its frames: the per-CPU buffer a walked fault is built in.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FaultWithStacks {
+    pub header: FaultRecord,
+    /// User frames from index 0, kernel frames right after them.
+    pub frames: [u64; 2 * MAX_STACK_DEPTH],
+}
+
+/// The token of a user stack walked on `cpu` into stack-cache `slot`, as its `walk`-th walk
+/// on that CPU. Never 0. The agent keeps the last stack seen per (cpu, slot) and resolves
+/// reused stacks by token: ring-buffer records of one CPU arrive in order, so the walk always
+/// comes before the faults that reuse it.
+#[inline(always)]
+pub const fn stack_token(cpu: u32, slot: u32, walk: u64) -> u64 {
+    ((cpu as u64 & 0x7fff) << 48) | ((slot as u64 & 0xff) << 40) | (walk & 0xff_ffff_ffff) | 1 << 63
+}
+
+/// The (cpu, slot) a stack token belongs to.
+#[inline(always)]
+pub const fn stack_token_slot(token: u64) -> (u32, u32) {
+    (
+        ((token >> 48) & 0x7fff) as u32,
+        ((token >> 40) & 0xff) as u32,
+    )
 }
 
 /// `VmaRecord::op` values.
@@ -126,52 +164,53 @@ pub struct FaultEntry {
 
 /// A recently walked user stack. A fault loop repeats the same faulting instruction with the
 /// same frame and stack pointers thousands of times; walking its stack again each time is the
-/// dominant cost of stack capture, so the id walked first is reused.
+/// dominant cost of stack capture, so a fault with the same registers reuses the last walk.
 ///
 /// Registers cannot tell apart two call chains whose frames sit at the same stack addresses
 /// (two functions with equal frame sizes calling the same helper from the same depth), and no
-/// cheaper check than the walk itself sees every caller. So the stack is walked again on every
-/// [`STACK_CACHE_VERIFY_EVERY`]-th hit: after a change of call chain at identical stack
-/// addresses, at most `STACK_CACHE_VERIFY_EVERY - 1` faults keep the previous chain's stack.
+/// cheaper check than the walk itself sees every caller. So a hit walks anyway with
+/// probability 1/[`STACK_REWALK_ONE_IN`], chosen at random: a fault then carries the stack of
+/// the last walk at its registers, a walk taken at a random earlier fault, so the stacks
+/// attributed to a group of faults are an unbiased sample of the group's real stacks, whatever
+/// the pattern of callers (a fixed period would alias with a periodic pattern: every 32nd of
+/// an A, A, A, B sequence is always the same caller).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StackCacheSlot {
     pub pid: u32,
-    pub stack_id: i32,
+    pub _pad: u32,
+    /// The walk's token; 0 for an empty slot.
+    pub token: u64,
     pub ip: u64,
     pub bp: u64,
     pub sp: u64,
-    /// Hits since the stack was last walked.
-    pub unverified: u32,
-    pub _pad: u32,
 }
 
-/// Every how many cache hits the stack is walked anyway, to catch a changed call chain.
-pub const STACK_CACHE_VERIFY_EVERY: u32 = 32;
+/// A cache hit walks the stack anyway with probability 1 in this (a power of two).
+pub const STACK_REWALK_ONE_IN: u32 = 32;
 
 impl StackCacheSlot {
-    /// The cached stack id for a fault with these registers, or `None` when the stack must be
-    /// walked (another fault, a failed walk, or a periodic check); then call [`Self::fill`].
+    /// The token of the cached walk for a fault with these registers, or `None` when the
+    /// stack must be walked (another fault, an empty slot, or the random re-walk, decided by
+    /// `random`); then call [`Self::fill`].
     #[inline(always)]
-    pub fn lookup(&mut self, pid: u32, ip: u64, bp: u64, sp: u64) -> Option<i32> {
-        if self.pid != pid || self.ip != ip || self.bp != bp || self.sp != sp || self.stack_id < 0 {
+    pub fn lookup(&self, pid: u32, ip: u64, bp: u64, sp: u64, random: u32) -> Option<u64> {
+        if self.pid != pid || self.ip != ip || self.bp != bp || self.sp != sp || self.token == 0 {
             return None;
         }
-        self.unverified += 1;
-        (self.unverified < STACK_CACHE_VERIFY_EVERY).then_some(self.stack_id)
+        (random & (STACK_REWALK_ONE_IN - 1) != 0).then_some(self.token)
     }
 
-    /// Remembers a freshly walked stack.
+    /// Remembers a fresh walk (token 0: the walk failed, nothing to reuse).
     #[inline(always)]
-    pub fn fill(&mut self, pid: u32, ip: u64, bp: u64, sp: u64, stack_id: i32) {
+    pub fn fill(&mut self, pid: u32, ip: u64, bp: u64, sp: u64, token: u64) {
         *self = StackCacheSlot {
             pid,
-            stack_id,
+            _pad: 0,
+            token,
             ip,
             bp,
             sp,
-            unverified: 0,
-            _pad: 0,
         };
     }
 }
@@ -199,16 +238,26 @@ pub struct TargetCacheSlot {
     pub is_target: u32,
 }
 
+/// Fault entries each CPU remembers. More than one: a fault can nest inside another's handling
+/// (a tracer's stack walk touching a non-present user page takes a kernel-mode fault between
+/// the outer fault's entry and its accounting), and the nested entry must not erase the outer.
+pub const FAULT_ENTRY_SLOTS: usize = 4;
+
 /// The per-CPU state the fault path reads and writes on every fault, in one map value (one
 /// lookup, adjacent memory).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuState {
-    /// The fault this CPU is handling: written at entry, consumed at accounting.
-    pub entry: FaultEntry,
+    /// Faults this CPU is handling: written at entry (round robin), taken at accounting by
+    /// thread and address.
+    pub entries: [FaultEntry; FAULT_ENTRY_SLOTS],
+    /// Entries written so far (the next slot is this modulo `FAULT_ENTRY_SLOTS`).
+    pub entries_written: u64,
     pub target: TargetCacheSlot,
     /// Fault records submitted since this CPU last woke the agent.
     pub records_since_wakeup: u64,
+    /// User stacks walked on this CPU (for stack tokens).
+    pub walks: u64,
 }
 
 /// Indices into the per-CPU `COUNTERS` array.
@@ -217,7 +266,7 @@ pub mod counter {
     pub const RINGBUF_FULL_FAULT: u32 = 0;
     /// VMA and process records dropped because the ring buffer was full.
     pub const RINGBUF_FULL_OTHER: u32 = 1;
-    /// User stacks not captured (stack map full, hash collision or fault in the walk).
+    /// User stacks not captured (the walk found no frame).
     pub const USER_STACK_LOST: u32 = 2;
     /// Kernel stacks not captured.
     pub const KERNEL_STACK_LOST: u32 = 3;
@@ -242,9 +291,11 @@ pub struct Config {
     pub filter_pids: u32,
     /// Non-zero: capture user (and, for kernel-mode faults, kernel) stacks.
     pub capture_stacks: u32,
-    /// Non-zero: reuse the last stack id when a fault repeats ip, frame and stack pointers.
+    /// Non-zero: reuse the last walk when a fault repeats ip, frame and stack pointers.
     pub stack_cache: u32,
-    pub _pad: u32,
+    /// A process never traced (memtrace itself, so a system-wide run does not count its own
+    /// faults); 0 for none.
+    pub exclude_tgid: u32,
 }
 
 impl Config {
@@ -252,7 +303,7 @@ impl Config {
         filter_pids: 0,
         capture_stacks: 1,
         stack_cache: 1,
-        _pad: 0,
+        exclude_tgid: 0,
     };
 }
 
@@ -314,6 +365,8 @@ mod pod {
     unsafe impl aya::Pod for PendingSyscall {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FaultEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CpuState {}
 }
 
 #[cfg(test)]
@@ -324,18 +377,22 @@ mod tests {
     #[test]
     fn records_have_no_implicit_padding() {
         // Sum of field sizes equals the struct size: no hidden padding bytes anywhere.
-        assert_eq!(size_of::<FaultRecord>(), 4 * 4 + 8 * 4 + 4 * 2);
+        assert_eq!(size_of::<FaultRecord>(), 4 * 4 + 8 * 5 + 4 * 2);
+        assert_eq!(
+            size_of::<FaultWithStacks>(),
+            size_of::<FaultRecord>() + 8 * 2 * MAX_STACK_DEPTH
+        );
         assert_eq!(size_of::<VmaRecord>(), 4 * 4 + 8 * 4 + 4 * 4 + 8);
         assert_eq!(size_of::<ProcRecord>(), 4 * 4 + 16);
         assert_eq!(size_of::<Config>(), 4 * 4);
         assert_eq!(size_of::<TargetCacheSlot>(), 8 + 4 * 2);
         assert_eq!(
             size_of::<CpuState>(),
-            size_of::<FaultEntry>() + size_of::<TargetCacheSlot>() + 8
+            FAULT_ENTRY_SLOTS * size_of::<FaultEntry>() + 8 + size_of::<TargetCacheSlot>() + 16
         );
         assert_eq!(size_of::<PendingSyscall>(), 8 + 8 * 6);
         assert_eq!(size_of::<FaultEntry>(), 8 + 8 * 3);
-        assert_eq!(size_of::<StackCacheSlot>(), 8 + 8 * 3 + 4 * 2);
+        assert_eq!(size_of::<StackCacheSlot>(), 8 + 8 * 4);
     }
 
     #[test]
@@ -351,25 +408,34 @@ mod tests {
     }
 
     #[test]
-    fn stack_cache_walks_again_periodically() {
+    fn stack_cache_walks_again_at_random() {
         let (pid, ip, bp, sp) = (7, 0x1000, 0x7ff0, 0x7fe0);
         let mut slot = StackCacheSlot::default();
-        assert_eq!(slot.lookup(pid, ip, bp, sp), None);
+        assert_eq!(slot.lookup(pid, ip, bp, sp, 1), None, "empty slot");
         slot.fill(pid, ip, bp, sp, 42);
-        for _ in 1..STACK_CACHE_VERIFY_EVERY {
-            assert_eq!(slot.lookup(pid, ip, bp, sp), Some(42));
-        }
-        // Due for a check: walk; a new round of reuse follows the walk.
-        assert_eq!(slot.lookup(pid, ip, bp, sp), None);
-        slot.fill(pid, ip, bp, sp, 43);
-        assert_eq!(slot.lookup(pid, ip, bp, sp), Some(43));
+        assert_eq!(slot.lookup(pid, ip, bp, sp, 1), Some(42));
+        // One random value in STACK_REWALK_ONE_IN asks for a walk.
+        let walks = (0..STACK_REWALK_ONE_IN * 100)
+            .filter(|&r| slot.lookup(pid, ip, bp, sp, r).is_none())
+            .count();
+        assert_eq!(walks, 100);
         // Any register differing, another process, or a failed walk: walk.
-        assert_eq!(slot.lookup(pid, ip, bp, sp + 8), None);
-        assert_eq!(slot.lookup(pid, ip, bp + 8, sp), None);
-        assert_eq!(slot.lookup(pid, ip + 1, bp, sp), None);
-        assert_eq!(slot.lookup(pid + 1, ip, bp, sp), None);
-        slot.fill(pid, ip, bp, sp, -14);
-        assert_eq!(slot.lookup(pid, ip, bp, sp), None);
+        assert_eq!(slot.lookup(pid, ip, bp, sp + 8, 1), None);
+        assert_eq!(slot.lookup(pid, ip, bp + 8, sp, 1), None);
+        assert_eq!(slot.lookup(pid, ip + 1, bp, sp, 1), None);
+        assert_eq!(slot.lookup(pid + 1, ip, bp, sp, 1), None);
+        slot.fill(pid, ip, bp, sp, 0);
+        assert_eq!(slot.lookup(pid, ip, bp, sp, 1), None);
+    }
+
+    #[test]
+    fn stack_tokens_name_their_slot_and_are_never_zero() {
+        for (cpu, slot, walk) in [(0, 0, 0), (1, 63, 5), (511, 17, u64::MAX)] {
+            let t = stack_token(cpu, slot, walk);
+            assert_ne!(t, 0);
+            assert_eq!(stack_token_slot(t), (cpu, slot));
+        }
+        assert_ne!(stack_token(1, 2, 3), stack_token(1, 2, 4));
     }
 
     #[test]

@@ -3,20 +3,20 @@
 //! are the kernel's counts and the latency spans the whole fault.
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns},
     macros::{perf_event, raw_tracepoint, tracepoint},
-    programs::{
-        tracing::StackIdContext, PerfEventContext, RawTracePointContext, TracePointContext,
-    },
+    programs::{PerfEventContext, RawTracePointContext, TracePointContext},
+    EbpfContext as _,
 };
 use memtrace_common::{
-    counter, layout, stack_cache_slot, FaultEntry, FaultRecord, RecordKind, FAULT_HAS_ENTRY,
-    FAULT_KERNEL_MODE, FAULT_MAJOR,
+    counter, layout, stack_cache_slot, stack_token, FaultEntry, FaultRecord, RecordKind,
+    FAULT_ENTRY_SLOTS, FAULT_HAS_ENTRY, FAULT_KERNEL_MODE, FAULT_MAJOR, FAULT_STACK_REUSED,
+    FAULT_STACK_WALKED, MAX_STACK_DEPTH,
 };
 
 use crate::maps::{
-    bump, config, cpu_state, current_ids, is_target, tp_field, wakeup_flags, EVENTS,
-    PENDING_FAULTS, STACKS, STACK_CACHE,
+    bump, config, cpu_state, current_ids, is_target, tp_field, wakeup_flags, EVENTS, FAULT_SCRATCH,
+    PENDING_FAULTS, STACK_CACHE,
 };
 
 /// Highest user-space address on x86_64 (47-bit address space; 5-level paging is rarer).
@@ -71,15 +71,39 @@ fn fault_entry(address: u64, error_code: u64) -> u32 {
     let Some(state) = cpu_state() else {
         return 0;
     };
-    state.entry = FaultEntry {
-        tid,
-        _pad: 0,
-        address,
-        error_code,
-        // SAFETY: no preconditions.
-        entry_ns: unsafe { bpf_ktime_get_ns() },
-    };
+    // Round robin: a fault nested inside another's handling takes the next slot and leaves
+    // the outer fault's entry in place.
+    let slot = (state.entries_written as usize) & (FAULT_ENTRY_SLOTS - 1);
+    state.entries_written = state.entries_written.wrapping_add(1);
+    if let Some(entry) = state.entries.get_mut(slot) {
+        *entry = FaultEntry {
+            tid,
+            _pad: 0,
+            address,
+            error_code,
+            // SAFETY: no preconditions.
+            entry_ns: unsafe { bpf_ktime_get_ns() },
+        };
+    }
     0
+}
+
+/// The slot of this CPU's newest entry for `tid` that `matches`, if any.
+#[inline(always)]
+fn newest_entry(
+    entries: &[FaultEntry; FAULT_ENTRY_SLOTS],
+    tid: u32,
+    matches: impl Fn(&FaultEntry) -> bool,
+) -> Option<usize> {
+    let mut found: Option<usize> = None;
+    let mut newest = 0u64;
+    for (i, e) in entries.iter().enumerate() {
+        if e.entry_ns > newest && e.tid == tid && matches(e) {
+            newest = e.entry_ns;
+            found = Some(i);
+        }
+    }
+    found
 }
 
 /// A thread switched out in the middle of a fault takes its entry along, keyed by tid, so the
@@ -100,14 +124,15 @@ fn spill_fault_entry() -> u32 {
         return 0;
     };
     let (_, tid) = current_ids();
-    let entry = &mut state.entry;
-    if entry.entry_ns == 0 || entry.tid != tid {
+    let Some(slot) = newest_entry(&state.entries, tid, |_| true) else {
         return 0;
+    };
+    if let Some(entry) = state.entries.get_mut(slot) {
+        if PENDING_FAULTS.insert(tid, *entry, 0).is_err() {
+            crate::maps::bump(counter::PENDING_FULL);
+        }
+        entry.entry_ns = 0;
     }
-    if PENDING_FAULTS.insert(tid, *entry, 0).is_err() {
-        crate::maps::bump(counter::PENDING_FULL);
-    }
-    entry.entry_ns = 0;
     0
 }
 
@@ -124,13 +149,12 @@ pub fn fault_major(ctx: PerfEventContext) -> u32 {
 /// The entry of the fault `tid` is completing at `address`, if this CPU's slot holds it.
 #[inline(always)]
 fn take_local_entry(tid: u32, address: u64) -> Option<FaultEntry> {
-    let entry = &mut cpu_state()?.entry;
-    if entry.entry_ns != 0 && entry.tid == tid && (entry.address ^ address) < 4096 {
-        let taken = *entry;
-        entry.entry_ns = 0;
-        return Some(taken);
-    }
-    None
+    let state = cpu_state()?;
+    let slot = newest_entry(&state.entries, tid, |e| (e.address ^ address) < 4096)?;
+    let entry = state.entries.get_mut(slot)?;
+    let taken = *entry;
+    entry.entry_ns = 0;
+    Some(taken)
 }
 
 /// The entry `tid` took along when it was switched out mid-fault.
@@ -186,26 +210,7 @@ fn try_fault_accounted(ctx: &PerfEventContext, kind_flags: u32) -> Result<u32, u
         }
     };
 
-    let cfg = config();
-    let (user_stack_id, kernel_stack_id) = if cfg.capture_stacks == 0 {
-        (-1, -1)
-    } else if kernel_mode {
-        (
-            walk_stack(ctx, BPF_F_USER_STACK as u64, counter::USER_STACK_LOST),
-            walk_stack(ctx, 0, counter::KERNEL_STACK_LOST),
-        )
-    } else {
-        (
-            user_stack_cached(ctx, tgid, (ip, bp, sp), cfg.stack_cache != 0),
-            -1,
-        )
-    };
-
-    let Some(mut rec) = EVENTS.reserve::<FaultRecord>(0) else {
-        bump(counter::RINGBUF_FULL_FAULT);
-        return Ok(0);
-    };
-    rec.write(FaultRecord {
+    let header = FaultRecord {
         kind: RecordKind::Fault as u32,
         flags,
         pid: tgid,
@@ -214,46 +219,132 @@ fn try_fault_accounted(ctx: &PerfEventContext, kind_flags: u32) -> Result<u32, u
         ip,
         error_code,
         latency_ns,
-        user_stack_id,
-        kernel_stack_id,
-    });
-    rec.submit(wakeup_flags());
+        stack_token: 0,
+        n_user: 0,
+        n_kernel: 0,
+    };
+    let cfg = config();
+    if cfg.capture_stacks == 0 {
+        emit_fixed(header);
+    } else if kernel_mode {
+        emit_walked(ctx, header, true);
+    } else if cfg.stack_cache == 0 {
+        emit_walked(ctx, header, false);
+    } else {
+        emit_user_cached(ctx, header, bp, sp);
+    }
     Ok(0)
 }
 
+/// Sends a record without frames.
 #[inline(always)]
-fn walk_stack(ctx: &PerfEventContext, flags: u64, lost: u32) -> i32 {
-    match ctx.get_stackid(&STACKS, flags) {
-        Ok(id) => id as i32,
-        Err(e) => {
-            bump(lost);
-            e
+fn emit_fixed(header: FaultRecord) {
+    match EVENTS.reserve::<FaultRecord>(0) {
+        Some(mut rec) => {
+            rec.write(header);
+            rec.submit(wakeup_flags());
         }
+        None => bump(counter::RINGBUF_FULL_FAULT),
     }
 }
 
-/// The user stack id, reused from this CPU's stack cache when the fault repeats a recent
-/// fault's registers (see `StackCacheSlot` for when it is walked anyway), walked otherwise.
+/// Walks the user stack (and the kernel stack for a kernel-mode fault) into this CPU's
+/// scratch record and sends it with its frames. Returns whether the record was sent with a
+/// user stack.
 #[inline(always)]
-fn user_stack_cached(
-    ctx: &PerfEventContext,
-    tgid: u32,
-    (ip, bp, sp): (u64, u64, u64),
-    enabled: bool,
-) -> i32 {
-    if !enabled {
-        return walk_stack(ctx, BPF_F_USER_STACK as u64, counter::USER_STACK_LOST);
+fn emit_walked(ctx: &PerfEventContext, mut header: FaultRecord, kernel_mode: bool) -> bool {
+    let Some(buf) = FAULT_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a per-CPU value from a successful lookup, only used by this program run.
+    let buf = unsafe { &mut *buf };
+    const STACK_BYTES: u32 = (MAX_STACK_DEPTH * 8) as u32;
+    // SAFETY: the destination is the scratch record's frame array, which has room for
+    // MAX_STACK_DEPTH frames from index 0.
+    let user = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            buf.frames.as_mut_ptr().cast(),
+            STACK_BYTES,
+            BPF_F_USER_STACK as u64,
+        )
+    };
+    let n_user = if user > 0 { (user as u32 / 8) & 127 } else { 0 };
+    if n_user == 0 {
+        bump(counter::USER_STACK_LOST);
     }
-    let Some(slot) = STACK_CACHE.get_ptr_mut(stack_cache_slot(ip, bp)) else {
-        return walk_stack(ctx, BPF_F_USER_STACK as u64, counter::USER_STACK_LOST);
+    let mut n_kernel = 0u32;
+    if kernel_mode {
+        // Right after the user frames: at most MAX_STACK_DEPTH frames from an index below
+        // MAX_STACK_DEPTH fit the 2 * MAX_STACK_DEPTH array.
+        let at = n_user as usize & 127;
+        // SAFETY: `at` < MAX_STACK_DEPTH, so `at + MAX_STACK_DEPTH` frames fit the array.
+        let kernel = unsafe {
+            bpf_get_stack(
+                ctx.as_ptr(),
+                buf.frames.as_mut_ptr().add(at).cast(),
+                STACK_BYTES,
+                0,
+            )
+        };
+        n_kernel = if kernel > 0 {
+            (kernel as u32 / 8) & 127
+        } else {
+            0
+        };
+        if n_kernel == 0 {
+            bump(counter::KERNEL_STACK_LOST);
+        }
+    }
+    header.flags |= FAULT_STACK_WALKED;
+    header.n_user = n_user;
+    header.n_kernel = n_kernel;
+    buf.header = header;
+    let len = core::mem::size_of::<FaultRecord>() + 8 * (n_user + n_kernel) as usize;
+    if len > core::mem::size_of_val(buf) {
+        return false;
+    }
+    // SAFETY: `len` is at most the scratch record's size (checked above).
+    let bytes = unsafe { core::slice::from_raw_parts((buf as *const _) as *const u8, len) };
+    if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_err() {
+        bump(counter::RINGBUF_FULL_FAULT);
+        return false;
+    }
+    n_user > 0
+}
+
+/// A user-mode fault's record: the stack reused from this CPU's stack cache when the fault
+/// repeats a recent fault's registers (see `StackCacheSlot` for when it is walked anyway),
+/// walked otherwise.
+#[inline(always)]
+fn emit_user_cached(ctx: &PerfEventContext, mut header: FaultRecord, bp: u64, sp: u64) {
+    let (pid, ip) = (header.pid, header.ip);
+    let slot_index = stack_cache_slot(ip, bp);
+    let Some(slot) = STACK_CACHE.get_ptr_mut(slot_index) else {
+        emit_walked(ctx, header, false);
+        return;
     };
     // SAFETY: per-CPU slot from a successful lookup; BPF programs are not preempted.
     let cache = unsafe { &mut *slot };
-    if let Some(id) = cache.lookup(tgid, ip, bp, sp) {
+    // SAFETY: no preconditions.
+    let random = unsafe { bpf_get_prandom_u32() };
+    if let Some(token) = cache.lookup(pid, ip, bp, sp, random) {
         bump(counter::STACK_CACHE_HITS);
-        return id;
+        header.flags |= FAULT_STACK_REUSED;
+        header.stack_token = token;
+        emit_fixed(header);
+        return;
     }
-    let id = walk_stack(ctx, BPF_F_USER_STACK as u64, counter::USER_STACK_LOST);
-    cache.fill(tgid, ip, bp, sp, id);
-    id
+    let Some(state) = cpu_state() else {
+        emit_walked(ctx, header, false);
+        return;
+    };
+    state.walks = state.walks.wrapping_add(1);
+    // SAFETY: no preconditions.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let token = stack_token(cpu, slot_index, state.walks);
+    header.stack_token = token;
+    // A walk that found nothing, or whose record was dropped, leaves nothing to reuse.
+    let sent = emit_walked(ctx, header, false);
+    cache.fill(pid, ip, bp, sp, if sent { token } else { 0 });
 }

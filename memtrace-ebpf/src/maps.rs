@@ -1,13 +1,13 @@
 //! Maps and helpers shared by every program.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
     EbpfContext, Global,
 };
 use memtrace_common::{
-    counter, Config, CpuState, FaultEntry, PendingSyscall, StackCacheSlot, TargetCacheSlot,
-    STACK_CACHE_SLOTS,
+    counter, Config, CpuState, FaultEntry, FaultWithStacks, PendingSyscall, StackCacheSlot,
+    TargetCacheSlot, STACK_CACHE_SLOTS,
 };
 
 #[unsafe(no_mangle)]
@@ -30,9 +30,11 @@ pub static TARGETS_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 pub static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
 
-/// De-duplicated user and kernel stacks, referenced by id from fault records.
+/// Per-CPU room to build a fault record with its frames before it is copied to `EVENTS`.
+/// Stacks travel inside the records instead of through a stack map, which fills up, loses
+/// colliding stacks and cannot be cleared while records still refer to its ids.
 #[map]
-pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+pub static FAULT_SCRATCH: PerCpuArray<FaultWithStacks> = PerCpuArray::with_max_entries(1, 0);
 
 /// Fault entries of threads that were switched out mid-fault (major faults sleep on I/O and may
 /// finish on another CPU), keyed by tid.
@@ -92,7 +94,11 @@ pub fn config() -> Config {
 /// Is this thread group one we trace?
 #[inline(always)]
 pub fn is_target(tgid: u32) -> bool {
-    if config().filter_pids == 0 {
+    let cfg = config();
+    if tgid == cfg.exclude_tgid {
+        return false;
+    }
+    if cfg.filter_pids == 0 {
         return true;
     }
     let (Some(generation), Some(state)) = (TARGETS_GENERATION.get_ptr(0), cpu_state()) else {

@@ -52,6 +52,8 @@ pub struct Vma {
     pub class: MappingClass,
     /// Backing file or pseudo-path (`[heap]`, `/dev/shm/x`); shared between split VMAs.
     pub path: Option<Arc<str>>,
+    /// Mapped executable: only such memory can hold a return address.
+    pub exec: bool,
 }
 
 impl Vma {
@@ -67,6 +69,7 @@ pub mod mmap_flags {
     pub const MAP_SHARED_VALIDATE: u32 = 0x03;
     pub const MAP_ANONYMOUS: u32 = 0x20;
     pub const MAP_STACK: u32 = 0x20000;
+    pub const PROT_EXEC: u32 = 0x4;
 }
 
 fn is_shmem_path(path: &str) -> bool {
@@ -117,6 +120,7 @@ pub fn parse_maps_line(line: &str) -> Option<Vma> {
         offset,
         class: classify(shared, inode, path),
         path: path.map(Arc::from),
+        exec: perms.as_bytes().get(2) == Some(&b'x'),
     })
 }
 
@@ -209,7 +213,7 @@ impl AddressSpace {
         &mut self,
         addr: u64,
         len: u64,
-        flags: u32,
+        (prot, flags): (u32, u32),
         offset: u64,
         path: Option<Arc<str>>,
     ) {
@@ -238,6 +242,7 @@ impl AddressSpace {
             offset: if anonymous { 0 } else { offset },
             class,
             path: if anonymous { None } else { path },
+            exec: prot & PROT_EXEC != 0,
         });
     }
 
@@ -276,6 +281,7 @@ impl AddressSpace {
                 offset: 0,
                 class: MappingClass::Heap,
                 path: Some(Arc::from("[heap]")),
+                exec: false,
             });
         }
     }
@@ -330,6 +336,8 @@ mod tests {
         assert_eq!(class(0x7ffc00100000), Some(MappingClass::Other));
         assert_eq!(class(0x7ffc00021000), None, "end is exclusive");
         let libc = space.find(0x7f0000300010).expect("libc");
+        assert!(!libc.exec, "r--p");
+        assert!(space.find(0x55d0c0a00010).is_some_and(|v| v.exec), "r-xp");
         assert_eq!(libc.file_offset(0x7f0000300010), 0x10010);
         assert_eq!(libc.path.as_deref(), Some("/usr/lib/libc.so.6"));
     }
@@ -353,7 +361,7 @@ mod tests {
         space.apply_mmap(
             0x7f0000080000,
             0x100000,
-            MAP_SHARED | MAP_ANONYMOUS,
+            (0, MAP_SHARED | MAP_ANONYMOUS),
             0,
             None,
         );
@@ -370,7 +378,7 @@ mod tests {
             space.find(0x7f0000180000).map(|v| v.start),
             Some(0x7f0000180000)
         );
-        space.apply_mmap(0x1000_0000, 10, MAP_ANONYMOUS | MAP_STACK, 0, None);
+        space.apply_mmap(0x1000_0000, 10, (0, MAP_ANONYMOUS | MAP_STACK), 0, None);
         assert_eq!(
             space.find(0x1000_0000).map(|v| (v.class, v.end)),
             Some((MappingClass::Stack, 0x1000_1000))
@@ -378,19 +386,19 @@ mod tests {
         space.apply_mmap(
             0x2000_0000,
             0x3000,
-            0x02,
+            (PROT_EXEC, 0x02),
             0x4000,
             Some(Arc::from("/data/f")),
         );
         let f = space.find(0x2000_1000).expect("file");
         assert_eq!(
-            (f.class, f.file_offset(0x2000_1000)),
-            (MappingClass::FilePrivate, 0x5000)
+            (f.class, f.file_offset(0x2000_1000), f.exec),
+            (MappingClass::FilePrivate, 0x5000, true)
         );
         space.apply_mmap(
             0x3000_0000,
             0x3000,
-            MAP_SHARED_VALIDATE,
+            (0, MAP_SHARED_VALIDATE),
             0,
             Some(Arc::from("/data/g")),
         );

@@ -1,27 +1,92 @@
-//! Turns decoded records into attributed faults: keeps each process's address space current
-//! and classifies every fault by the mapping it hit.
-use std::{collections::HashMap, sync::Arc, time::Instant};
+//! The process table: turns decoded records into attributed faults. It owns every /proc read
+//! and each process's model (name, address space, stacks), classifies every fault by the
+//! mapping it hit, and keeps memory bounded: a process that exits is reduced to its totals and
+//! its callsites with position-independent stacks, and past [`EXITED_ROWS`] exited processes
+//! they fold into one row per command name.
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Instant,
+};
 
 use memtrace_common::{
-    FaultRecord, ProcRecord, VmaRecord, FAULT_HAS_ENTRY, FAULT_KERNEL_MODE, FAULT_MAJOR, PROC_EXEC,
-    PROC_EXIT, PROC_FORK, VMA_BRK, VMA_MMAP, VMA_MREMAP, VMA_MUNMAP,
+    FaultRecord, ProcRecord, VmaRecord, FAULT_HAS_ENTRY, FAULT_KERNEL_MODE, FAULT_MAJOR,
+    FAULT_STACK_REUSED, FAULT_STACK_WALKED, PROC_EXEC, PROC_EXIT, PROC_FORK, VMA_BRK, VMA_MMAP,
+    VMA_MREMAP, VMA_MUNMAP,
 };
 
 use crate::{
     addrspace::{fd_path, mmap_flags, AddressSpace, MappingClass},
-    fault::{decode_error_code, Fault, FaultAggregate, FaultKind},
-    record::{comm_str, Record},
+    fault::{decode_error_code, CallsiteFaults, CallsiteKey, Fault, FaultKind, ProcessFaults},
+    record::{comm_str, frames_into, Record},
+    stacks::{ReusedStacks, StackTable, UserStack, UserStackSet},
 };
 
-/// What the agent knows of one process; kept after it exits so its stacks still symbolize.
-#[derive(Clone, Debug, Default)]
+/// Exited processes kept as rows of their own; later ones fold into one row per name.
+pub const EXITED_ROWS: usize = 256;
+/// Callsites kept for live processes, and again for exited ones; past that, faults still count
+/// in their process's totals and go to a callsite without stacks.
+pub const MAX_CALLSITES: usize = 100_000;
+/// Distinct user stacks kept per live process.
+pub const MAX_STACKS_PER_PROCESS: usize = 100_000;
+/// Distinct kernel stacks kept for the run.
+pub const MAX_KERNEL_STACKS: usize = 50_000;
+
+/// What the agent knows of one live process.
+#[derive(Debug)]
 pub struct ProcessInfo {
-    pub comm: String,
+    pub comm: Arc<str>,
     pub space: AddressSpace,
+    /// Its exit was seen, or /proc had nothing for it when it was first seen.
     pub exited: bool,
     /// When /proc/PID/maps was last re-read (`None` since first sight), to bound the re-reads
     /// an unknown address triggers.
     last_read: Option<Instant>,
+    pub faults: ProcessFaults,
+    /// Its user stacks, by index (callsite keys hold indices).
+    pub stacks: StackTable,
+    pub callsites: HashMap<CallsiteKey, CallsiteFaults>,
+    /// Callsites from before its last exec, resolved against the image they ran in.
+    pub earlier: HashMap<ResolvedKey, CallsiteFaults>,
+}
+
+impl ProcessInfo {
+    fn new(comm: Arc<str>, space: AddressSpace) -> Self {
+        Self {
+            comm,
+            space,
+            exited: false,
+            last_read: None,
+            faults: ProcessFaults::default(),
+            stacks: StackTable::with_limit(MAX_STACKS_PER_PROCESS),
+            callsites: HashMap::new(),
+            earlier: HashMap::new(),
+        }
+    }
+}
+
+/// A callsite whose stacks no longer depend on an address space: it can outlive its process
+/// and merge with the same callsite of other processes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ResolvedKey {
+    pub kind: FaultKind,
+    pub class: MappingClass,
+    pub path: Option<Arc<str>>,
+    pub user: Option<Arc<UserStack>>,
+    /// Index in the collector's kernel stack table.
+    pub kernel_stack: Option<u32>,
+}
+
+/// An exited process (or, with `pid` 0, every exited process of one name past
+/// [`EXITED_ROWS`]): totals and resolved callsites, without address space, threads or stacks.
+#[derive(Debug, Default)]
+pub struct ExitedProcess {
+    pub pid: u32,
+    pub comm: Arc<str>,
+    /// How many processes this row holds.
+    pub processes: u64,
+    pub faults: ProcessFaults,
+    pub callsites: HashMap<ResolvedKey, CallsiteFaults>,
 }
 
 /// Where processes' maps and names come from: `/proc` in production, a fake in tests.
@@ -52,15 +117,35 @@ pub struct CollectorStats {
     pub records: u64,
     pub undecodable: u64,
     pub unclassified: u64,
+    /// Faults that reused a walk whose record never arrived (dropped or of another process).
+    pub stack_unresolved: u64,
+    /// User stacks not kept because their process's stack table was full.
+    pub stack_table_full: u64,
+    /// Kernel stacks not kept because the kernel stack table was full.
+    pub kernel_stack_table_full: u64,
+    /// Faults attributed without stacks because the callsite table was full.
+    pub callsite_table_full: u64,
 }
 
 pub struct Collector<S: ProcSource = Procfs> {
     source: S,
+    /// Live processes (and ones whose exit is not yet processed).
     pub processes: HashMap<u32, ProcessInfo>,
-    pub faults: FaultAggregate,
+    /// Exited processes, one row each, oldest first.
+    pub exited: Vec<ExitedProcess>,
+    /// Exited processes past [`EXITED_ROWS`], one row per name.
+    pub folded: HashMap<Arc<str>, ExitedProcess>,
+    pub kernel_stacks: StackTable,
+    reused: ReusedStacks,
+    user_stacks: UserStackSet,
+    /// Frames of the record being handled (reused, so no allocation per record).
+    frames: Vec<u64>,
+    live_callsites: usize,
+    exited_callsites: usize,
+    last_sweep: Instant,
     pub stats: CollectorStats,
-    /// Forked or exec'd pids seen, for following a traced command's descendants.
-    pub spawned: Vec<u32>,
+    /// Forked or exec'd pids that have not exited, for following a traced command's descendants.
+    pub spawned: HashSet<u32>,
 }
 
 impl Default for Collector<Procfs> {
@@ -68,6 +153,9 @@ impl Default for Collector<Procfs> {
         Self::new(Procfs)
     }
 }
+
+/// How often [`Collector::sweep`] looks for processes to retire.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Re-read /proc/PID/maps on an address miss at most this often per process.
 const REREAD_INTERVAL_MS: u128 = 20;
@@ -77,22 +165,32 @@ impl<S: ProcSource> Collector<S> {
         Self {
             source,
             processes: HashMap::new(),
-            faults: FaultAggregate::default(),
+            exited: Vec::new(),
+            folded: HashMap::new(),
+            kernel_stacks: StackTable::with_limit(MAX_KERNEL_STACKS),
+            reused: ReusedStacks::default(),
+            user_stacks: UserStackSet::default(),
+            frames: Vec::with_capacity(2 * memtrace_common::MAX_STACK_DEPTH),
+            live_callsites: 0,
+            exited_callsites: 0,
+            last_sweep: Instant::now(),
             stats: CollectorStats::default(),
-            spawned: Vec::new(),
+            spawned: HashSet::new(),
         }
     }
 
     /// Records a process as seen now (reads its maps and name), unless already known.
     pub fn observe(&mut self, pid: u32) -> &mut ProcessInfo {
         let source = &self.source;
-        self.processes.entry(pid).or_insert_with(|| ProcessInfo {
-            comm: source.comm(pid).unwrap_or_default(),
-            space: source.maps(pid).unwrap_or_default(),
-            exited: false,
-            // The first unknown address may re-read at once: a process first seen in the
-            // middle of an exec (a traced command held before it) has its new maps already.
-            last_read: None,
+        self.processes.entry(pid).or_insert_with(|| {
+            let comm = source.comm(pid);
+            let mut info = ProcessInfo::new(
+                Arc::from(comm.as_deref().unwrap_or_default()),
+                source.maps(pid).unwrap_or_default(),
+            );
+            // Gone already: its exit record is on the way, or was lost; `sweep` retires it.
+            info.exited = comm.is_none();
+            info
         })
     }
 
@@ -104,9 +202,9 @@ impl<S: ProcSource> Collector<S> {
         }
     }
 
-    pub fn on_record(&mut self, rec: Record) {
+    pub fn on_record(&mut self, rec: Record<'_>) {
         match rec {
-            Record::Fault(f) => self.on_fault(&f),
+            Record::Fault(f, frames) => self.on_fault(&f, frames),
             Record::Vma(v) => self.on_vma(&v),
             Record::Proc(p) => self.on_proc(&p),
         }
@@ -142,13 +240,13 @@ impl<S: ProcSource> Collector<S> {
         }
     }
 
-    fn on_fault(&mut self, r: &FaultRecord) {
+    fn on_fault(&mut self, r: &FaultRecord, frames: &[u8]) {
         self.observe(r.pid);
         // Only the class and path are needed: no VMA copy on this per-fault path.
         let lookup = |c: &Self| {
-            c.processes[&r.pid]
-                .space
-                .find(r.address)
+            c.processes
+                .get(&r.pid)
+                .and_then(|p| p.space.find(r.address))
                 .map(|v| (v.class, v.path.clone()))
         };
         let mut mapping = lookup(self);
@@ -159,6 +257,42 @@ impl<S: ProcSource> Collector<S> {
             self.stats.unclassified += 1;
             (MappingClass::Other, None)
         });
+        let Some(info) = self.processes.get_mut(&r.pid) else {
+            return;
+        };
+        let (user_stack, kernel_stack) = if r.flags & FAULT_STACK_WALKED != 0 {
+            frames_into(frames, &mut self.frames);
+            let n_user = (r.n_user as usize).min(self.frames.len());
+            let (user_ips, kernel_ips) = self.frames.split_at(n_user);
+            let user = (!user_ips.is_empty())
+                .then(|| info.stacks.intern(user_ips))
+                .and_then(|s| {
+                    if s.is_none() {
+                        self.stats.stack_table_full += 1;
+                    }
+                    s
+                });
+            if r.stack_token != 0 {
+                self.reused.walked(r.stack_token, r.pid, user);
+            }
+            let kernel = (!kernel_ips.is_empty())
+                .then(|| self.kernel_stacks.intern(kernel_ips))
+                .and_then(|s| {
+                    if s.is_none() {
+                        self.stats.kernel_stack_table_full += 1;
+                    }
+                    s
+                });
+            (user, kernel)
+        } else if r.flags & FAULT_STACK_REUSED != 0 {
+            let user = self.reused.resolve(r.stack_token, r.pid);
+            if user.is_none() {
+                self.stats.stack_unresolved += 1;
+            }
+            (user, None)
+        } else {
+            (None, None)
+        };
         let has_entry = r.flags & FAULT_HAS_ENTRY != 0;
         let (access, cause) = decode_error_code(has_entry.then_some(r.error_code));
         let fault = Fault {
@@ -174,12 +308,24 @@ impl<S: ProcSource> Collector<S> {
             latency_ns: has_entry.then_some(r.latency_ns),
             access,
             cause,
-            user_stack: u32::try_from(r.user_stack_id).ok(),
-            kernel_stack: u32::try_from(r.kernel_stack_id).ok(),
+            user_stack,
+            kernel_stack,
             class,
             path,
         };
-        self.faults.record(&fault);
+        info.faults.record(&fault);
+        let mut key = CallsiteKey::of(&fault);
+        if !info.callsites.contains_key(&key) {
+            if self.live_callsites >= MAX_CALLSITES {
+                self.stats.callsite_table_full += 1;
+                key.user_stack = None;
+                key.kernel_stack = None;
+            }
+            if !info.callsites.contains_key(&key) {
+                self.live_callsites += 1;
+            }
+        }
+        info.callsites.entry(key).or_default().record(&fault);
     }
 
     fn on_vma(&mut self, r: &VmaRecord) {
@@ -202,7 +348,7 @@ impl<S: ProcSource> Collector<S> {
                     self.source.fd_path(r.pid, r.fd)
                 };
                 self.space_mut(r.pid)
-                    .apply_mmap(r.addr, r.len, r.flags, r.offset, path);
+                    .apply_mmap(r.addr, r.len, (r.prot, r.flags), r.offset, path);
             }
             VMA_MUNMAP => self.space_mut(r.pid).apply_munmap(r.addr, r.len),
             VMA_MREMAP => self
@@ -221,36 +367,152 @@ impl<S: ProcSource> Collector<S> {
         match r.op {
             PROC_FORK => {
                 // The child starts as a copy of its parent's address space.
-                let parent = self.observe(r.pid).clone();
-                let child = ProcessInfo {
-                    exited: false,
-                    last_read: None,
-                    ..parent
-                };
+                let parent = self.observe(r.pid);
+                let child = ProcessInfo::new(parent.comm.clone(), parent.space.clone());
+                if self.processes.contains_key(&r.child_pid) {
+                    // A reused pid whose previous process's exit was never seen.
+                    self.retire(r.child_pid, None);
+                }
                 self.processes.insert(r.child_pid, child);
-                self.spawned.push(r.child_pid);
+                self.spawned.insert(r.child_pid);
             }
             PROC_EXEC => {
-                let source = &self.source;
-                let info = self.processes.entry(r.pid).or_default();
-                info.comm = comm_str(&r.comm);
-                info.space = source.maps(r.pid).unwrap_or_default();
-                info.last_read = Some(Instant::now());
-                info.exited = false;
-                self.spawned.push(r.pid);
+                self.observe(r.pid);
+                self.resolve_callsites(r.pid);
+                let space = self.source.maps(r.pid).unwrap_or_default();
+                if let Some(info) = self.processes.get_mut(&r.pid) {
+                    info.comm = Arc::from(comm_str(&r.comm));
+                    info.space = space;
+                    info.last_read = Some(Instant::now());
+                    info.exited = false;
+                }
+                self.spawned.insert(r.pid);
             }
             PROC_EXIT => {
-                self.observe(r.pid).exited = true;
+                let comm = comm_str(&r.comm);
+                self.retire(r.pid, (!comm.is_empty()).then_some(comm));
             }
             _ => {}
         }
+    }
+
+    /// Moves a process's callsites from stack indices to resolved stacks (before an exec
+    /// replaces the address space they resolve against, or when it exits), and drops its
+    /// stack table.
+    fn resolve_callsites(&mut self, pid: u32) {
+        let Some(info) = self.processes.get_mut(&pid) else {
+            return;
+        };
+        self.live_callsites = self.live_callsites.saturating_sub(info.callsites.len());
+        for (key, faults) in info.callsites.drain() {
+            let user = key.user_stack.and_then(|i| info.stacks.get(i)).map(|ips| {
+                self.user_stacks
+                    .intern(UserStack::resolve(&info.space, ips))
+            });
+            let resolved = ResolvedKey {
+                kind: key.kind,
+                class: key.class,
+                path: key.path,
+                user,
+                kernel_stack: key.kernel_stack,
+            };
+            info.earlier.entry(resolved).or_default().merge(&faults);
+        }
+        info.stacks = StackTable::with_limit(MAX_STACKS_PER_PROCESS);
+        self.reused.forget(pid);
+    }
+
+    /// A process exited: keep its totals and resolved callsites, drop everything else.
+    fn retire(&mut self, pid: u32, comm: Option<String>) {
+        self.resolve_callsites(pid);
+        self.spawned.remove(&pid);
+        let Some(info) = self.processes.remove(&pid) else {
+            return;
+        };
+        let comm: Arc<str> = match comm {
+            Some(c) => Arc::from(c),
+            None if info.comm.is_empty() => Arc::from("[unknown]"),
+            None => info.comm,
+        };
+        let mut faults = info.faults;
+        faults.threads = HashMap::new();
+        let row = if self.exited.len() < EXITED_ROWS {
+            self.exited.push(ExitedProcess {
+                pid,
+                comm,
+                ..ExitedProcess::default()
+            });
+            self.exited.last_mut()
+        } else {
+            Some(
+                self.folded
+                    .entry(comm.clone())
+                    .or_insert_with(|| ExitedProcess {
+                        pid: 0,
+                        comm,
+                        ..ExitedProcess::default()
+                    }),
+            )
+        };
+        let Some(row) = row else {
+            return;
+        };
+        row.processes += 1;
+        row.faults.merge(&faults);
+        for (mut key, site) in info.earlier {
+            if !row.callsites.contains_key(&key) {
+                if self.exited_callsites >= MAX_CALLSITES {
+                    self.stats.callsite_table_full += site.count;
+                    key.user = None;
+                    key.kernel_stack = None;
+                }
+                if !row.callsites.contains_key(&key) {
+                    self.exited_callsites += 1;
+                }
+            }
+            row.callsites.entry(key).or_default().merge(&site);
+        }
+    }
+
+    /// Retires processes that turned out to be gone without an exit record (exited before
+    /// memtrace first saw them, or whose exit record was lost), and frees stacks no callsite
+    /// refers to any more. Call between batches of records: it does its work once a second.
+    pub fn sweep(&mut self) {
+        if self.last_sweep.elapsed() < SWEEP_INTERVAL {
+            return;
+        }
+        self.sweep_now();
+    }
+
+    fn sweep_now(&mut self) {
+        self.last_sweep = Instant::now();
+        let gone: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(_, p)| p.exited)
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in gone {
+            self.retire(pid, None);
+        }
+        self.user_stacks.prune();
+    }
+
+    /// Resolves a live process's user stack by index.
+    pub fn resolve_user_stack(&mut self, pid: u32, stack: u32) -> Option<Arc<UserStack>> {
+        let info = self.processes.get(&pid)?;
+        let ips = info.stacks.get(stack)?;
+        Some(
+            self.user_stacks
+                .intern(UserStack::resolve(&info.space, ips)),
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use memtrace_common::RecordKind;
+    use memtrace_common::{stack_token, RecordKind};
 
     struct Fake;
     impl ProcSource for Fake {
@@ -263,7 +525,7 @@ mod tests {
             })
         }
         fn comm(&self, pid: u32) -> Option<String> {
-            (pid == 1).then(|| "app".to_string())
+            (pid == 1 || pid == 7).then(|| "app".to_string())
         }
         fn fd_path(&self, _pid: u32, fd: i32) -> Option<Arc<str>> {
             (fd == 3).then(|| Arc::from("/data/file"))
@@ -277,7 +539,7 @@ mod tests {
             Some(AddressSpace::default())
         }
         fn comm(&self, _pid: u32) -> Option<String> {
-            None
+            Some("app".into())
         }
         fn fd_path(&self, _pid: u32, _fd: i32) -> Option<Arc<str>> {
             None
@@ -285,7 +547,7 @@ mod tests {
     }
 
     /// A private 64 KiB mapping of fd 3 at `addr`.
-    fn file_mmap(pid: u32, addr: u64, offset: u64) -> Record {
+    fn file_mmap(pid: u32, addr: u64, offset: u64) -> Record<'static> {
         Record::Vma(VmaRecord {
             kind: RecordKind::Vma as u32,
             op: VMA_MMAP,
@@ -299,8 +561,8 @@ mod tests {
         })
     }
 
-    fn fault(pid: u32, address: u64, flags: u32) -> Record {
-        Record::Fault(FaultRecord {
+    fn fault_rec(pid: u32, address: u64, flags: u32) -> FaultRecord {
+        FaultRecord {
             kind: RecordKind::Fault as u32,
             flags: flags | FAULT_HAS_ENTRY,
             pid,
@@ -308,10 +570,55 @@ mod tests {
             address,
             error_code: 0x6,
             latency_ns: 500,
-            user_stack_id: 3,
-            kernel_stack_id: -14,
+            ..Default::default()
+        }
+    }
+
+    fn fault(pid: u32, address: u64, flags: u32) -> Record<'static> {
+        Record::Fault(fault_rec(pid, address, flags), &[])
+    }
+
+    fn proc_rec(op: u32, pid: u32, child_pid: u32) -> Record<'static> {
+        Record::Proc(ProcRecord {
+            kind: RecordKind::Proc as u32,
+            op,
+            pid,
+            child_pid,
             ..Default::default()
         })
+    }
+
+    /// A walked fault's record bytes: the header, then its user frames.
+    fn walked(pid: u32, address: u64, token: u64, ips: &[u64]) -> Vec<u8> {
+        let rec = FaultRecord {
+            flags: FAULT_HAS_ENTRY | FAULT_STACK_WALKED,
+            stack_token: token,
+            n_user: ips.len() as u32,
+            ..fault_rec(pid, address, 0)
+        };
+        // SAFETY: FaultRecord is Pod: no padding, every byte initialized.
+        let mut bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&rec as *const FaultRecord).cast::<u8>(),
+                std::mem::size_of::<FaultRecord>(),
+            )
+        }
+        .to_vec();
+        for ip in ips {
+            bytes.extend_from_slice(&ip.to_ne_bytes());
+        }
+        bytes
+    }
+
+    fn reused(pid: u32, address: u64, token: u64) -> Record<'static> {
+        Record::Fault(
+            FaultRecord {
+                flags: FAULT_HAS_ENTRY | FAULT_STACK_REUSED,
+                stack_token: token,
+                ..fault_rec(pid, address, 0)
+            },
+            &[],
+        )
     }
 
     #[test]
@@ -321,22 +628,21 @@ mod tests {
         let mut c = Collector::new(Exited);
         c.processes.insert(
             1,
-            ProcessInfo {
-                comm: "app".into(),
-                space: AddressSpace::from_maps(
+            ProcessInfo::new(
+                Arc::from("app"),
+                AddressSpace::from_maps(
                     "01000000-01100000 rw-p 00000000 00:00 0 [heap]\n\
                      7f0000000000-7f0000200000 r-xp 00000000 08:01 7 /lib/libc.so.6\n",
                 ),
-                ..Default::default()
-            },
+            ),
         );
         c.on_record(file_mmap(1, 0x7000_0000, 0));
         c.on_record(fault(1, 0x0100_0010, 0));
         c.on_record(fault(1, 0x7f00_0000_1000, 0));
         c.on_record(fault(1, 0x7000_1000, 0));
         assert_eq!(c.stats.unclassified, 0);
-        let classes: std::collections::HashSet<MappingClass> =
-            c.faults.callsites.keys().map(|k| k.class).collect();
+        let classes: HashSet<MappingClass> =
+            c.processes[&1].callsites.keys().map(|k| k.class).collect();
         assert_eq!(
             classes,
             [MappingClass::Heap, MappingClass::FilePrivate].into()
@@ -349,49 +655,117 @@ mod tests {
         c.on_record(fault(1, 0x0100_0010, 0));
         c.on_record(file_mmap(1, 0x7000_0000, 0x2000));
         c.on_record(fault(1, 0x7000_1000, FAULT_MAJOR));
-        c.on_record(Record::Proc(ProcRecord {
-            kind: RecordKind::Proc as u32,
-            op: PROC_FORK,
-            pid: 1,
-            child_pid: 2,
-            ..Default::default()
-        }));
+        c.on_record(proc_rec(PROC_FORK, 1, 2));
         // The child inherits the parent's mappings even though /proc has nothing for it.
         c.on_record(fault(2, 0x7000_2000, 0));
-        c.on_record(Record::Proc(ProcRecord {
-            kind: RecordKind::Proc as u32,
-            op: PROC_EXIT,
-            pid: 2,
-            child_pid: 2,
-            ..Default::default()
-        }));
+        c.on_record(proc_rec(PROC_EXIT, 2, 2));
         c.on_record(fault(1, 0x9999_0000, 0));
 
-        let sites = &c.faults.callsites;
-        let class_of = |pid: u32, kind: FaultKind| {
-            sites
-                .iter()
-                .filter(|(k, _)| k.pid == pid && k.kind == kind)
-                .map(|(k, v)| (k.class, k.path.as_deref().map(str::to_string), v.count))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            class_of(1, FaultKind::Major),
-            vec![(MappingClass::FilePrivate, Some("/data/file".into()), 1)]
-        );
-        assert_eq!(
-            class_of(2, FaultKind::Minor),
-            vec![(MappingClass::FilePrivate, Some("/data/file".into()), 1)]
-        );
-        assert_eq!(c.processes[&2].comm, "app");
-        assert!(c.processes[&2].exited);
-        assert_eq!(c.faults.processes[&1].counts.minor, 2);
-        assert_eq!(c.stats.unclassified, 1);
-        let heap = sites
+        let live = &c.processes[&1];
+        let major: Vec<_> = live
+            .callsites
             .keys()
-            .find(|k| k.pid == 1 && k.class == MappingClass::Heap)
-            .expect("heap site");
-        assert_eq!((heap.user_stack, heap.kernel_stack), (Some(3), None));
-        assert_eq!(c.spawned, vec![2]);
+            .filter(|k| k.kind == FaultKind::Major)
+            .map(|k| (k.class, k.path.as_deref().map(str::to_string)))
+            .collect();
+        assert_eq!(
+            major,
+            vec![(MappingClass::FilePrivate, Some("/data/file".into()))]
+        );
+        assert_eq!(live.faults.counts.minor, 2);
+        // The child exited: a compact row with its name and resolved callsites.
+        assert!(!c.processes.contains_key(&2));
+        let child = &c.exited[0];
+        assert_eq!((child.pid, &*child.comm, child.processes), (2, "app", 1));
+        let sites: Vec<_> = child
+            .callsites
+            .iter()
+            .map(|(k, v)| (k.class, k.path.as_deref().map(str::to_string), v.count))
+            .collect();
+        assert_eq!(
+            sites,
+            vec![(MappingClass::FilePrivate, Some("/data/file".into()), 1)]
+        );
+        assert_eq!(c.stats.unclassified, 1);
+        assert!(c.spawned.is_empty(), "the child exited");
+    }
+
+    #[test]
+    fn reused_stacks_resolve_to_the_last_walk() {
+        let mut c = Collector::new(Fake);
+        let t = stack_token(0, 9, 1);
+        c.on_bytes(&walked(1, 0x0100_0000, t, &[0x400100, 0x400200]));
+        c.on_record(reused(1, 0x0100_1000, t));
+        c.on_record(reused(1, 0x0100_2000, t));
+        // A token whose walk was never seen (its record dropped) has no stack.
+        c.on_record(reused(1, 0x0100_3000, stack_token(1, 9, 1)));
+        let sites = &c.processes[&1].callsites;
+        let with_stack: u64 = sites
+            .iter()
+            .filter(|(k, _)| k.user_stack == Some(0))
+            .map(|(_, v)| v.count)
+            .sum();
+        assert_eq!(with_stack, 3);
+        assert_eq!(c.stats.stack_unresolved, 1);
+        assert_eq!(
+            c.processes[&1].stacks.get(0),
+            Some(&[0x400100u64, 0x400200][..])
+        );
+    }
+
+    #[test]
+    fn exec_resolves_stacks_against_the_old_image() {
+        let mut c = Collector::new(Fake);
+        c.on_bytes(&walked(1, 0x0100_0000, 0, &[0x400100]));
+        c.on_record(Record::Proc(ProcRecord {
+            kind: RecordKind::Proc as u32,
+            op: PROC_EXEC,
+            pid: 1,
+            child_pid: 1,
+            comm: *b"newimage\0\0\0\0\0\0\0\0",
+        }));
+        let info = &c.processes[&1];
+        assert!(info.callsites.is_empty() && info.stacks.is_empty());
+        assert_eq!(&*info.comm, "newimage");
+        let (key, _) = info.earlier.iter().next().expect("a resolved callsite");
+        let frames = &key.user.as_ref().expect("stack").frames;
+        assert_eq!(
+            frames,
+            &vec![crate::stacks::UserFrame::File {
+                path: Arc::from("/bin/app"),
+                offset: 0x100
+            }]
+        );
+    }
+
+    #[test]
+    fn exited_processes_fold_by_name_past_the_row_limit() {
+        let mut c = Collector::new(Fake);
+        let n = EXITED_ROWS as u32 + 50;
+        for i in 0..n {
+            let pid = 1000 + i;
+            c.on_record(proc_rec(PROC_FORK, 1, pid));
+            c.on_bytes(&walked(pid, 0x0100_0000, 0, &[0x400100, 0x400200]));
+            c.on_record(proc_rec(PROC_EXIT, pid, pid));
+        }
+        assert!(c.processes.len() == 1, "only the parent is live");
+        assert_eq!(c.exited.len(), EXITED_ROWS);
+        let folded = &c.folded[&Arc::from("app")];
+        assert_eq!((folded.pid, folded.processes), (0, 50));
+        assert_eq!(folded.faults.counts.minor, 50);
+        // One callsite for all 50: their stacks resolve to the same frames.
+        assert_eq!(folded.callsites.len(), 1);
+        let total: u64 = c.exited.iter().map(|e| e.faults.counts.minor).sum();
+        assert_eq!(total + folded.faults.counts.minor, u64::from(n));
+    }
+
+    #[test]
+    fn a_process_gone_before_first_sight_is_swept() {
+        let mut c = Collector::new(Fake);
+        c.on_record(fault(99, 0x1000, 0));
+        assert!(c.processes[&99].exited, "/proc had nothing");
+        c.sweep_now();
+        assert!(c.processes.is_empty());
+        assert_eq!(&*c.exited[0].comm, "[unknown]");
     }
 }

@@ -71,7 +71,8 @@ pub fn decode_error_code(error_code: Option<u64>) -> (Access, Cause) {
     (access, cause)
 }
 
-/// One accounted fault, attributed.
+/// One accounted fault, attributed. Stacks are indices: `user_stack` into the process's own
+/// [`crate::stacks::StackTable`], `kernel_stack` into the collector's kernel stack table.
 #[derive(Clone, Debug)]
 pub struct Fault {
     pub pid: u32,
@@ -88,8 +89,8 @@ pub struct Fault {
     pub path: Option<Arc<str>>,
 }
 
-/// A latency histogram in nanoseconds (HdrHistogram, 2 significant figures, auto-resizing so an
-/// idle callsite costs little).
+/// A latency histogram in nanoseconds (HdrHistogram, 2 significant figures, auto-resizing),
+/// for per-process figures.
 #[derive(Clone, Debug)]
 pub struct Latency(Histogram<u64>);
 
@@ -128,6 +129,96 @@ impl Latency {
     }
 }
 
+/// A small latency histogram for callsites, of which a long run has hundreds of thousands:
+/// log-linear buckets (8 per power of two, so a percentile is within 6.25%), stored sparsely
+/// as sorted (bucket, count) pairs. A callsite's faults fall in a handful of buckets, so this
+/// is tens of bytes where an HdrHistogram is kilobytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompactLatency {
+    buckets: Vec<(u16, u64)>,
+    count: u64,
+    sum: u64,
+    max: u64,
+}
+
+/// Values below this are their own bucket.
+const EXACT_BELOW: u64 = 64;
+const SUB_BUCKET_BITS: u32 = 3;
+
+impl CompactLatency {
+    fn bucket(ns: u64) -> u16 {
+        if ns < EXACT_BELOW {
+            return ns as u16;
+        }
+        let exp = 63 - ns.leading_zeros(); // >= 6
+        let sub = (ns >> (exp - SUB_BUCKET_BITS)) & ((1 << SUB_BUCKET_BITS) - 1);
+        (EXACT_BELOW + u64::from(exp - 6) * (1 << SUB_BUCKET_BITS) + sub) as u16
+    }
+
+    /// The middle of a bucket's range.
+    fn value(bucket: u16) -> u64 {
+        let b = u64::from(bucket);
+        if b < EXACT_BELOW {
+            return b;
+        }
+        let i = b - EXACT_BELOW;
+        let exp = (i >> SUB_BUCKET_BITS) as u32 + 6;
+        let sub = i & ((1 << SUB_BUCKET_BITS) - 1);
+        let width = 1u64 << (exp - SUB_BUCKET_BITS);
+        ((1 << SUB_BUCKET_BITS) + sub) * width + width / 2
+    }
+
+    pub fn record(&mut self, ns: u64) {
+        let b = Self::bucket(ns);
+        match self.buckets.binary_search_by_key(&b, |&(k, _)| k) {
+            Ok(i) => self.buckets[i].1 += 1,
+            Err(i) => self.buckets.insert(i, (b, 1)),
+        }
+        self.count += 1;
+        self.sum = self.sum.saturating_add(ns);
+        self.max = self.max.max(ns);
+    }
+
+    pub fn merge(&mut self, other: &CompactLatency) {
+        for &(b, n) in &other.buckets {
+            match self.buckets.binary_search_by_key(&b, |&(k, _)| k) {
+                Ok(i) => self.buckets[i].1 += n,
+                Err(i) => self.buckets.insert(i, (b, n)),
+            }
+        }
+        self.count += other.count;
+        self.sum = self.sum.saturating_add(other.sum);
+        self.max = self.max.max(other.max);
+    }
+
+    fn quantile(&self, q: f64) -> u64 {
+        let rank = ((q * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for &(b, n) in &self.buckets {
+            seen += n;
+            if seen >= rank {
+                return Self::value(b).min(self.max);
+            }
+        }
+        self.max
+    }
+
+    pub fn summary(&self) -> LatencySummary {
+        if self.count == 0 {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            count: self.count,
+            p50: self.quantile(0.50),
+            p90: self.quantile(0.90),
+            p99: self.quantile(0.99),
+            p999: self.quantile(0.999),
+            max: self.max,
+            mean: self.sum / self.count,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct LatencySummary {
     pub count: u64,
@@ -152,25 +243,102 @@ impl Counts {
             FaultKind::Major => self.major += 1,
         }
     }
+    pub fn merge(&mut self, other: &Counts) {
+        self.minor += other.minor;
+        self.major += other.major;
+    }
     pub fn total(&self) -> u64 {
         self.minor + self.major
     }
 }
 
+/// Faults by (access, cause): a fixed array, since there are only seven combinations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccessCounts([u64; 7]);
+
+impl AccessCounts {
+    const ALL: [(Access, Cause); 7] = [
+        (Access::Read, Cause::NotPresent),
+        (Access::Read, Cause::Protection),
+        (Access::Write, Cause::NotPresent),
+        (Access::Write, Cause::Protection),
+        (Access::Exec, Cause::NotPresent),
+        (Access::Exec, Cause::Protection),
+        (Access::Unknown, Cause::Unknown),
+    ];
+
+    fn index(access: Access, cause: Cause) -> usize {
+        let a = match access {
+            Access::Read => 0,
+            Access::Write => 2,
+            Access::Exec => 4,
+            Access::Unknown => return 6,
+        };
+        a + usize::from(cause == Cause::Protection)
+    }
+
+    pub fn add(&mut self, access: Access, cause: Cause) {
+        self.0[Self::index(access, cause)] += 1;
+    }
+
+    pub fn merge(&mut self, other: &AccessCounts) {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a += b;
+        }
+    }
+
+    /// Non-zero (access, cause, count) triples.
+    pub fn iter(&self) -> impl Iterator<Item = (Access, Cause, u64)> + '_ {
+        Self::ALL
+            .iter()
+            .zip(self.0)
+            .filter(|(_, n)| *n > 0)
+            .map(|(&(a, c), n)| (a, c, n))
+    }
+}
+
+/// A process's totals. Per-thread counts are dropped when the process exits.
 #[derive(Clone, Debug, Default)]
 pub struct ProcessFaults {
     pub counts: Counts,
     pub latency: [Latency; 2],
     pub threads: HashMap<u32, Counts>,
     pub by_class: HashMap<MappingClass, Counts>,
-    pub by_access: HashMap<(Access, Cause), u64>,
+    pub access: AccessCounts,
     pub kernel_mode: u64,
 }
 
-/// A callsite: where the faults came from and what they hit.
+impl ProcessFaults {
+    pub fn record(&mut self, f: &Fault) {
+        self.counts.add(f.kind);
+        self.threads.entry(f.tid).or_default().add(f.kind);
+        self.by_class.entry(f.class).or_default().add(f.kind);
+        self.access.add(f.access, f.cause);
+        if f.kernel_mode {
+            self.kernel_mode += 1;
+        }
+        if let Some(ns) = f.latency_ns {
+            self.latency[f.kind as usize].record(ns);
+        }
+    }
+
+    /// Adds another process's totals (threads excepted): folding exited processes by name.
+    pub fn merge(&mut self, other: &ProcessFaults) {
+        self.counts.merge(&other.counts);
+        for (a, b) in self.latency.iter_mut().zip(&other.latency) {
+            a.merge(b);
+        }
+        for (class, c) in &other.by_class {
+            self.by_class.entry(*class).or_default().merge(c);
+        }
+        self.access.merge(&other.access);
+        self.kernel_mode += other.kernel_mode;
+    }
+}
+
+/// A callsite within one process: where the faults came from and what they hit.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CallsiteKey {
-    pub pid: u32,
     pub kind: FaultKind,
     pub user_stack: Option<u32>,
     pub kernel_stack: Option<u32>,
@@ -178,56 +346,38 @@ pub struct CallsiteKey {
     pub path: Option<Arc<str>>,
 }
 
-#[derive(Clone, Debug, Default)]
-pub struct CallsiteFaults {
-    pub count: u64,
-    pub latency: Latency,
-    pub by_access: HashMap<(Access, Cause), u64>,
-}
-
-/// Everything attributed so far.
-#[derive(Clone, Debug, Default)]
-pub struct FaultAggregate {
-    pub processes: HashMap<u32, ProcessFaults>,
-    pub callsites: HashMap<CallsiteKey, CallsiteFaults>,
-}
-
-impl FaultAggregate {
-    pub fn record(&mut self, f: &Fault) {
-        let p = self.processes.entry(f.pid).or_default();
-        p.counts.add(f.kind);
-        p.threads.entry(f.tid).or_default().add(f.kind);
-        p.by_class.entry(f.class).or_default().add(f.kind);
-        *p.by_access.entry((f.access, f.cause)).or_default() += 1;
-        if f.kernel_mode {
-            p.kernel_mode += 1;
-        }
-        if let Some(ns) = f.latency_ns {
-            p.latency[f.kind as usize].record(ns);
-        }
-        let key = CallsiteKey {
-            pid: f.pid,
+impl CallsiteKey {
+    pub fn of(f: &Fault) -> Self {
+        Self {
             kind: f.kind,
             user_stack: f.user_stack,
             kernel_stack: f.kernel_stack,
             class: f.class,
             path: f.path.clone(),
-        };
-        let c = self.callsites.entry(key).or_default();
-        c.count += 1;
-        if let Some(ns) = f.latency_ns {
-            c.latency.record(ns);
         }
-        *c.by_access.entry((f.access, f.cause)).or_default() += 1;
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct CallsiteFaults {
+    pub count: u64,
+    pub latency: CompactLatency,
+    pub access: AccessCounts,
+}
+
+impl CallsiteFaults {
+    pub fn record(&mut self, f: &Fault) {
+        self.count += 1;
+        if let Some(ns) = f.latency_ns {
+            self.latency.record(ns);
+        }
+        self.access.add(f.access, f.cause);
     }
 
-    pub fn total(&self) -> Counts {
-        let mut t = Counts::default();
-        for p in self.processes.values() {
-            t.minor += p.counts.minor;
-            t.major += p.counts.major;
-        }
-        t
+    pub fn merge(&mut self, other: &CallsiteFaults) {
+        self.count += other.count;
+        self.latency.merge(&other.latency);
+        self.access.merge(&other.access);
     }
 }
 
@@ -275,15 +425,15 @@ mod tests {
     }
 
     #[test]
-    fn threads_and_callsites_add_up_to_the_process() {
-        let mut agg = FaultAggregate::default();
+    fn process_totals_add_up_and_merge() {
+        let mut p = ProcessFaults::default();
         for i in 0..100u64 {
             let kind = if i % 10 == 0 {
                 FaultKind::Major
             } else {
                 FaultKind::Minor
             };
-            agg.record(&fault(
+            p.record(&fault(
                 7,
                 7 + (i % 3) as u32,
                 kind,
@@ -291,8 +441,6 @@ mod tests {
                 (i % 4) as u32,
             ));
         }
-        agg.record(&fault(8, 8, FaultKind::Minor, 5, 0));
-        let p = &agg.processes[&7];
         assert_eq!(
             p.counts,
             Counts {
@@ -302,22 +450,55 @@ mod tests {
         );
         let thread_sum: u64 = p.threads.values().map(Counts::total).sum();
         assert_eq!(thread_sum, 100);
-        let site_sum: u64 = agg
-            .callsites
-            .iter()
-            .filter(|(k, _)| k.pid == 7)
-            .map(|(_, v)| v.count)
-            .sum();
-        assert_eq!(site_sum, 100);
-        assert_eq!(
-            agg.total(),
-            Counts {
-                minor: 91,
-                major: 10
-            }
-        );
         let lat = p.latency[FaultKind::Major as usize].summary();
         assert_eq!(lat.count, 10);
         assert!(lat.p50 >= 1000 && lat.max <= 1100, "{lat:?}");
+        let mut folded = ProcessFaults::default();
+        folded.merge(&p);
+        folded.merge(&p);
+        assert_eq!(folded.counts.total(), 200);
+        assert_eq!(folded.access.iter().map(|(_, _, n)| n).sum::<u64>(), 200);
+        assert!(
+            folded.threads.is_empty(),
+            "threads are not kept when folding"
+        );
+    }
+
+    #[test]
+    fn compact_latency_percentiles_are_within_a_bucket() {
+        let mut c = CompactLatency::default();
+        let mut values: Vec<u64> = (0..10_000u64).map(|i| 500 + (i * 7919) % 100_000).collect();
+        for &v in &values {
+            c.record(v);
+        }
+        values.sort_unstable();
+        let s = c.summary();
+        for (q, got) in [(0.5, s.p50), (0.9, s.p90), (0.99, s.p99)] {
+            let exact = values[(q * values.len() as f64) as usize - 1] as f64;
+            assert!(
+                (got as f64 - exact).abs() <= exact * 0.0625,
+                "q{q}: {got} vs {exact}"
+            );
+        }
+        assert_eq!((s.count, s.max), (10_000, *values.last().unwrap()));
+        assert!(c.buckets.len() < 100, "sparse: {} buckets", c.buckets.len());
+        // Merging two halves equals recording everything in one.
+        let (mut a, mut b) = (CompactLatency::default(), CompactLatency::default());
+        for (i, &v) in values.iter().enumerate() {
+            if i % 2 == 0 {
+                a.record(v)
+            } else {
+                b.record(v)
+            }
+        }
+        a.merge(&b);
+        assert_eq!(a.summary(), c.summary());
+        for v in [0, 1, 63, 64, 65, 1000, 1 << 40] {
+            let mid = CompactLatency::value(CompactLatency::bucket(v));
+            assert!(
+                (mid as f64 - v as f64).abs() <= v as f64 * 0.0625 + 1.0,
+                "{v} -> {mid}"
+            );
+        }
     }
 }

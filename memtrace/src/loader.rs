@@ -1,6 +1,6 @@
 //! Loading the kernel programs, attaching them, and the agent's handles on their maps.
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         PerfEvent, RawTracePoint, TracePoint,
@@ -81,7 +81,6 @@ pub struct Tracer {
     // Keeps programs and links alive for as long as the tracer lives.
     _ebpf: Ebpf,
     pub events: Option<RingBuf<MapData>>,
-    stacks: StackTraceMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
     targets: HashMap<MapData, u32, u8>,
     targets_generation: Array<MapData, u64>,
@@ -158,12 +157,35 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Can this process load and attach the programs? The effective capabilities decide, not the
+/// uid: CAP_SYS_ADMIN, or CAP_BPF together with CAP_PERFMON (kernels since 5.8).
 fn check_root() -> Result<(), Error> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(Error::NotRoot);
+    // Bit numbers from capability(7).
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let effective = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        });
+    let allowed = match effective {
+        Some(caps) => {
+            let has = |cap: u32| caps & (1u64 << cap) != 0;
+            has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
+        }
+        // No /proc to ask: fall back to the uid.
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        None => (unsafe { libc::geteuid() }) == 0,
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(Error::NotRoot)
     }
-    Ok(())
 }
 
 fn raise_memlock_rlimit() {
@@ -187,7 +209,7 @@ impl Tracer {
             filter_pids: opts.filter_pids as u32,
             capture_stacks: opts.capture_stacks as u32,
             stack_cache: opts.stack_cache as u32,
-            _pad: 0,
+            exclude_tgid: std::process::id(),
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
@@ -240,7 +262,6 @@ impl Tracer {
         }
 
         let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?).map_err(map_error)?;
-        let stacks = StackTraceMap::try_from(take_map(&mut ebpf, "STACKS")?).map_err(map_error)?;
         let counters =
             PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?).map_err(map_error)?;
         let targets = HashMap::try_from(take_map(&mut ebpf, "TARGETS")?).map_err(map_error)?;
@@ -250,7 +271,6 @@ impl Tracer {
         Ok(Self {
             _ebpf: ebpf,
             events: Some(events),
-            stacks,
             counters,
             targets,
             targets_generation,
@@ -268,12 +288,6 @@ impl Tracer {
         self.targets_generation
             .set(0, monotonic_ns(), 0)
             .map_err(|e| Error::Map(format!("bumping the target-map generation: {e}")))
-    }
-
-    /// The frames of a stack, innermost first.
-    pub fn stack(&self, id: u32) -> Option<Vec<u64>> {
-        let trace = self.stacks.get(&id, 0).ok()?;
-        Some(trace.frames().iter().map(|f| f.ip).collect())
     }
 
     pub fn counters(&self) -> KernelCounters {

@@ -2,10 +2,22 @@
 use memtrace_common::{FaultRecord, ProcRecord, RecordKind, VmaRecord};
 
 #[derive(Clone, Copy, Debug)]
-pub enum Record {
-    Fault(FaultRecord),
+pub enum Record<'a> {
+    /// A fault, and the raw bytes of the frames that follow it (`n_user` user frames, then
+    /// `n_kernel` kernel frames, native-endian u64s); empty unless its stacks were walked.
+    Fault(FaultRecord, &'a [u8]),
     Vma(VmaRecord),
     Proc(ProcRecord),
+}
+
+/// Decodes `bytes` (frames following a fault record) into `out`, replacing its contents.
+pub fn frames_into(bytes: &[u8], out: &mut Vec<u64>) {
+    out.clear();
+    out.extend(
+        bytes
+            .chunks_exact(8)
+            .filter_map(|c| c.try_into().ok().map(u64::from_ne_bytes)),
+    );
 }
 
 fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
@@ -18,10 +30,16 @@ fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
 }
 
 /// Decodes one record; `None` for a truncated record or an unknown tag.
-pub fn decode(bytes: &[u8]) -> Option<Record> {
+pub fn decode(bytes: &[u8]) -> Option<Record<'_>> {
     let tag = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
     match RecordKind::from_u32(tag)? {
-        RecordKind::Fault => read(bytes).map(Record::Fault),
+        RecordKind::Fault => {
+            let rec: FaultRecord = read(bytes)?;
+            let header = std::mem::size_of::<FaultRecord>();
+            let n = (rec.n_user as usize).checked_add(rec.n_kernel as usize)?;
+            let frames = bytes.get(header..header.checked_add(n.checked_mul(8)?)?)?;
+            Some(Record::Fault(rec, frames))
+        }
         RecordKind::Vma => read(bytes).map(Record::Vma),
         RecordKind::Proc => read(bytes).map(Record::Proc),
     }
@@ -54,9 +72,31 @@ mod tests {
             ..Default::default()
         };
         match decode(&bytes_of(&f)) {
-            Some(Record::Fault(r)) => assert_eq!((r.pid, r.address), (5, 0x1234)),
+            Some(Record::Fault(r, frames)) => {
+                assert_eq!((r.pid, r.address, frames.len()), (5, 0x1234, 0))
+            }
             other => panic!("{other:?}"),
         }
+        // A walked fault: its frames follow the header.
+        let walked = FaultRecord {
+            n_user: 2,
+            n_kernel: 1,
+            ..f
+        };
+        let mut bytes = bytes_of(&walked);
+        for ip in [0x10u64, 0x20, 0xffff_ffff_8100_0000] {
+            bytes.extend_from_slice(&ip.to_ne_bytes());
+        }
+        let Some(Record::Fault(_, frames)) = decode(&bytes) else {
+            panic!("walked fault not decoded");
+        };
+        let mut ips = Vec::new();
+        frames_into(frames, &mut ips);
+        assert_eq!(ips, vec![0x10, 0x20, 0xffff_ffff_8100_0000]);
+        assert!(
+            decode(&bytes[..bytes.len() - 8]).is_none(),
+            "frames cut short"
+        );
         let v = VmaRecord {
             kind: RecordKind::Vma as u32,
             len: 8192,

@@ -6,9 +6,13 @@ use serde::Serialize;
 
 use crate::{
     addrspace::MappingClass,
-    collector::Collector,
-    fault::{Access, Cause, Counts, FaultKind, Latency, LatencySummary},
+    collector::{Collector, ResolvedKey},
+    fault::{
+        Access, AccessCounts, CallsiteFaults, Cause, Counts, FaultKind, LatencySummary,
+        ProcessFaults,
+    },
     loader::KernelCounters,
+    stacks::UserStack,
     symbolize::{Frame, Symbolizer},
 };
 
@@ -56,8 +60,11 @@ pub struct AccessReport {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ProcessReport {
+    /// 0 for a row that folds many exited processes of one name.
     pub pid: u32,
     pub comm: String,
+    /// Processes in this row: 1, or how many exited processes of this name were folded.
+    pub processes: u64,
     pub minor: u64,
     pub major: u64,
     /// Faults taken in kernel mode on user addresses (copy_from_user and the like).
@@ -93,12 +100,19 @@ pub struct CallsiteReport {
     /// Kernel stack for faults taken in kernel mode, innermost first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub kernel_frames: Vec<Frame>,
+    /// The user stack walk left executable memory (code without frame pointers): the frames
+    /// stop where it did.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
+/// One cause of lost or degraded data: a stable `id` for scripts and tests, and a
+/// description for people.
 #[derive(Clone, Debug, Serialize)]
 pub struct Loss {
-    pub cause: &'static str,
+    pub id: &'static str,
     pub count: u64,
+    pub description: &'static str,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -113,17 +127,21 @@ pub struct FaultReport {
     pub duration_s: f64,
     pub minor: u64,
     pub major: u64,
+    /// Rows in `processes` before `--top` cut the list.
+    pub processes_total: usize,
     pub processes: Vec<ProcessReport>,
+    /// Callsites before `--top` cut the list.
+    pub callsites_total: usize,
     pub callsites: Vec<CallsiteReport>,
     pub lost: LostReport,
     /// User stacks reused from the in-kernel cache instead of walked again.
     pub stack_cache_hits: u64,
 }
 
-fn access_list(map: &HashMap<(Access, Cause), u64>) -> Vec<AccessReport> {
-    let mut v: Vec<_> = map
+fn access_list(counts: &AccessCounts) -> Vec<AccessReport> {
+    let mut v: Vec<_> = counts
         .iter()
-        .map(|(&(access, cause), &count)| AccessReport {
+        .map(|(access, cause, count)| AccessReport {
             access,
             cause,
             count,
@@ -156,8 +174,197 @@ pub fn log2_buckets(hist: &hdrhistogram::Histogram<u64>) -> Vec<(u64, u64)> {
 pub struct ReportInput<'a> {
     pub collector: &'a Collector,
     pub counters: KernelCounters,
-    pub stack: &'a dyn Fn(u32) -> Option<Vec<u64>>,
     pub elapsed: Duration,
+}
+
+fn process_report(
+    pid: u32,
+    comm: &str,
+    processes: u64,
+    exited: bool,
+    p: &ProcessFaults,
+) -> ProcessReport {
+    let mut threads: Vec<_> = p
+        .threads
+        .iter()
+        .map(|(&tid, c)| ThreadReport {
+            tid,
+            minor: c.minor,
+            major: c.major,
+        })
+        .collect();
+    threads.sort_by(|a, b| {
+        (b.minor + b.major)
+            .cmp(&(a.minor + a.major))
+            .then(a.tid.cmp(&b.tid))
+    });
+    let mut mappings: Vec<_> = p
+        .by_class
+        .iter()
+        .map(|(&class, c)| ClassReport {
+            class,
+            minor: c.minor,
+            major: c.major,
+        })
+        .collect();
+    mappings.sort_by_key(|m| (std::cmp::Reverse(m.minor + m.major), m.class));
+    ProcessReport {
+        pid,
+        comm: comm.to_string(),
+        processes,
+        minor: p.counts.minor,
+        major: p.counts.major,
+        kernel_mode: p.kernel_mode,
+        exited,
+        latency_ns: KindLatency {
+            minor: p.latency[0].summary(),
+            major: p.latency[1].summary(),
+        },
+        threads,
+        mappings,
+        access: access_list(&p.access),
+        log2_hist: [
+            log2_buckets(p.latency[0].hist()),
+            log2_buckets(p.latency[1].hist()),
+        ],
+    }
+}
+
+/// One callsite from any source (live, before an exec, exited, folded), stacks resolved.
+struct SiteRef<'a> {
+    pid: u32,
+    comm: &'a str,
+    key: std::borrow::Cow<'a, ResolvedKey>,
+    faults: &'a CallsiteFaults,
+}
+
+/// Every callsite the collector holds, with user stacks independent of address spaces.
+fn all_callsites(collector: &Collector) -> Vec<SiteRef<'_>> {
+    let mut sites = Vec::new();
+    for (&pid, info) in &collector.processes {
+        for (k, faults) in &info.callsites {
+            let user = k
+                .user_stack
+                .and_then(|i| info.stacks.get(i))
+                .map(|ips| std::sync::Arc::new(UserStack::resolve(&info.space, ips)));
+            let key = ResolvedKey {
+                kind: k.kind,
+                class: k.class,
+                path: k.path.clone(),
+                user,
+                kernel_stack: k.kernel_stack,
+            };
+            sites.push(SiteRef {
+                pid,
+                comm: &info.comm,
+                key: std::borrow::Cow::Owned(key),
+                faults,
+            });
+        }
+        for (key, faults) in &info.earlier {
+            sites.push(SiteRef {
+                pid,
+                comm: &info.comm,
+                key: std::borrow::Cow::Borrowed(key),
+                faults,
+            });
+        }
+    }
+    for row in collector.exited.iter().chain(collector.folded.values()) {
+        for (key, faults) in &row.callsites {
+            sites.push(SiteRef {
+                pid: row.pid,
+                comm: &row.comm,
+                key: std::borrow::Cow::Borrowed(key),
+                faults,
+            });
+        }
+    }
+    sites
+}
+
+/// How a frame counts when merging callsites: by function, or by address for frames no
+/// symbol names (so two unknown functions of one module stay apart).
+fn merge_name(f: &Frame) -> String {
+    if f.function == UNKNOWN {
+        format!("{}+0x{:x}", f.module, f.offset)
+    } else {
+        format!("{}@{}", f.function, f.module)
+    }
+}
+
+const UNKNOWN: &str = "[unknown]";
+
+/// Every source of lost or degraded data, in report order.
+fn loss_table(c: &KernelCounters, stats: &crate::collector::CollectorStats) -> Vec<Loss> {
+    let loss = |id, count, description| Loss {
+        id,
+        count,
+        description,
+    };
+    vec![
+        loss(
+            "ringbuf_full_fault",
+            c.ringbuf_full_fault,
+            "ring buffer full: fault records dropped (counts are low by this much)",
+        ),
+        loss(
+            "ringbuf_full_other",
+            c.ringbuf_full_other,
+            "ring buffer full: mmap/process records dropped",
+        ),
+        loss(
+            "user_stack_empty",
+            c.user_stack_lost,
+            "user stack walk found no frame",
+        ),
+        loss(
+            "kernel_stack_empty",
+            c.kernel_stack_lost,
+            "kernel stack walk found no frame",
+        ),
+        loss(
+            "stack_unresolved",
+            stats.stack_unresolved,
+            "fault reused a stack walk whose record was dropped",
+        ),
+        loss(
+            "stack_table_full",
+            stats.stack_table_full + stats.kernel_stack_table_full,
+            "stack table full: stack not kept",
+        ),
+        loss(
+            "callsite_table_full",
+            stats.callsite_table_full,
+            "callsite table full: faults counted without their stack",
+        ),
+        loss(
+            "entry_missed",
+            c.entry_missed,
+            "fault entry not seen: no latency or access type",
+        ),
+        loss(
+            "pending_fault_map_full",
+            c.pending_full,
+            "pending-fault map full at context switch: no latency",
+        ),
+        loss(
+            "syscall_map_full",
+            c.syscall_pending_full,
+            "pending-syscall map full: mapping change missed",
+        ),
+        loss(
+            "target_map_full",
+            c.targets_full,
+            "target map full: child processes not followed",
+        ),
+        loss("undecodable", stats.undecodable, "undecodable records"),
+        loss(
+            "unclassified",
+            stats.unclassified,
+            "fault address outside every known mapping",
+        ),
+    ]
 }
 
 pub fn build(
@@ -165,95 +372,74 @@ pub fn build(
     symbolizer: &mut Symbolizer,
     opts: &ReportOptions,
 ) -> FaultReport {
-    let agg = &input.collector.faults;
-    let procs = &input.collector.processes;
-    let comm = |pid: u32| procs.get(&pid).map(|p| p.comm.clone()).unwrap_or_default();
-
-    let mut processes: Vec<ProcessReport> = agg
+    let collector = input.collector;
+    let mut processes: Vec<ProcessReport> = collector
         .processes
         .iter()
-        .map(|(&pid, p)| {
-            let mut threads: Vec<_> = p
-                .threads
+        .map(|(&pid, p)| process_report(pid, &p.comm, 1, p.exited, &p.faults))
+        .chain(
+            collector
+                .exited
                 .iter()
-                .map(|(&tid, c)| ThreadReport {
-                    tid,
-                    minor: c.minor,
-                    major: c.major,
-                })
-                .collect();
-            threads.sort_by(|a, b| {
-                (b.minor + b.major)
-                    .cmp(&(a.minor + a.major))
-                    .then(a.tid.cmp(&b.tid))
-            });
-            let mut mappings: Vec<_> = p
-                .by_class
-                .iter()
-                .map(|(&class, c)| ClassReport {
-                    class,
-                    minor: c.minor,
-                    major: c.major,
-                })
-                .collect();
-            mappings.sort_by_key(|m| std::cmp::Reverse(m.minor + m.major));
-            ProcessReport {
-                pid,
-                comm: comm(pid),
-                minor: p.counts.minor,
-                major: p.counts.major,
-                kernel_mode: p.kernel_mode,
-                exited: procs.get(&pid).is_some_and(|p| p.exited),
-                latency_ns: KindLatency {
-                    minor: p.latency[0].summary(),
-                    major: p.latency[1].summary(),
-                },
-                threads,
-                mappings,
-                access: access_list(&p.by_access),
-                log2_hist: [
-                    log2_buckets(p.latency[0].hist()),
-                    log2_buckets(p.latency[1].hist()),
-                ],
-            }
-        })
+                .chain(collector.folded.values())
+                .map(|e| process_report(e.pid, &e.comm, e.processes, true, &e.faults)),
+        )
         .collect();
+    let mut total = Counts::default();
+    for p in &processes {
+        total.minor += p.minor;
+        total.major += p.major;
+    }
     processes.sort_by(|a, b| {
         (b.minor + b.major)
             .cmp(&(a.minor + a.major))
             .then(a.pid.cmp(&b.pid))
+            .then(a.comm.cmp(&b.comm))
     });
+    let processes_total = processes.len();
+    processes.truncate(opts.top);
 
     // Symbolize every stack, then merge callsites whose stacks name the same functions: an
     // unrolled loop faults from several instructions of one function, and a user asks "which
     // function", not "which instruction".
-    let empty = crate::addrspace::AddressSpace::default();
-    type MergeKey = (u32, FaultKind, MappingClass, Option<String>, Vec<String>);
-    type Merged = (CallsiteReport, Latency, HashMap<(Access, Cause), u64>);
-    let mut merged: HashMap<MergeKey, Merged> = HashMap::new();
-    for (k, v) in &agg.callsites {
-        let space = procs.get(&k.pid).map_or(&empty, |p| &p.space);
-        let frames = k
-            .user_stack
-            .and_then(|id| (input.stack)(id))
-            .map(|ips| symbolizer.user_stack(space, &ips))
-            .unwrap_or_default();
+    type MergeKey = (
+        u32,
+        String,
+        FaultKind,
+        MappingClass,
+        Option<String>,
+        Vec<String>,
+    );
+    let mut merged: HashMap<MergeKey, (CallsiteReport, CallsiteFaults)> = HashMap::new();
+    for site in all_callsites(collector) {
+        let k = &*site.key;
+        let (frames, truncated) = match &k.user {
+            Some(stack) => (symbolizer.user_frames(stack), stack.truncated),
+            None => (Vec::new(), false),
+        };
         let kernel_frames = k
             .kernel_stack
-            .and_then(|id| (input.stack)(id))
-            .map(|ips| symbolizer.kernel_stack(&ips))
+            .and_then(|i| collector.kernel_stacks.get(i))
+            .map(|ips| symbolizer.kernel_stack(ips))
             .unwrap_or_default();
         let names = frames
             .iter()
             .chain(&kernel_frames)
-            .map(|f| format!("{}@{}", f.function, f.module))
+            .map(merge_name)
             .collect();
         let path = k.path.as_deref().map(str::to_string);
-        let key = (k.pid, k.kind, k.class, path.clone(), names);
+        let key = (
+            site.pid,
+            site.comm.to_string(),
+            k.kind,
+            k.class,
+            path.clone(),
+            names,
+        );
         let entry = merged.entry(key).or_insert_with(|| {
-            let site = CallsiteReport {
-                pid: k.pid,
-                comm: comm(k.pid),
+            let report = CallsiteReport {
+                pid: site.pid,
+                comm: site.comm.to_string(),
                 kind: k.kind,
                 count: 0,
                 mapping: MappingReport {
@@ -264,82 +450,45 @@ pub fn build(
                 latency_ns: LatencySummary::default(),
                 frames,
                 kernel_frames,
+                truncated,
             };
-            (site, Latency::default(), HashMap::new())
+            (report, CallsiteFaults::default())
         });
-        entry.0.count += v.count;
-        entry.1.merge(&v.latency);
-        for (a, n) in &v.by_access {
-            *entry.2.entry(*a).or_default() += n;
-        }
+        entry.1.merge(site.faults);
     }
     let mut callsites: Vec<CallsiteReport> = merged
         .into_values()
-        .map(|(mut site, latency, access)| {
-            site.latency_ns = latency.summary();
-            site.access = access_list(&access);
+        .map(|(mut site, faults)| {
+            site.count = faults.count;
+            site.latency_ns = faults.latency.summary();
+            site.access = access_list(&faults.access);
             site
         })
         .collect();
-    callsites.sort_by_key(|s| std::cmp::Reverse(s.count));
-    if opts.format == Format::Table {
+    callsites.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then(a.pid.cmp(&b.pid))
+            .then(a.kind.cmp(&b.kind))
+    });
+    let callsites_total = callsites.len();
+    // Folded output feeds flame graphs: every callsite. Tables and JSON honour --top.
+    if opts.format != Format::Folded {
         callsites.truncate(opts.top);
     }
 
     let c = input.counters;
-    let stats = input.collector.stats;
-    let causes = vec![
-        Loss {
-            cause: "ring buffer full (fault records dropped)",
-            count: c.ringbuf_full_fault,
-        },
-        Loss {
-            cause: "ring buffer full (mmap/process records dropped)",
-            count: c.ringbuf_full_other,
-        },
-        Loss {
-            cause: "user stack not captured (stack map full or walk failed)",
-            count: c.user_stack_lost,
-        },
-        Loss {
-            cause: "kernel stack not captured",
-            count: c.kernel_stack_lost,
-        },
-        Loss {
-            cause: "fault entry not seen (no latency or access type)",
-            count: c.entry_missed,
-        },
-        Loss {
-            cause: "pending-fault map full at context switch",
-            count: c.pending_full,
-        },
-        Loss {
-            cause: "pending-syscall map full (mapping change missed)",
-            count: c.syscall_pending_full,
-        },
-        Loss {
-            cause: "target map full (child processes not followed)",
-            count: c.targets_full,
-        },
-        Loss {
-            cause: "undecodable records",
-            count: stats.undecodable,
-        },
-        Loss {
-            cause: "fault address outside every known mapping",
-            count: stats.unclassified,
-        },
-    ];
-    let Counts { minor, major } = agg.total();
     FaultReport {
         duration_s: input.elapsed.as_secs_f64(),
-        minor,
-        major,
+        minor: total.minor,
+        major: total.major,
+        processes_total,
         processes,
+        callsites_total,
         callsites,
         lost: LostReport {
             events: c.ringbuf_full_fault,
-            causes,
+            causes: loss_table(&c, &collector.stats),
         },
         stack_cache_hits: c.stack_cache_hits,
     }
@@ -378,13 +527,20 @@ fn draw_hist(out: &mut String, title: &str, buckets: &[(u64, u64)]) {
 
 pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
     let mut out = String::new();
-    let _ = writeln!(
+    let processes: u64 = r.processes.iter().map(|p| p.processes).sum();
+    let _ =
+        writeln!(
         out,
-        "memtrace faults: {:.1}s, {} minor, {} major in {} process(es); lost {} fault records",
+        "memtrace faults: {:.1}s, {} minor, {} major in {}{} process(es); lost {} fault records",
         r.duration_s,
         r.minor,
         r.major,
-        r.processes.len(),
+        processes,
+        if r.processes_total > r.processes.len() {
+            format!(" of the top {} (of {} rows)", r.processes.len(), r.processes_total)
+        } else {
+            String::new()
+        },
         r.lost.events
     );
     let _ = writeln!(
@@ -401,10 +557,15 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
             .collect();
         let l = &p.latency_ns;
         let lat = |s: &LatencySummary, v: u64| if s.count == 0 { "-".into() } else { ns(v) };
+        let pid = if p.pid == 0 {
+            format!("{}x", p.processes)
+        } else {
+            p.pid.to_string()
+        };
         let _ = writeln!(
             out,
             "{:>8} {:<16} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9}  {}{}",
-            p.pid,
+            pid,
             p.comm,
             p.minor,
             p.major,
@@ -413,7 +574,11 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
             lat(&l.major, l.major.p50),
             lat(&l.major, l.major.p99),
             maps.join(", "),
-            if p.exited { "  (exited)" } else { "" }
+            match (p.pid, p.exited) {
+                (0, _) => "  (exited processes of this name, folded)",
+                (_, true) => "  (exited)",
+                _ => "",
+            }
         );
         if opts.threads {
             for t in &p.threads {
@@ -452,17 +617,21 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
             .as_deref()
             .map(|p| format!(" {p}"))
             .unwrap_or_default();
+        let who = if c.pid == 0 {
+            format!("exited {} processes", c.comm)
+        } else {
+            format!("pid {} ({})", c.pid, c.comm)
+        };
         let _ = writeln!(
             out,
-            "{:>10} {} {}{} {} p50 {} pid {} ({})",
+            "{:>10} {} {}{} {} p50 {} {}",
             c.count,
             c.kind.as_str(),
             c.mapping.class,
             path,
             access,
             ns(c.latency_ns.p50),
-            c.pid,
-            c.comm
+            who
         );
         // Innermost first: a kernel-mode fault's kernel frames sit below the syscall's user frames.
         for f in c.kernel_frames.iter().take(6) {
@@ -471,13 +640,16 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
         for f in c.frames.iter().take(8) {
             let _ = writeln!(out, "{:>12}{}", "", f.display());
         }
+        if c.truncated && c.frames.len() <= 8 {
+            let _ = writeln!(out, "{:>12}[stack cut: return address outside code]", "");
+        }
     }
     let lost: Vec<String> = r
         .lost
         .causes
         .iter()
         .filter(|l| l.count > 0)
-        .map(|l| format!("{}: {}", l.cause, l.count))
+        .map(|l| format!("{}: {}", l.description, l.count))
         .collect();
     let _ = writeln!(
         out,
@@ -541,7 +713,7 @@ mod tests {
     #[test]
     fn table_json_and_folded_render_a_report() {
         let mut collector = Collector::default();
-        collector.faults.record(&crate::fault::Fault {
+        let fault = crate::fault::Fault {
             pid: 42,
             tid: 43,
             kind: FaultKind::Major,
@@ -554,15 +726,19 @@ mod tests {
             kernel_stack: None,
             class: MappingClass::FilePrivate,
             path: Some("/data/x".into()),
-        });
-        let stack = |_| None;
+        };
+        let info = collector.observe(4_000_000_042);
+        info.faults.record(&fault);
+        info.callsites
+            .entry(crate::fault::CallsiteKey::of(&fault))
+            .or_default()
+            .record(&fault);
         let input = ReportInput {
             collector: &collector,
             counters: KernelCounters {
                 ringbuf_full_fault: 3,
                 ..Default::default()
             },
-            stack: &stack,
             elapsed: Duration::from_secs(2),
         };
         let opts = ReportOptions {
@@ -588,6 +764,7 @@ mod tests {
         assert_eq!(json["processes"][0]["major"], 1);
         assert_eq!(json["processes"][0]["latency_ns"]["major"]["count"], 1);
         assert_eq!(json["callsites"][0]["mapping"]["class"], "file_private");
+        assert_eq!(json["lost"]["causes"][0]["id"], "ringbuf_full_fault");
         assert_eq!(json["lost"]["causes"][0]["count"], 3);
         assert_eq!(render_folded(&r), ";[major file_private] 1\n");
     }

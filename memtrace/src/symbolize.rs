@@ -14,14 +14,14 @@ use blazesym::{
 };
 use serde::Serialize;
 
-use crate::addrspace::AddressSpace;
+use crate::stacks::{UserFrame, UserStack};
 
 /// One symbolized frame.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Frame {
     /// Function name (demangled), or `[unknown]`.
     pub function: String,
-    /// Offset of the address from the function's start.
+    /// Offset of the address from the function's start (for `[unknown]`: from the module's start, as addr2line takes it).
     pub offset: u64,
     /// The ELF file, `[kernel]`, or the pseudo-path of an anonymous mapping.
     pub module: String,
@@ -36,10 +36,12 @@ pub struct Frame {
 }
 
 impl Frame {
-    fn unknown(address: u64, module: &str) -> Self {
+    /// A frame no symbol names; `offset` is the file offset in `module` (what addr2line
+    /// takes), or the address itself for memory without a file.
+    fn unknown(address: u64, module: &str, offset: u64) -> Self {
         Self {
             function: "[unknown]".into(),
-            offset: 0,
+            offset,
             module: module.into(),
             file: None,
             line: None,
@@ -52,7 +54,7 @@ impl Frame {
     pub fn display(&self) -> String {
         let module = self.module.rsplit('/').next().unwrap_or(&self.module);
         if self.function == "[unknown]" {
-            format!("[unknown] 0x{:x} ({module})", self.address)
+            format!("[unknown] ({module}+0x{:x})", self.offset)
         } else {
             format!("{}+0x{:x} ({module})", self.function, self.offset)
         }
@@ -71,9 +73,9 @@ impl Default for Symbolizer {
     }
 }
 
-fn frames_from(sym: Symbolized<'_>, address: u64, module: &str) -> Vec<Frame> {
+fn frames_from(sym: Symbolized<'_>, address: u64, module: &str, offset: u64) -> Vec<Frame> {
     let Symbolized::Sym(sym) = sym else {
-        return vec![Frame::unknown(address, module)];
+        return vec![Frame::unknown(address, module, offset)];
     };
     // The mapped file names the module; blazesym's module is where the symbol was found, which
     // for a stripped library is its separate debug file (`<build-id>.debug`).
@@ -131,34 +133,30 @@ impl Symbolizer {
         }
     }
 
-    /// Symbolizes a user stack (innermost first) against a process's modelled mappings.
-    pub fn user_stack(&mut self, space: &AddressSpace, ips: &[u64]) -> Vec<Frame> {
-        let mut out = Vec::with_capacity(ips.len());
-        for (i, &ip) in ips.iter().enumerate() {
-            // Return addresses point after the call; look up the call instruction instead.
-            let lookup = if i == 0 { ip } else { ip.saturating_sub(1) };
-            let Some(vma) = space.find(lookup) else {
-                out.push(Frame::unknown(ip, "[unmapped]"));
-                continue;
+    /// Symbolizes a resolved user stack (innermost first).
+    pub fn user_frames(&mut self, stack: &UserStack) -> Vec<Frame> {
+        let mut out = Vec::with_capacity(stack.frames.len());
+        for frame in &stack.frames {
+            let (path, offset) = match frame {
+                UserFrame::File { path, offset } => (path, *offset),
+                UserFrame::Anon { name, address } => {
+                    out.push(Frame::unknown(*address, name, *address));
+                    continue;
+                }
+                UserFrame::Unmapped { address } => {
+                    out.push(Frame::unknown(*address, "[unmapped]", *address));
+                    continue;
+                }
             };
-            let Some(path) = vma.path.clone().filter(|p| p.starts_with('/')) else {
-                let module = vma.path.as_deref().unwrap_or("[anon]").to_string();
-                out.push(Frame::unknown(ip, &module));
-                continue;
-            };
-            let offset = vma.file_offset(lookup);
-            let key = (path, offset);
+            let key = (path.clone(), offset);
             if let Some(frames) = self.user_cache.get(&key) {
-                out.extend(frames.iter().cloned().map(|mut f| {
-                    f.address = ip;
-                    f
-                }));
+                out.extend(frames.iter().cloned());
                 continue;
             }
-            let src = Source::Elf(Elf::new(PathBuf::from(&*key.0)));
+            let src = Source::Elf(Elf::new(PathBuf::from(&**path)));
             let frames = match self.blaze.symbolize_single(&src, Input::FileOffset(offset)) {
-                Ok(sym) => frames_from(sym, ip, &key.0),
-                Err(_) => vec![Frame::unknown(ip, &key.0)],
+                Ok(sym) => frames_from(sym, offset, path, offset),
+                Err(_) => vec![Frame::unknown(offset, path, offset)],
             };
             out.extend(frames.iter().cloned());
             self.user_cache.insert(key, frames);
@@ -180,8 +178,8 @@ impl Symbolizer {
             };
             let src = Source::Kernel(kernel);
             let frames = match self.blaze.symbolize_single(&src, Input::AbsAddr(ip)) {
-                Ok(sym) => frames_from(sym, ip, "[kernel]"),
-                Err(_) => vec![Frame::unknown(ip, "[kernel]")],
+                Ok(sym) => frames_from(sym, ip, "[kernel]", ip),
+                Err(_) => vec![Frame::unknown(ip, "[kernel]", ip)],
             };
             out.extend(frames.iter().cloned());
             self.kernel_cache.insert(ip, frames);
@@ -202,9 +200,11 @@ mod tests {
     #[test]
     fn symbolizes_own_function_through_the_maps_model_and_caches_it() {
         let addr = std::hint::black_box(marker_function_for_symbolizer_test());
-        let space = AddressSpace::read(std::process::id()).expect("own maps");
+        let space = crate::addrspace::AddressSpace::read(std::process::id()).expect("own maps");
         let mut s = Symbolizer::new();
-        let frames = s.user_stack(&space, &[addr + 1]);
+        // As a return address: looked up at the byte before, the call instruction.
+        let stack = UserStack::resolve(&space, &[addr, addr + 2]);
+        let frames = s.user_frames(&stack);
         let last = frames.last().expect("a frame");
         assert!(
             last.function
@@ -212,11 +212,15 @@ mod tests {
             "{frames:?}"
         );
         assert_eq!(last.offset, 1);
-        assert_eq!(s.user_cache.len(), 1);
-        // The second lookup is served from the cache, with this call's address.
-        let again = s.user_stack(&space, &[addr + 1]);
+        assert_eq!(s.user_cache.len(), 2);
+        // The second lookup is served from the cache.
+        let again = s.user_frames(&stack);
         assert_eq!(again, frames);
-        let unknown = s.user_stack(&AddressSpace::default(), &[addr]);
+        let unknown = s.user_frames(&UserStack::resolve(&Default::default(), &[addr]));
         assert_eq!(unknown[0].module, "[unmapped]");
+        assert_eq!(
+            unknown[0].display(),
+            format!("[unknown] ([unmapped]+0x{addr:x})")
+        );
     }
 }
