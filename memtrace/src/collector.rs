@@ -24,6 +24,9 @@ use crate::{
 
 /// Exited processes kept as rows of their own; later ones fold into one row per name.
 pub const EXITED_ROWS: usize = 256;
+/// Exited processes of one name kept as rows of their own: a fork storm of one program folds
+/// after these, and the rows stay for other programs.
+pub const EXITED_ROWS_PER_NAME: usize = 8;
 /// Callsites kept for live processes, and again for exited ones; past that, faults still count
 /// in their process's totals and go to a callsite without stacks.
 pub const MAX_CALLSITES: usize = 100_000;
@@ -77,8 +80,9 @@ pub struct ResolvedKey {
     pub kernel_stack: Option<u32>,
 }
 
-/// An exited process (or, with `pid` 0, every exited process of one name past
-/// [`EXITED_ROWS`]): totals and resolved callsites, without address space, threads or stacks.
+/// An exited process (or, with `pid` 0, every exited process of one name past the rows kept
+/// for single processes): totals and resolved callsites, without address space, threads or
+/// stacks.
 #[derive(Debug, Default)]
 pub struct ExitedProcess {
     pub pid: u32,
@@ -133,8 +137,10 @@ pub struct Collector<S: ProcSource = Procfs> {
     pub processes: HashMap<u32, ProcessInfo>,
     /// Exited processes, one row each, oldest first.
     pub exited: Vec<ExitedProcess>,
-    /// Exited processes past [`EXITED_ROWS`], one row per name.
+    /// Exited processes past [`EXITED_ROWS`] or [`EXITED_ROWS_PER_NAME`], one row per name.
     pub folded: HashMap<Arc<str>, ExitedProcess>,
+    /// Rows in `exited` per name.
+    exited_names: HashMap<Arc<str>, usize>,
     pub kernel_stacks: StackTable,
     reused: ReusedStacks,
     user_stacks: UserStackSet,
@@ -167,6 +173,7 @@ impl<S: ProcSource> Collector<S> {
             processes: HashMap::new(),
             exited: Vec::new(),
             folded: HashMap::new(),
+            exited_names: HashMap::new(),
             kernel_stacks: StackTable::with_limit(MAX_KERNEL_STACKS),
             reused: ReusedStacks::default(),
             user_stacks: UserStackSet::default(),
@@ -436,7 +443,12 @@ impl<S: ProcSource> Collector<S> {
         };
         let mut faults = info.faults;
         faults.threads = HashMap::new();
-        let row = if self.exited.len() < EXITED_ROWS {
+        let same_name = self.exited_names.entry(comm.clone()).or_default();
+        let own_row = self.exited.len() < EXITED_ROWS && *same_name < EXITED_ROWS_PER_NAME;
+        if own_row {
+            *same_name += 1;
+        }
+        let row = if own_row {
             self.exited.push(ExitedProcess {
                 pid,
                 comm,
@@ -741,7 +753,7 @@ mod tests {
     #[test]
     fn exited_processes_fold_by_name_past_the_row_limit() {
         let mut c = Collector::new(Fake);
-        let n = EXITED_ROWS as u32 + 50;
+        let n = 50;
         for i in 0..n {
             let pid = 1000 + i;
             c.on_record(proc_rec(PROC_FORK, 1, pid));
@@ -749,11 +761,12 @@ mod tests {
             c.on_record(proc_rec(PROC_EXIT, pid, pid));
         }
         assert!(c.processes.len() == 1, "only the parent is live");
-        assert_eq!(c.exited.len(), EXITED_ROWS);
+        assert_eq!(c.exited.len(), EXITED_ROWS_PER_NAME);
         let folded = &c.folded[&Arc::from("app")];
-        assert_eq!((folded.pid, folded.processes), (0, 50));
-        assert_eq!(folded.faults.counts.minor, 50);
-        // One callsite for all 50: their stacks resolve to the same frames.
+        let rest = u64::from(n) - EXITED_ROWS_PER_NAME as u64;
+        assert_eq!((folded.pid, folded.processes), (0, rest));
+        assert_eq!(folded.faults.counts.minor, rest);
+        // One callsite for all of them: their stacks resolve to the same frames.
         assert_eq!(folded.callsites.len(), 1);
         let total: u64 = c.exited.iter().map(|e| e.faults.counts.minor).sum();
         assert_eq!(total + folded.faults.counts.minor, u64::from(n));

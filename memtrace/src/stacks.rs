@@ -88,10 +88,13 @@ impl ReusedStacks {
 pub enum UserFrame {
     /// Code in a file: symbolized by (path, file offset).
     File { path: Arc<str>, offset: u64 },
-    /// Executable memory without a file (JIT code, `[vdso]`): the absolute address.
-    Anon { name: Arc<str>, address: u64 },
-    /// The faulting instruction outside every known executable mapping.
-    Unmapped { address: u64 },
+    /// Executable memory without a file (`[vdso]`, JIT code): the offset from the mapping's
+    /// start, which, unlike the address, is the same in every process.
+    Anon { name: Arc<str>, offset: u64 },
+    /// The faulting instruction outside every known executable mapping. Its address is not
+    /// kept: it means nothing once the process is gone, and it would keep apart callsites of
+    /// processes that differ only in where ASLR put them.
+    Unmapped,
 }
 
 /// A user stack in position-independent frames, innermost first.
@@ -120,10 +123,10 @@ impl UserStack {
                     },
                     other => UserFrame::Anon {
                         name: other.cloned().unwrap_or_else(|| Arc::from("[anon]")),
-                        address: ip,
+                        offset: lookup - vma.start,
                     },
                 },
-                None if i == 0 => UserFrame::Unmapped { address: ip },
+                None if i == 0 => UserFrame::Unmapped,
                 None => {
                     return Self {
                         frames,
@@ -234,7 +237,7 @@ mod tests {
                 },
                 UserFrame::Anon {
                     name: Arc::from("[vdso]"),
-                    address: 0x7ffc00100011
+                    offset: 0x10
                 },
             ]
         );

@@ -139,12 +139,12 @@ impl Symbolizer {
         for frame in &stack.frames {
             let (path, offset) = match frame {
                 UserFrame::File { path, offset } => (path, *offset),
-                UserFrame::Anon { name, address } => {
-                    out.push(Frame::unknown(*address, name, *address));
+                UserFrame::Anon { name, offset } => {
+                    out.push(Frame::unknown(*offset, name, *offset));
                     continue;
                 }
-                UserFrame::Unmapped { address } => {
-                    out.push(Frame::unknown(*address, "[unmapped]", *address));
+                UserFrame::Unmapped => {
+                    out.push(Frame::unknown(0, "[unmapped]", 0));
                     continue;
                 }
             };
