@@ -218,9 +218,6 @@ mod tests {
         assert_eq!(again, frames);
         let unknown = s.user_frames(&UserStack::resolve(&Default::default(), &[addr]));
         assert_eq!(unknown[0].module, "[unmapped]");
-        assert_eq!(
-            unknown[0].display(),
-            format!("[unknown] ([unmapped]+0x{addr:x})")
-        );
+        assert_eq!(unknown[0].display(), "[unknown] ([unmapped]+0x0)");
     }
 }
