@@ -441,36 +441,35 @@ impl<S: ProcSource> Collector<S> {
             None if info.comm.is_empty() => Arc::from("[unknown]"),
             None => info.comm,
         };
-        let mut faults = info.faults;
-        faults.threads = HashMap::new();
         let same_name = self.exited_names.entry(comm.clone()).or_default();
         let own_row = self.exited.len() < EXITED_ROWS && *same_name < EXITED_ROWS_PER_NAME;
-        if own_row {
-            *same_name += 1;
-        }
         let row = if own_row {
+            *same_name += 1;
+            // A row of its own keeps the per-thread counts too.
             self.exited.push(ExitedProcess {
                 pid,
                 comm,
-                ..ExitedProcess::default()
+                processes: 1,
+                faults: info.faults,
+                callsites: HashMap::new(),
             });
             self.exited.last_mut()
         } else {
-            Some(
-                self.folded
-                    .entry(comm.clone())
-                    .or_insert_with(|| ExitedProcess {
-                        pid: 0,
-                        comm,
-                        ..ExitedProcess::default()
-                    }),
-            )
+            let row = self
+                .folded
+                .entry(comm.clone())
+                .or_insert_with(|| ExitedProcess {
+                    pid: 0,
+                    comm,
+                    ..ExitedProcess::default()
+                });
+            row.processes += 1;
+            row.faults.merge(&info.faults);
+            Some(row)
         };
         let Some(row) = row else {
             return;
         };
-        row.processes += 1;
-        row.faults.merge(&faults);
         for (mut key, site) in info.earlier {
             if !row.callsites.contains_key(&key) {
                 if self.exited_callsites >= MAX_CALLSITES {

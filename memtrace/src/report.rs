@@ -136,6 +136,57 @@ pub struct FaultReport {
     pub lost: LostReport,
     /// User stacks reused from the in-kernel cache instead of walked again.
     pub stack_cache_hits: u64,
+    /// What memtrace itself cost, as of this report.
+    pub agent: AgentStats,
+}
+
+/// memtrace's own footprint: what an SRE checks before leaving a tracer on a busy host.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct AgentStats {
+    /// Peak resident memory (VmHWM) so far.
+    pub peak_rss_bytes: u64,
+    pub rss_bytes: u64,
+    /// CPU time of the agent (user and system), in seconds.
+    pub cpu_user_s: f64,
+    pub cpu_sys_s: f64,
+    /// Ring-buffer records handled.
+    pub records: u64,
+    /// Agent CPU (user + system) per record handled, in nanoseconds.
+    pub cpu_ns_per_record: f64,
+}
+
+impl AgentStats {
+    /// Reads this process's own figures from /proc/self/status and getrusage.
+    pub fn current(records: u64) -> Self {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let kib = |field: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024
+        };
+        // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: RUSAGE_SELF with a valid pointer to a rusage struct.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        let (user, sys) = (secs(usage.ru_utime), secs(usage.ru_stime));
+        Self {
+            peak_rss_bytes: kib("VmHWM:"),
+            rss_bytes: kib("VmRSS:"),
+            cpu_user_s: user,
+            cpu_sys_s: sys,
+            records,
+            cpu_ns_per_record: if records == 0 {
+                0.0
+            } else {
+                (user + sys) * 1e9 / records as f64
+            },
+        }
+    }
 }
 
 fn access_list(counts: &AccessCounts) -> Vec<AccessReport> {
@@ -491,6 +542,8 @@ pub fn build(
             causes: loss_table(&c, &collector.stats),
         },
         stack_cache_hits: c.stack_cache_hits,
+        // Last, so the peak includes this report's own symbolization.
+        agent: AgentStats::current(collector.stats.records),
     }
 }
 
@@ -651,6 +704,15 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
         .filter(|l| l.count > 0)
         .map(|l| format!("{}: {}", l.description, l.count))
         .collect();
+    let _ = writeln!(
+        out,
+        "\nmemtrace itself: peak RSS {} MiB, CPU {:.2}s user + {:.2}s sys for {} records ({:.0} ns each)",
+        r.agent.peak_rss_bytes >> 20,
+        r.agent.cpu_user_s,
+        r.agent.cpu_sys_s,
+        r.agent.records,
+        r.agent.cpu_ns_per_record
+    );
     let _ = writeln!(
         out,
         "\nLost: {}",

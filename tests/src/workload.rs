@@ -328,10 +328,54 @@ fn second_caller(pages: usize) -> Result<()> {
     Ok(())
 }
 
+/// Faults one page of `base` from a helper that both callers below share.
+#[inline(never)]
+fn touch_one(base: *mut u8, page: usize, value: u8) {
+    // SAFETY: `page` is within the mapping the caller owns.
+    unsafe { std::ptr::write_volatile(base.add(page * PAGE), value) };
+}
+
+// Different constants, so the linker cannot fold the two callers into one function.
+#[inline(never)]
+fn caller_a(base: *mut u8, page: usize) {
+    touch_one(std::hint::black_box(base), page, 0xa);
+}
+
+#[inline(never)]
+fn caller_b(base: *mut u8, page: usize) {
+    touch_one(std::hint::black_box(base), page, 0xb);
+}
+
+/// A helper called from caller_a, caller_a, caller_a, caller_b, repeating (75% / 25%): the
+/// callers' frames sit at the same stack addresses, so every fault has the same ip, frame and
+/// stack pointer, and only the return address tells them apart. An interpreter's dispatch
+/// loop looks like this. Pages are recycled, so the pattern can run long.
+fn interleaved_callers(pages: usize) -> Result<()> {
+    const WINDOW: usize = 16 * 1024;
+    let base = map_anon(WINDOW * PAGE, false)?;
+    let mut done = 0;
+    while done < pages {
+        let n = (pages - done).min(WINDOW);
+        for page in 0..n {
+            if (done + page) % 4 == 3 {
+                caller_b(base, page);
+            } else {
+                caller_a(base, page);
+            }
+        }
+        // SAFETY: drops the contents of our own private anonymous mapping; nothing borrows it.
+        if unsafe { libc::madvise(base.cast(), WINDOW * PAGE, libc::MADV_DONTNEED) } != 0 {
+            bail!("madvise: {}", std::io::Error::last_os_error());
+        }
+        done += n;
+    }
+    report(&format!("pages={pages}"))
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: memtrace-workload anon PAGES | anon-recycle PAGES |\n\
-         \x20      kernel-touch PAGES | two-callers PAGES |\n\
+         \x20      kernel-touch PAGES | two-callers PAGES | interleaved-callers PAGES |\n\
          \x20      heap PAGES | file PATH PAGES | cow PATH PAGES |\n\
          \x20      threads N PAGES | forks N PAGES | wait-then-anon PAGES | sleep MS | demo DIR"
     );
@@ -352,6 +396,7 @@ fn main() -> Result<()> {
         "anon-recycle" => anon_recycle(num(1)?),
         "kernel-touch" => kernel_touch(num(1)?),
         "two-callers" => two_callers(num(1)?),
+        "interleaved-callers" => interleaved_callers(num(1)?),
         "heap" => heap(num(1)?),
         "file" => file(s(1), num(2)?),
         "cow" => cow(s(1), num(2)?),
