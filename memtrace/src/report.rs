@@ -334,17 +334,24 @@ fn all_callsites(collector: &Collector) -> Vec<SiteRef<'_>> {
     sites
 }
 
-/// How a frame counts when merging callsites: by function, or by address for frames no
-/// symbol names (so two unknown functions of one module stay apart).
-fn merge_name(f: &Frame) -> String {
-    if f.function == UNKNOWN {
-        format!("{}+0x{:x}", f.module, f.offset)
-    } else {
-        format!("{}@{}", f.function, f.module)
-    }
+/// The symbolized user and kernel frames of a callsite.
+fn site_frames(
+    collector: &Collector,
+    symbolizer: &mut Symbolizer,
+    key: &ResolvedKey,
+) -> (Vec<Frame>, Vec<Frame>) {
+    let user = key
+        .user
+        .as_ref()
+        .map(|stack| symbolizer.user_frames(stack))
+        .unwrap_or_default();
+    let kernel = key
+        .kernel_stack
+        .and_then(|i| collector.kernel_stacks.get(i))
+        .map(|ips| symbolizer.kernel_stack(ips))
+        .unwrap_or_default();
+    (user, kernel)
 }
-
-const UNKNOWN: &str = "[unknown]";
 
 /// Every source of lost or degraded data, in report order.
 fn loss_table(c: &KernelCounters, stats: &crate::collector::CollectorStats) -> Vec<Loss> {
@@ -452,81 +459,67 @@ pub fn build(
 
     // Symbolize every stack, then merge callsites whose stacks name the same functions: an
     // unrolled loop faults from several instructions of one function, and a user asks "which
-    // function", not "which instruction".
-    type MergeKey = (
+    // function", not "which instruction". Merging works on small frame ids; frames are built
+    // only for the callsites the report shows, so a run with 100,000 callsites does not hold
+    // 100,000 symbolized stacks at once.
+    type MergeKey<'a> = (
         u32,
-        String,
+        &'a str,
         FaultKind,
         MappingClass,
-        Option<String>,
-        Vec<String>,
+        Option<&'a str>,
+        Vec<u32>,
     );
-    let mut merged: HashMap<MergeKey, (CallsiteReport, CallsiteFaults)> = HashMap::new();
-    for site in all_callsites(collector) {
+    let sites = all_callsites(collector);
+    let mut merged: HashMap<MergeKey<'_>, (usize, CallsiteFaults)> = HashMap::new();
+    for (i, site) in sites.iter().enumerate() {
+        let (user, kernel) = site_frames(collector, symbolizer, &site.key);
+        let mut ids = symbolizer.merge_ids(&user);
+        ids.push(u32::MAX); // user and kernel frames apart
+        ids.extend(symbolizer.merge_ids(&kernel));
         let k = &*site.key;
-        let (frames, truncated) = match &k.user {
-            Some(stack) => (symbolizer.user_frames(stack), stack.truncated),
-            None => (Vec::new(), false),
-        };
-        let kernel_frames = k
-            .kernel_stack
-            .and_then(|i| collector.kernel_stacks.get(i))
-            .map(|ips| symbolizer.kernel_stack(ips))
-            .unwrap_or_default();
-        let names = frames
-            .iter()
-            .chain(&kernel_frames)
-            .map(merge_name)
-            .collect();
-        let path = k.path.as_deref().map(str::to_string);
-        let key = (
-            site.pid,
-            site.comm.to_string(),
-            k.kind,
-            k.class,
-            path.clone(),
-            names,
-        );
-        let entry = merged.entry(key).or_insert_with(|| {
-            let report = CallsiteReport {
+        let key = (site.pid, site.comm, k.kind, k.class, k.path.as_deref(), ids);
+        merged
+            .entry(key)
+            .or_insert_with(|| (i, CallsiteFaults::default()))
+            .1
+            .merge(site.faults);
+    }
+    let mut ranked: Vec<(usize, CallsiteFaults)> = merged.into_values().collect();
+    ranked.sort_by(|(ia, a), (ib, b)| {
+        b.count
+            .cmp(&a.count)
+            .then(sites[*ia].pid.cmp(&sites[*ib].pid))
+            .then(sites[*ia].key.kind.cmp(&sites[*ib].key.kind))
+    });
+    let callsites_total = ranked.len();
+    // Folded output feeds flame graphs: every callsite. Tables and JSON honour --top.
+    if opts.format != Format::Folded {
+        ranked.truncate(opts.top);
+    }
+    let callsites: Vec<CallsiteReport> = ranked
+        .into_iter()
+        .map(|(i, faults)| {
+            let site = &sites[i];
+            let k = &*site.key;
+            let (frames, kernel_frames) = site_frames(collector, symbolizer, k);
+            CallsiteReport {
                 pid: site.pid,
                 comm: site.comm.to_string(),
                 kind: k.kind,
-                count: 0,
+                count: faults.count,
                 mapping: MappingReport {
                     class: k.class,
-                    path,
+                    path: k.path.as_deref().map(str::to_string),
                 },
-                access: Vec::new(),
-                latency_ns: LatencySummary::default(),
+                access: access_list(&faults.access),
+                latency_ns: faults.latency.summary(),
                 frames,
                 kernel_frames,
-                truncated,
-            };
-            (report, CallsiteFaults::default())
-        });
-        entry.1.merge(site.faults);
-    }
-    let mut callsites: Vec<CallsiteReport> = merged
-        .into_values()
-        .map(|(mut site, faults)| {
-            site.count = faults.count;
-            site.latency_ns = faults.latency.summary();
-            site.access = access_list(&faults.access);
-            site
+                truncated: k.user.as_ref().is_some_and(|u| u.truncated),
+            }
         })
         .collect();
-    callsites.sort_by(|a, b| {
-        b.count
-            .cmp(&a.count)
-            .then(a.pid.cmp(&b.pid))
-            .then(a.kind.cmp(&b.kind))
-    });
-    let callsites_total = callsites.len();
-    // Folded output feeds flame graphs: every callsite. Tables and JSON honour --top.
-    if opts.format != Format::Folded {
-        callsites.truncate(opts.top);
-    }
 
     let c = input.counters;
     FaultReport {

@@ -65,6 +65,8 @@ pub struct Symbolizer {
     blaze: Blaze,
     user_cache: HashMap<(Arc<str>, u64), Vec<Frame>>,
     kernel_cache: HashMap<u64, Vec<Frame>>,
+    /// Small ids for what a frame means when merging callsites (see [`Symbolizer::merge_ids`]).
+    merge_names: HashMap<String, u32>,
 }
 
 impl Default for Symbolizer {
@@ -130,6 +132,7 @@ impl Symbolizer {
                 .build(),
             user_cache: HashMap::new(),
             kernel_cache: HashMap::new(),
+            merge_names: HashMap::new(),
         }
     }
 
@@ -162,6 +165,24 @@ impl Symbolizer {
             self.user_cache.insert(key, frames);
         }
         out
+    }
+
+    /// What each frame means when callsites merge, as small ids: the function (and module)
+    /// for named frames, the module and offset for frames no symbol names (so two unknown
+    /// functions of one module stay apart).
+    pub fn merge_ids(&mut self, frames: &[Frame]) -> Vec<u32> {
+        frames
+            .iter()
+            .map(|f| {
+                let name = if f.function == "[unknown]" {
+                    format!("{}+0x{:x}", f.module, f.offset)
+                } else {
+                    format!("{}@{}", f.function, f.module)
+                };
+                let next = self.merge_names.len() as u32;
+                *self.merge_names.entry(name).or_insert(next)
+            })
+            .collect()
     }
 
     /// Symbolizes a kernel stack (innermost first) with /proc/kallsyms.
