@@ -56,7 +56,7 @@ impl Default for TracerOptions {
             filter_pids: false,
             capture_stacks: true,
             stack_cache: true,
-            ringbuf_bytes: 32 * 1024 * 1024,
+            ringbuf_bytes: 16 * 1024 * 1024,
             classic_tracepoints: false,
         }
     }
