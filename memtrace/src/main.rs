@@ -81,7 +81,7 @@ struct FaultsArgs {
     #[arg(long, hide = true)]
     classic_tracepoints: bool,
     /// Ring buffer size in MiB (power of two).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 16)]
     ringbuf_mb: u32,
     /// Command to start and trace, with its children.
     #[arg(last = true)]

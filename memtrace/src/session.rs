@@ -230,11 +230,18 @@ pub async fn run_faults(
     Ok(snapshot(&tracer, &collector, &mut symbolizer, opts, start))
 }
 
-/// Hands every waiting ring-buffer record to the collector.
+/// Records handled per drain before the run loop gets a turn (signals, deadline, reports).
+const DRAIN_BATCH: usize = 1 << 16;
+
+/// Hands waiting ring-buffer records to the collector, at most a batch at a time.
 fn drain(ring: &mut RingBuf<MapData>, collector: &mut Collector) {
-    while let Some(item) = ring.next() {
+    for _ in 0..DRAIN_BATCH {
+        let Some(item) = ring.next() else {
+            break;
+        };
         collector.on_bytes(&item);
     }
+    collector.sweep();
 }
 
 /// A report of everything collected so far.
@@ -245,11 +252,9 @@ fn snapshot(
     opts: &FaultsOptions,
     start: Instant,
 ) -> FaultReport {
-    let stack = |id| tracer.stack(id);
     let input = ReportInput {
         collector,
         counters: tracer.counters(),
-        stack: &stack,
         elapsed: start.elapsed(),
     };
     report::build(&input, symbolizer, &opts.report)
