@@ -4,7 +4,8 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum Error {
     #[error(
-        "memtrace needs root (or CAP_BPF + CAP_PERFMON) to load eBPF programs; run it with sudo"
+        "memtrace needs root (or the capabilities CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN) \
+         to load eBPF programs; run it with sudo"
     )]
     NotRoot,
     #[error("tracefs: {0}")]
@@ -20,6 +21,8 @@ pub enum Error {
     },
     #[error("no process with pid {0}")]
     NoSuchProcess(u32),
+    #[error("pid {pid} is a kernel thread ({comm}): kernel threads take no user page faults")]
+    KernelThread { pid: u32, comm: String },
     #[error("cannot start {command}")]
     Spawn {
         command: String,

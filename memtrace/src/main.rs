@@ -1,13 +1,16 @@
 //! The `memtrace` command line: a thin layer over the library.
-use std::{process::ExitCode, time::Duration};
+mod output;
+
+use std::{io::Write as _, ops::ControlFlow, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use memtrace::{
     loader::TracerOptions,
-    report::{self, Format, ReportOptions},
+    report::{Format, ReportOptions},
     session::{self, FaultsOptions, Target},
 };
+use output::{Delivery, ReportSink};
 
 #[derive(Parser)]
 #[command(
@@ -32,27 +35,60 @@ enum Cmd {
     },
 }
 
+/// The longest `-d`/`-i`: ten years, beyond any real run and far from overflowing a clock.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!("'{s}': a duration must be greater than zero"));
+    }
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .map_or((s, "s"), |i| s.split_at(i));
-    let v: f64 = num
+    let value: f64 = num
         .parse()
         .map_err(|_| format!("bad duration '{s}' (e.g. 10s, 500ms, 2m)"))?;
-    let secs = match unit {
-        "ms" => v / 1000.0,
-        "s" | "" => v,
-        "m" => v * 60.0,
-        "h" => v * 3600.0,
+    let unit_secs = match unit {
+        "ms" => 0.001,
+        "s" | "" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
         _ => return Err(format!("bad duration unit in '{s}' (ms, s, m, h)")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    let secs = value * unit_secs;
+    if secs <= 0.0 {
+        return Err(format!("'{s}': a duration must be greater than zero"));
+    }
+    if secs < 0.001 {
+        return Err(format!("'{s}' is too short (at least 1ms)"));
+    }
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| *d <= MAX_DURATION)
+        .ok_or_else(|| format!("'{s}' is too long (at most 87600h, ten years)"))
+}
+
+/// The largest ring buffer: 1 GiB (the size is a u32 count of bytes, and a power of two).
+const MAX_RINGBUF_MB: u32 = 1024;
+
+fn parse_ringbuf_mb(s: &str) -> Result<u32, String> {
+    let mb: u32 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size in MiB"))?;
+    if (1..=MAX_RINGBUF_MB).contains(&mb) && mb.is_power_of_two() {
+        Ok(mb)
+    } else {
+        Err(format!(
+            "the ring buffer size must be a power of two from 1 to {MAX_RINGBUF_MB} (MiB)"
+        ))
+    }
 }
 
 #[derive(Args)]
 struct FaultsArgs {
-    /// Trace this process (all its threads); repeat for several.
-    #[arg(short, long = "pid")]
+    /// Trace this process (all its threads; a thread's id stands for its process); repeat for
+    /// several.
+    #[arg(short, long = "pid", conflicts_with = "command")]
     pid: Vec<u32>,
     /// Stop after this long (e.g. 10s, 500ms, 2m).
     #[arg(short, long, value_parser = parse_duration)]
@@ -63,8 +99,12 @@ struct FaultsArgs {
     /// Rows of processes and callsites in the table.
     #[arg(long, default_value_t = 10)]
     top: usize,
+    /// table, one JSON document (JSON Lines with -i: one per report), or folded stacks.
     #[arg(long, value_enum, default_value = "table")]
     format: Format,
+    /// Write the reports to this file (created or truncated) instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
     /// Per-thread counts in the table.
     #[arg(long)]
     threads: bool,
@@ -80,24 +120,31 @@ struct FaultsArgs {
     /// Attach classic tracepoints where raw tracepoints would work (for comparison).
     #[arg(long, hide = true)]
     classic_tracepoints: bool,
-    /// Ring buffer size in MiB (power of two).
-    #[arg(long, default_value_t = 16)]
+    /// Ring buffer size in MiB (a power of two, at most 1024).
+    #[arg(long, default_value_t = 16, value_parser = parse_ringbuf_mb)]
     ringbuf_mb: u32,
     /// Command to start and trace, with its children.
     #[arg(last = true)]
     command: Vec<String>,
 }
 
-fn faults(args: FaultsArgs) -> anyhow::Result<()> {
-    let target = match (args.pid.is_empty(), args.command.is_empty()) {
-        (true, true) => Target::System,
-        (false, true) => Target::Pids(args.pid.clone()),
-        (true, false) => Target::Command(args.command.clone()),
-        (false, false) => anyhow::bail!("give either -p PID or -- COMMAND, not both"),
+/// memtrace's own exit codes; with `-- CMD` a run otherwise exits with the command's status.
+const EXIT_ERROR: u8 = 1;
+const EXIT_NO_SUCH_PROCESS: u8 = 3;
+const EXIT_NOT_ROOT: u8 = 77;
+const EXIT_CANNOT_EXECUTE: u8 = 126;
+const EXIT_COMMAND_NOT_FOUND: u8 = 127;
+/// The reader of the reports went away: the status of a process killed by SIGPIPE (128 + 13).
+const EXIT_READER_GONE: u8 = 141;
+
+fn faults(args: FaultsArgs) -> anyhow::Result<ExitCode> {
+    let target = if !args.command.is_empty() {
+        Target::Command(args.command.clone())
+    } else if !args.pid.is_empty() {
+        Target::Pids(args.pid.clone())
+    } else {
+        Target::System
     };
-    if !args.ringbuf_mb.is_power_of_two() {
-        anyhow::bail!("--ringbuf-mb must be a power of two");
-    }
     let opts = FaultsOptions {
         target,
         duration: args.duration,
@@ -116,16 +163,71 @@ fn faults(args: FaultsArgs) -> anyhow::Result<()> {
             hist: args.hist,
         },
     };
+    let mut sink = ReportSink::open(args.output.as_deref(), opts.report, opts.interval.is_some())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let report_opts = opts.report;
-    let final_report = runtime.block_on(session::run_faults(&opts, |r| {
-        print!("{}", report::render(r, &report_opts));
+    let mut write_error = None;
+    let mut reader_gone = false;
+    let outcome = runtime.block_on(session::run_faults(&opts, |report, kind| {
+        match sink.write(report, kind) {
+            Ok(Delivery::Written) => ControlFlow::Continue(()),
+            Ok(Delivery::ReaderGone) => {
+                reader_gone = true;
+                ControlFlow::Break(())
+            }
+            Err(e) => {
+                write_error = Some(e);
+                ControlFlow::Break(())
+            }
+        }
     }))?;
-    print!("{}", report::render(&final_report, &report_opts));
-    Ok(())
+    if let Some(e) = write_error {
+        return Err(e);
+    }
+    if reader_gone {
+        return Ok(ExitCode::from(EXIT_READER_GONE));
+    }
+    // Like time(1) and strace: the traced command's status is the run's.
+    Ok(match outcome.command_exit_code() {
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(EXIT_ERROR)),
+        None => ExitCode::SUCCESS,
+    })
+}
+
+fn check(format: Format) -> anyhow::Result<ExitCode> {
+    let (probes, ok) = memtrace::check::run();
+    let text = match format {
+        Format::Json => {
+            serde_json::to_string_pretty(&probes).context("serializing the probes")? + "\n"
+        }
+        _ => memtrace::check::render(&probes),
+    };
+    if output::write_stdout(&text)? == Delivery::ReaderGone {
+        return Ok(ExitCode::from(EXIT_READER_GONE));
+    }
+    if !ok {
+        anyhow::bail!("this kernel lacks something memtrace needs (see FAIL above)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The exit code for an error: the library's errors a user can act on have their own.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<memtrace::Error>() {
+        Some(memtrace::Error::NotRoot) => EXIT_NOT_ROOT,
+        Some(memtrace::Error::NoSuchProcess(_) | memtrace::Error::KernelThread { .. }) => {
+            EXIT_NO_SUCH_PROCESS
+        }
+        Some(memtrace::Error::Spawn { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            EXIT_COMMAND_NOT_FOUND
+        }
+        Some(memtrace::Error::Spawn { .. }) => EXIT_CANNOT_EXECUTE,
+        _ => EXIT_ERROR,
+    }
 }
 
 fn main() -> ExitCode {
@@ -133,35 +235,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Faults(args) => faults(args),
-        Cmd::Check { format } => {
-            let (probes, ok) = memtrace::check::run();
-            match format {
-                Format::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&probes).unwrap_or_default()
-                ),
-                _ => print!("{}", memtrace::check::render(&probes)),
-            }
-            if ok {
-                Ok(())
-            } else {
-                Err(anyhow::anyhow!(
-                    "this kernel lacks something memtrace needs (see FAIL above)"
-                ))
-            }
-        }
+        Cmd::Check { format } => check(format),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("memtrace: error: {e:#}");
-            let code = match e.downcast_ref::<memtrace::Error>() {
-                Some(memtrace::Error::NotRoot) => 77,
-                Some(memtrace::Error::NoSuchProcess(_)) => 3,
-                Some(memtrace::Error::Spawn { .. }) => 127,
-                _ => 1,
-            };
-            ExitCode::from(code)
-        }
-    }
+    result.unwrap_or_else(|e| {
+        let _ = writeln!(std::io::stderr(), "memtrace: error: {e:#}");
+        ExitCode::from(exit_code(&e))
+    })
 }

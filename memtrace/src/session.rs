@@ -1,14 +1,19 @@
 //! One tracing run: start or attach to the targets, collect until the end condition, report.
 use std::{
     io::{Read as _, Write as _},
-    os::{fd::AsRawFd, unix::process::CommandExt as _},
+    ops::ControlFlow,
+    os::{
+        fd::{AsRawFd, FromRawFd as _, OwnedFd},
+        unix::process::{CommandExt as _, ExitStatusExt as _},
+    },
     path::{Path, PathBuf},
-    process::{Child, Command},
+    process::{Child, Command, ExitStatus},
+    sync::atomic::{AtomicI32, AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
-use tokio::io::unix::AsyncFd;
+use tokio::{io::unix::AsyncFd, time::MissedTickBehavior};
 
 use crate::{
     collector::Collector,
@@ -34,7 +39,45 @@ pub struct FaultsOptions {
     pub report: ReportOptions,
 }
 
-/// Is the process alive (and not a zombie)?
+/// What ended a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Every traced process exited (the command and its descendants, or every `-p` process).
+    TargetsExited,
+    /// `--duration` elapsed.
+    Deadline,
+    /// SIGINT or SIGTERM arrived (the signal's number).
+    Signal(i32),
+    /// The report callback asked to stop (its output went away).
+    Stopped,
+}
+
+/// An interval report (`-i`) or the one at the end of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportKind {
+    Interval,
+    Final,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub ended_by: RunEnd,
+    /// How the traced command ended, if it has.
+    pub command_status: Option<ExitStatus>,
+}
+
+impl RunOutcome {
+    /// The traced command's status as a shell gives it: its exit code, or 128 + the signal
+    /// that killed it. `None` without a command, or while it still runs.
+    pub fn command_exit_code(&self) -> Option<i32> {
+        self.command_status
+            .and_then(|status| status.code().or_else(|| status.signal().map(|s| 128 + s)))
+    }
+}
+
+/// Is the process alive (and not a zombie)? By number, so a reused pid looks alive: prefer a
+/// pidfd or the `Child` where there is one.
 pub fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised comm, which may itself contain spaces.
@@ -46,21 +89,209 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
-/// Finds a command the way execvp would, so "not found" is reported before anything starts.
+/// `PF_KTHREAD` in the flags of /proc/PID/stat (include/linux/sched.h).
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Is `pid` a kernel thread? `None` if /proc cannot tell.
+fn is_kernel_thread(pid: u32) -> Option<bool> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    // After the comm: state (field 3), ppid, pgrp, session, tty_nr, tpgid, flags (field 9).
+    let flags: u64 = rest.split_whitespace().nth(6)?.parse().ok()?;
+    Some(flags & PF_KTHREAD != 0)
+}
+
+/// The process (thread group) that thread `tid` belongs to: `tid` itself for a main thread.
+fn thread_group(tid: u32) -> Result<u32, Error> {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .ok_or(Error::NoSuchProcess(tid))
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_default()
+}
+
+/// A `-p` process, held by a pidfd where the kernel has them (5.3+): the pidfd names that very
+/// process, so its exit is seen even if its pid is reused meanwhile.
+struct WatchedProcess {
+    pid: u32,
+    pidfd: Option<OwnedFd>,
+}
+
+impl WatchedProcess {
+    fn exited(&self) -> bool {
+        match &self.pidfd {
+            Some(fd) => pidfd_exited(fd),
+            None => !process_alive(self.pid),
+        }
+    }
+}
+
+/// Opens a pidfd on process `pid`; `None` where the kernel cannot give one.
+fn pidfd_open(pid: u32) -> Result<Option<OwnedFd>, Error> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| Error::NoSuchProcess(pid))?;
+    // SAFETY: pidfd_open takes a pid and flags by value and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if let Ok(fd) = i32::try_from(fd) {
+        if fd >= 0 {
+            // SAFETY: the kernel just returned this fd to us and nothing else owns it.
+            return Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ESRCH) {
+        return Err(Error::NoSuchProcess(pid as u32));
+    }
+    log::warn!("no pidfd for pid {pid} ({err}): watching its exit through /proc");
+    Ok(None)
+}
+
+/// Has the process behind `pidfd` exited? A pidfd turns readable when it has; never blocks.
+fn pidfd_exited(pidfd: &OwnedFd) -> bool {
+    let mut poll = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the length 1, and a zero timeout: poll returns at once.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready > 0 && poll.revents & libc::POLLIN != 0
+}
+
+/// Resolves the `-p` pids: a thread stands for its process (said on stderr), a kernel thread
+/// is refused (it takes no user page faults), and each process is held by a pidfd from now on.
+fn watch_pids(pids: &[u32]) -> Result<Vec<WatchedProcess>, Error> {
+    let mut watched: Vec<WatchedProcess> = Vec::new();
+    for &pid in pids {
+        let process = thread_group(pid)?;
+        if process != pid {
+            say(format_args!(
+                "memtrace: pid {pid} is a thread of process {process}; tracing process {process}"
+            ));
+        }
+        if is_kernel_thread(process) == Some(true) {
+            return Err(Error::KernelThread {
+                pid,
+                comm: comm(process),
+            });
+        }
+        if watched.iter().any(|w| w.pid == process) {
+            continue;
+        }
+        let w = WatchedProcess {
+            pid: process,
+            pidfd: pidfd_open(process)?,
+        };
+        // A zombie has exited already: nothing left to trace.
+        if w.exited() {
+            return Err(Error::NoSuchProcess(pid));
+        }
+        watched.push(w);
+    }
+    Ok(watched)
+}
+
+/// The first SIGINT or SIGTERM of the run (0 until one comes), and how many have come.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+static STOP_SIGNALS_SEEN: AtomicU32 = AtomicU32::new(0);
+
+/// SIGINT/SIGTERM handler. The first signal asks the run to end with its final report; a later
+/// one means the user will not wait for that report, and ends the process at once with the
+/// shell's code for the signal (130 for SIGINT, 143 for SIGTERM).
+extern "C" fn on_stop_signal(signal: libc::c_int) {
+    if STOP_SIGNALS_SEEN.fetch_add(1, Ordering::SeqCst) == 0 {
+        STOP_SIGNAL.store(signal, Ordering::SeqCst);
+    } else {
+        // SAFETY: _exit is async-signal-safe; the kernel drops the eBPF programs with our fds.
+        unsafe { libc::_exit(128 + signal) };
+    }
+}
+
+/// Makes SIGINT and SIGTERM end a run gracefully (see [`on_stop_signal`]). The handler stays
+/// after the run, so a second signal while the caller writes the final report ends the process.
+pub fn install_stop_signals() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: all-zero is a valid sigaction (no flags, empty mask); its fields are set below.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        // SAFETY: both calls get valid pointers to our own sigaction; the handler only touches
+        // atomics and calls _exit, which are async-signal-safe.
+        let rc = unsafe {
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            log::warn!(
+                "cannot handle signal {signal}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// The signal that asked the run to end, if one has.
+fn stop_signal() -> Option<i32> {
+    match STOP_SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        signal => Some(signal),
+    }
+}
+
+/// Writes a line to stderr; a closed stderr is no reason to fail a run.
+fn say(line: std::fmt::Arguments) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Finds a command the way execvp would, so "not found" (127 in a shell) and "cannot execute"
+/// (126) are reported before anything starts.
 pub fn resolve_command(name: &str) -> Result<PathBuf, Error> {
-    let not_found = || Error::Spawn {
+    let fail = |kind, why: &str| Error::Spawn {
         command: name.to_string(),
-        source: std::io::Error::new(std::io::ErrorKind::NotFound, "command not found"),
+        source: std::io::Error::new(kind, why),
+    };
+    let not_found = || fail(std::io::ErrorKind::NotFound, "command not found");
+    let not_executable = || {
+        fail(
+            std::io::ErrorKind::PermissionDenied,
+            "not executable (no execute permission)",
+        )
     };
     if name.contains('/') {
-        let p = PathBuf::from(name);
-        return if p.is_file() { Ok(p) } else { Err(not_found()) };
+        let path = PathBuf::from(name);
+        return match std::fs::metadata(&path) {
+            Ok(m) if m.is_dir() => {
+                Err(fail(std::io::ErrorKind::PermissionDenied, "is a directory"))
+            }
+            Ok(_) if is_executable(&path) => Ok(path),
+            Ok(_) => Err(not_executable()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(not_found()),
+            Err(e) => Err(Error::Spawn {
+                command: name.to_string(),
+                source: e,
+            }),
+        };
     }
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
-    std::env::split_paths(&path)
+    let candidates: Vec<PathBuf> = std::env::split_paths(&path)
         .map(|dir| dir.join(name))
-        .find(|p| is_executable(p))
-        .ok_or_else(not_found)
+        .filter(|p| p.is_file())
+        .collect();
+    match candidates.iter().find(|p| is_executable(p)) {
+        Some(p) => Ok(p.clone()),
+        // Like execvp: a file found without execute permission is "permission denied".
+        None if !candidates.is_empty() => Err(not_executable()),
+        None => Err(not_found()),
+    }
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -134,16 +365,26 @@ fn spawn_held(
     Ok(Traced { child })
 }
 
-/// Runs `memtrace faults`: calls `on_report` for every interval report, returns the final one.
+/// Runs `memtrace faults` until the targets exit, `--duration` passes, SIGINT/SIGTERM comes or
+/// `on_report` breaks. Hands `on_report` every interval report and then the final one (unless
+/// it broke), before the kernel programs are detached, which takes a while. Installs the
+/// SIGINT/SIGTERM handler of [`install_stop_signals`] for the rest of the process's life.
 pub async fn run_faults(
     opts: &FaultsOptions,
-    mut on_report: impl FnMut(&FaultReport),
-) -> Result<FaultReport, Error> {
-    if let Target::Pids(pids) = &opts.target {
-        if let Some(&missing) = pids.iter().find(|&&p| !process_alive(p)) {
-            return Err(Error::NoSuchProcess(missing));
+    mut on_report: impl FnMut(&FaultReport, ReportKind) -> ControlFlow<()>,
+) -> Result<RunOutcome, Error> {
+    install_stop_signals();
+    // Refuse what cannot be traced before loading anything.
+    let watched = match &opts.target {
+        Target::Pids(pids) => watch_pids(pids)?,
+        Target::Command(argv) => {
+            if let Some(program) = argv.first() {
+                resolve_command(program)?;
+            }
+            Vec::new()
         }
-    }
+        Target::System => Vec::new(),
+    };
     let tracer_opts = TracerOptions {
         filter_pids: !matches!(opts.target, Target::System),
         ..opts.tracer
@@ -151,14 +392,12 @@ pub async fn run_faults(
     let mut tracer = Tracer::load(tracer_opts)?;
     let mut collector = Collector::default();
     let mut traced = None;
-    let mut watched: Vec<u32> = Vec::new();
     match &opts.target {
         Target::System => {}
-        Target::Pids(pids) => {
-            for &pid in pids {
-                tracer.add_target(pid)?;
-                collector.observe(pid);
-                watched.push(pid);
+        Target::Pids(_) => {
+            for w in &watched {
+                tracer.add_target(w.pid)?;
+                collector.observe(w.pid);
             }
         }
         Target::Command(argv) => {
@@ -169,7 +408,6 @@ pub async fn run_faults(
                 collector.observe(pid);
                 Ok(())
             })?;
-            watched.push(t.child.id());
             traced = Some(t);
         }
     }
@@ -183,65 +421,132 @@ pub async fn run_faults(
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| Error::Map(format!("polling the ring buffer: {e}")))?;
     let start = Instant::now();
-    eprintln!(
+    let pids: Vec<u32> = watched
+        .iter()
+        .map(|w| w.pid)
+        .chain(traced.as_ref().map(|t| t.child.id()))
+        .collect();
+    say(format_args!(
         "memtrace: tracing page faults of {}; Ctrl-C to stop",
-        describe(&opts.target, &watched)
-    );
+        describe(&opts.target, &pids)
+    ));
     let mut symbolizer = Symbolizer::new();
-    let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
-    let mut interval = opts
-        .interval
-        .map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
+    let now = tokio::time::Instant::now();
+    let deadline = opts.duration.and_then(|d| now.checked_add(d));
+    // Would something that takes `cost`, started now, end past the deadline?
+    let ends_past_deadline =
+        |cost: Duration| deadline.is_some_and(|d| tokio::time::Instant::now() + cost >= d);
+    let past_deadline = || ends_past_deadline(Duration::ZERO);
+    // What the last interval report took to build and write.
+    let mut report_cost = Duration::ZERO;
+    let mut interval = opts.interval.filter(|p| !p.is_zero()).and_then(|period| {
+        let mut interval = tokio::time::interval_at(now.checked_add(period)?, period);
+        // A report that takes longer than the period must not queue more reports behind it.
+        interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        Some(interval)
+    });
     let mut exit_check = tokio::time::interval(Duration::from_millis(100));
     // The kernel side wakes us only per batch; drain whatever is waiting at least this often.
+    // This tick also bounds how long a stop signal waits to be seen.
     let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
 
-    loop {
+    let ended_by = loop {
+        if let Some(signal) = stop_signal() {
+            break RunEnd::Signal(signal);
+        }
+        if past_deadline() {
+            break RunEnd::Deadline;
+        }
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(|e| Error::Map(format!("polling the ring buffer: {e}")))?;
-                drain(guard.get_inner_mut(), &mut collector);
-                guard.clear_ready();
+                // Records left by a drain cut short keep the ring ready for the next turn.
+                if !drain(guard.get_inner_mut(), &mut collector) {
+                    guard.clear_ready();
+                }
             }
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
-            _ = &mut ctrl_c => break,
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break RunEnd::Deadline,
             _ = async { match interval.as_mut() { Some(i) => { i.tick().await; } None => std::future::pending().await } } => {
-                on_report(&snapshot(&tracer, &collector, &mut symbolizer, opts, start));
+                // Building a report takes a while: an end that is due comes first, and a report
+                // that would end past the deadline is skipped (the final one follows at once).
+                if stop_signal().is_some() || ends_past_deadline(report_cost) {
+                    continue;
+                }
+                let building = Instant::now();
+                let report = snapshot(&tracer, &collector, &mut symbolizer, opts, start);
+                let flow = on_report(&report, ReportKind::Interval);
+                report_cost = building.elapsed();
+                if flow.is_break() {
+                    break RunEnd::Stopped;
+                }
             }
-            _ = drain_tick.tick() => drain(ring.get_mut(), &mut collector),
+            _ = drain_tick.tick() => {
+                drain(ring.get_mut(), &mut collector);
+            }
             _ = exit_check.tick() => {
                 if targets_done(&mut traced, &watched, &collector) {
-                    break;
+                    break RunEnd::TargetsExited;
                 }
             }
         }
+    };
+    let mut command_status = || {
+        traced
+            .as_mut()
+            .and_then(|t| t.child.try_wait().ok().flatten())
+    };
+    if ended_by == RunEnd::Stopped {
+        return Ok(RunOutcome {
+            ended_by,
+            command_status: command_status(),
+        });
     }
     // Records still in flight when the end came.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    drain(ring.get_mut(), &mut collector);
-    if let Some(mut t) = traced {
-        if t.child.try_wait().ok().flatten().is_none() {
-            // Ended by Ctrl-C or --duration: the command keeps running unless the user stops it.
-            log::info!("command {} still running", t.child.id());
-        }
+    // All of them, unless they come faster than they are read (the programs are still
+    // attached): the end must not wait on a flooded system.
+    let final_drain = Instant::now();
+    while drain(ring.get_mut(), &mut collector) && final_drain.elapsed() < FINAL_DRAIN_BUDGET {}
+    let command_status = command_status();
+    if let (Some(t), None) = (&traced, command_status) {
+        // Ended by a signal or --duration: the command keeps running unless the user stops it.
+        log::info!("command {} still running", t.child.id());
     }
-    Ok(snapshot(&tracer, &collector, &mut symbolizer, opts, start))
+    let report = snapshot(&tracer, &collector, &mut symbolizer, opts, start);
+    // The caller knows what became of its output; the run ends here either way.
+    let _ = on_report(&report, ReportKind::Final);
+    Ok(RunOutcome {
+        ended_by,
+        command_status,
+    })
 }
 
 /// Records handled per drain before the run loop gets a turn (signals, deadline, reports).
 const DRAIN_BATCH: usize = 1 << 16;
+/// The longest a drain runs before the loop gets its turn, for a collector slower than the
+/// records come (a flooded system, a debug build): the deadline and signals must not wait.
+const DRAIN_BUDGET: Duration = Duration::from_millis(50);
 
-/// Hands waiting ring-buffer records to the collector, at most a batch at a time.
-fn drain(ring: &mut RingBuf<MapData>, collector: &mut Collector) {
-    for _ in 0..DRAIN_BATCH {
+/// The longest the last drain of a run goes on, while records keep coming.
+const FINAL_DRAIN_BUDGET: Duration = Duration::from_millis(500);
+
+/// Hands waiting ring-buffer records to the collector, at most a batch (or a time budget) at a
+/// time. Returns whether it stopped with records possibly still waiting.
+fn drain(ring: &mut RingBuf<MapData>, collector: &mut Collector) -> bool {
+    let started = Instant::now();
+    let mut more = true;
+    for n in 0..DRAIN_BATCH {
+        if n % 1024 == 1023 && started.elapsed() >= DRAIN_BUDGET {
+            break;
+        }
         let Some(item) = ring.next() else {
+            more = false;
             break;
         };
         collector.on_bytes(&item);
     }
     collector.sweep();
+    more
 }
 
 /// A report of everything collected so far.
@@ -260,18 +565,28 @@ fn snapshot(
     report::build(&input, symbolizer, &opts.report)
 }
 
-/// With targets: have they all exited (the command, its descendants, every -p pid)?
-fn targets_done(traced: &mut Option<Traced>, watched: &[u32], collector: &Collector) -> bool {
-    if watched.is_empty() {
-        return false;
-    }
+/// With targets: have they all exited (the command, its descendants, every -p process)?
+fn targets_done(
+    traced: &mut Option<Traced>,
+    watched: &[WatchedProcess],
+    collector: &Collector,
+) -> bool {
     if let Some(t) = traced {
+        // The command itself: its Child knows, whatever has become of its pid since.
         if t.child.try_wait().ok().flatten().is_none() {
             return false;
         }
-        return !collector.spawned.iter().any(|&p| process_alive(p));
+        let command = t.child.id();
+        // Its descendants: an exit record settles it; /proc covers a record not read (or lost).
+        return !collector
+            .spawned
+            .iter()
+            .filter(|&&pid| pid != command)
+            .any(|&pid| {
+                !collector.processes.get(&pid).is_some_and(|p| p.exited) && process_alive(pid)
+            });
     }
-    !watched.iter().any(|&p| process_alive(p))
+    !watched.is_empty() && watched.iter().all(WatchedProcess::exited)
 }
 
 fn describe(target: &Target, watched: &[u32]) -> String {

@@ -1,0 +1,107 @@
+//! Where reports go: stdout or a file, through a fallible writer, so that a closed pipe ends a
+//! run quietly and a full disk ends it with a clear error, never a panic.
+use std::{
+    fs::File,
+    io::{self, BufWriter, Write},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use memtrace::{
+    report::{self, FaultReport, Format, ReportOptions},
+    session::ReportKind,
+};
+use serde_json::Value;
+
+/// The value of a JSON document's `report` field.
+fn kind_name(kind: ReportKind) -> &'static str {
+    match kind {
+        ReportKind::Interval => "interval",
+        ReportKind::Final => "final",
+    }
+}
+
+/// What became of a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    Written,
+    /// The reader went away (a closed pipe, as under `| head`): nobody wants more reports.
+    ReaderGone,
+}
+
+/// The destination of a run's reports and how to lay them out.
+pub struct ReportSink {
+    out: BufWriter<Box<dyn Write>>,
+    /// The `-o` file, for error messages; `None` for stdout.
+    path: Option<PathBuf>,
+    opts: ReportOptions,
+    /// JSON Lines: one compact JSON document per report, for runs with interval reports.
+    json_lines: bool,
+}
+
+impl ReportSink {
+    /// Reports to `path` (created, or truncated) or, without one, to stdout.
+    pub fn open(
+        path: Option<&Path>,
+        opts: ReportOptions,
+        with_intervals: bool,
+    ) -> anyhow::Result<Self> {
+        let out: Box<dyn Write> = match path {
+            Some(p) => Box::new(
+                File::create(p)
+                    .with_context(|| format!("creating the report file {}", p.display()))?,
+            ),
+            None => Box::new(io::stdout()),
+        };
+        Ok(Self {
+            out: BufWriter::new(out),
+            path: path.map(Path::to_path_buf),
+            opts,
+            json_lines: with_intervals && opts.format == Format::Json,
+        })
+    }
+
+    /// Writes one report and flushes it, so each interval report is out when it is due.
+    pub fn write(&mut self, report: &FaultReport, kind: ReportKind) -> anyhow::Result<Delivery> {
+        let text = self.render(report, kind)?;
+        let written = self
+            .out
+            .write_all(text.as_bytes())
+            .and_then(|()| self.out.flush());
+        match written {
+            Ok(()) => Ok(Delivery::Written),
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(Delivery::ReaderGone),
+            Err(e) => Err(anyhow::Error::new(e).context(match &self.path {
+                Some(p) => format!("writing the report to {}", p.display()),
+                None => "writing the report".to_string(),
+            })),
+        }
+    }
+
+    fn render(&self, report: &FaultReport, kind: ReportKind) -> anyhow::Result<String> {
+        if self.opts.format != Format::Json {
+            return Ok(report::render(report, &self.opts));
+        }
+        let mut doc = serde_json::to_value(report).context("serializing the report")?;
+        if let Value::Object(fields) = &mut doc {
+            fields.insert("report".into(), kind_name(kind).into());
+        }
+        let text = if self.json_lines {
+            serde_json::to_string(&doc)
+        } else {
+            serde_json::to_string_pretty(&doc)
+        }
+        .context("serializing the report")?;
+        Ok(text + "\n")
+    }
+}
+
+/// Writes `text` to stdout (for `memtrace check`), through the same error handling.
+pub fn write_stdout(text: &str) -> anyhow::Result<Delivery> {
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(Delivery::Written),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(Delivery::ReaderGone),
+        Err(e) => Err(anyhow::Error::new(e).context("writing the report")),
+    }
+}
