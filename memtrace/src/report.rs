@@ -151,11 +151,30 @@ pub struct AgentStats {
     pub cpu_sys_s: f64,
     /// Ring-buffer records handled.
     pub records: u64,
-    /// Agent CPU (user + system) per record handled, in nanoseconds.
+    /// Agent CPU (user + system) per record handled since tracing started (loading and
+    /// verifying the programs excluded), in nanoseconds.
     pub cpu_ns_per_record: f64,
 }
 
+/// Agent CPU seconds when tracing started.
+static CPU_AT_START: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
 impl AgentStats {
+    /// Marks the start of tracing: `cpu_ns_per_record` counts CPU from here on.
+    pub fn tracing_started() {
+        let (user, sys) = Self::cpu_seconds();
+        let _ = CPU_AT_START.set(user + sys);
+    }
+
+    fn cpu_seconds() -> (f64, f64) {
+        // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: RUSAGE_SELF with a valid pointer to a rusage struct.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        (secs(usage.ru_utime), secs(usage.ru_stime))
+    }
+
     /// Reads this process's own figures from /proc/self/status and getrusage.
     pub fn current(records: u64) -> Self {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -168,12 +187,8 @@ impl AgentStats {
                 .unwrap_or(0)
                 * 1024
         };
-        // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: RUSAGE_SELF with a valid pointer to a rusage struct.
-        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        let (user, sys) = (secs(usage.ru_utime), secs(usage.ru_stime));
+        let (user, sys) = Self::cpu_seconds();
+        let tracing_cpu = user + sys - CPU_AT_START.get().copied().unwrap_or(0.0);
         Self {
             peak_rss_bytes: kib("VmHWM:"),
             rss_bytes: kib("VmRSS:"),
@@ -183,7 +198,7 @@ impl AgentStats {
             cpu_ns_per_record: if records == 0 {
                 0.0
             } else {
-                (user + sys) * 1e9 / records as f64
+                tracing_cpu.max(0.0) * 1e9 / records as f64
             },
         }
     }

@@ -421,6 +421,8 @@ pub async fn run_faults(
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| Error::Map(format!("polling the ring buffer: {e}")))?;
     let start = Instant::now();
+    // Per-record CPU is what tracing costs, not loading and verifying the programs.
+    crate::report::AgentStats::tracing_started();
     let pids: Vec<u32> = watched
         .iter()
         .map(|w| w.pid)

@@ -245,8 +245,9 @@ enum Runner {
 
 const BPFTRACE_PROGRAM: &str = "software:minor-faults:1 /pid == cpid/ { @[ustack] = count(); }";
 
-/// One run: returns (touch-phase seconds, lost records; 0 where the runner cannot say).
-fn bench_run(bin: &Path, workload: &str, pages: u64, runner: Runner) -> Result<(f64, u64)> {
+/// One run: returns (touch-phase seconds, lost records, agent CPU ns per record; 0 where the
+/// runner cannot say).
+fn bench_run(bin: &Path, workload: &str, pages: u64, runner: Runner) -> Result<(f64, u64, f64)> {
     let workload_bin = bin.join("memtrace-workload");
     let pages = pages.to_string();
     let out = match runner {
@@ -265,17 +266,20 @@ fn bench_run(bin: &Path, workload: &str, pages: u64, runner: Runner) -> Result<(
         )?,
     };
     let seconds = touch_seconds(&out)?;
-    let lost = match runner {
+    let (lost, agent_ns) = match runner {
         Runner::Memtrace(_) => {
             let i = out.find("\n{").context("memtrace printed no JSON report")?;
             let report: serde_json::Value = serde_json::from_str(&out[i + 1..])?;
-            report["lost"]["events"]
-                .as_u64()
-                .context("report without lost.events")?
+            (
+                report["lost"]["events"]
+                    .as_u64()
+                    .context("report without lost.events")?,
+                report["agent"]["cpu_ns_per_record"].as_f64().unwrap_or(0.0),
+            )
         }
-        Runner::Untraced | Runner::Bpftrace => 0,
+        Runner::Untraced | Runner::Bpftrace => (0, 0.0),
     };
-    Ok((seconds, lost))
+    Ok((seconds, lost, agent_ns))
 }
 
 /// The touch-phase time from the workload's report line.
@@ -315,6 +319,7 @@ fn bench_table(
 ) -> Result<()> {
     let mut times = vec![Vec::new(); configs.len()];
     let mut lost = vec![0u64; configs.len()];
+    let mut agent_ns = vec![Vec::new(); configs.len()];
     for round in 0..runs {
         for k in 0..configs.len() {
             let i = (k + round) % configs.len();
@@ -322,23 +327,30 @@ fn bench_table(
             // time to settle (a tracer's own start-up would otherwise be a pause only traced
             // runs get).
             std::thread::sleep(std::time::Duration::from_secs(2));
-            let (t, l) = bench_run(bin, workload, pages, configs[i].1)?;
+            let (t, l, a) = bench_run(bin, workload, pages, configs[i].1)?;
             times[i].push(t);
             lost[i] += l;
+            agent_ns[i].push(a);
         }
     }
     let base = median(times[0].clone());
     println!("\n{workload} {pages}: {runs} rounds, configurations interleaved");
     println!(
-        "{:<46} {:>9} {:>10} {:>7} {:>12} {:>6}  runs (s)",
-        "configuration", "median", "per fault", "ratio", "round ratio", "lost"
+        "{:<46} {:>9} {:>10} {:>7} {:>12} {:>6} {:>13}  runs (s)",
+        "configuration", "median", "per fault", "ratio", "round ratio", "lost", "agent ns/rec"
     );
     for (i, (name, _)) in configs.iter().enumerate() {
         let m = median(times[i].clone());
         let round_ratio = median(times[i].iter().zip(&times[0]).map(|(t, b)| t / b).collect());
         let all: Vec<String> = times[i].iter().map(|t| format!("{t:.2}")).collect();
+        let agent = median(agent_ns[i].clone());
+        let agent = if agent > 0.0 {
+            format!("{agent:.0}")
+        } else {
+            "-".into()
+        };
         println!(
-            "{name:<46} {m:>7.3} s {:>7.2} us {:>6.2}x {:>11.2}x {:>6}  {}",
+            "{name:<46} {m:>7.3} s {:>7.2} us {:>6.2}x {:>11.2}x {:>6} {agent:>13}  {}",
             m * 1e6 / pages as f64,
             m / base,
             round_ratio,
