@@ -365,8 +365,6 @@ mod pod {
     unsafe impl aya::Pod for PendingSyscall {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FaultEntry {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for CpuState {}
 }
 
 #[cfg(test)]

@@ -160,6 +160,26 @@ impl Default for Collector<Procfs> {
     }
 }
 
+/// The callsite at `key`, added if new while `count` (the table's callsites) is under
+/// [`MAX_CALLSITES`]; past that, a new key is first `strip`ped of its stacks (so it merges
+/// into one stackless callsite) and `true` says so. One hash lookup below the cap.
+fn capped_entry<'m, K: std::hash::Hash + Eq>(
+    map: &'m mut HashMap<K, CallsiteFaults>,
+    mut key: K,
+    count: &mut usize,
+    strip: impl FnOnce(&mut K),
+) -> (&'m mut CallsiteFaults, bool) {
+    let stripped = *count >= MAX_CALLSITES && !map.contains_key(&key);
+    if stripped {
+        strip(&mut key);
+    }
+    let site = map.entry(key).or_insert_with(|| {
+        *count += 1;
+        CallsiteFaults::default()
+    });
+    (site, stripped)
+}
+
 /// How often [`Collector::sweep`] looks for processes to retire.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -321,18 +341,19 @@ impl<S: ProcSource> Collector<S> {
             path,
         };
         info.faults.record(&fault);
-        let mut key = CallsiteKey::of(&fault);
-        if !info.callsites.contains_key(&key) {
-            if self.live_callsites >= MAX_CALLSITES {
-                self.stats.callsite_table_full += 1;
-                key.user_stack = None;
-                key.kernel_stack = None;
-            }
-            if !info.callsites.contains_key(&key) {
-                self.live_callsites += 1;
-            }
+        let (site, stripped) = capped_entry(
+            &mut info.callsites,
+            CallsiteKey::of(&fault),
+            &mut self.live_callsites,
+            |k| {
+                k.user_stack = None;
+                k.kernel_stack = None;
+            },
+        );
+        site.record(&fault);
+        if stripped {
+            self.stats.callsite_table_full += 1;
         }
-        info.callsites.entry(key).or_default().record(&fault);
     }
 
     fn on_vma(&mut self, r: &VmaRecord) {
@@ -470,18 +491,16 @@ impl<S: ProcSource> Collector<S> {
         let Some(row) = row else {
             return;
         };
-        for (mut key, site) in info.earlier {
-            if !row.callsites.contains_key(&key) {
-                if self.exited_callsites >= MAX_CALLSITES {
-                    self.stats.callsite_table_full += site.count;
-                    key.user = None;
-                    key.kernel_stack = None;
-                }
-                if !row.callsites.contains_key(&key) {
-                    self.exited_callsites += 1;
-                }
+        for (key, site) in info.earlier {
+            let (merged, stripped) =
+                capped_entry(&mut row.callsites, key, &mut self.exited_callsites, |k| {
+                    k.user = None;
+                    k.kernel_stack = None;
+                });
+            merged.merge(&site);
+            if stripped {
+                self.stats.callsite_table_full += site.count;
             }
-            row.callsites.entry(key).or_default().merge(&site);
         }
     }
 
@@ -507,16 +526,6 @@ impl<S: ProcSource> Collector<S> {
             self.retire(pid, None);
         }
         self.user_stacks.prune();
-    }
-
-    /// Resolves a live process's user stack by index.
-    pub fn resolve_user_stack(&mut self, pid: u32, stack: u32) -> Option<Arc<UserStack>> {
-        let info = self.processes.get(&pid)?;
-        let ips = info.stacks.get(stack)?;
-        Some(
-            self.user_stacks
-                .intern(UserStack::resolve(&info.space, ips)),
-        )
     }
 }
 

@@ -163,10 +163,6 @@ impl UserStackSet {
         self.0.retain(|s| Arc::strong_count(s) > 1);
     }
 
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

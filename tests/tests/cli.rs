@@ -3,35 +3,14 @@
 //! kernel thread or a pid that gets reused, and capabilities instead of root. Needs root.
 use std::{
     io::{BufRead as _, BufReader, Read as _},
-    path::PathBuf,
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
-fn workload() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_memtrace-workload"))
-}
-
-fn memtrace() -> PathBuf {
-    let p = workload().with_file_name("memtrace");
-    assert!(
-        p.exists(),
-        "{} not built: run the tests with `cargo xtask test`",
-        p.display()
-    );
-    p
-}
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the integration tests load eBPF programs: run them as root"
-    );
-}
+mod common;
+use common::{memtrace, require_root, workload};
 
 /// A process that takes no faults worth counting and stays until killed.
 struct Sleeper(Child);

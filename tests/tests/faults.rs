@@ -3,35 +3,14 @@
 //! just before it exits). Needs root.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    path::PathBuf,
     process::{Command, Output, Stdio},
     time::Duration,
 };
 
 use serde_json::Value;
 
-fn workload() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_memtrace-workload"))
-}
-
-fn memtrace() -> PathBuf {
-    let p = workload().with_file_name("memtrace");
-    assert!(
-        p.exists(),
-        "{} not built: run the tests with `cargo xtask test`",
-        p.display()
-    );
-    p
-}
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the integration tests load eBPF programs: run them as root"
-    );
-}
+mod common;
+use common::{memtrace, require_root, workload};
 
 /// Runs memtrace with `args` and returns (parsed JSON report, workload stdout line fields, output).
 fn run_json(args: &[&str]) -> (Value, Output) {
@@ -109,6 +88,15 @@ fn callsites_of(report: &Value, pid: u64) -> Vec<&Value> {
         .collect();
     v.sort_by_key(|c| std::cmp::Reverse(c["count"].as_u64()));
     v
+}
+
+/// Faults of the callsites whose user stack passes through `function`.
+fn count_through(sites: &[&Value], function: &str) -> u64 {
+    sites
+        .iter()
+        .filter(|c| frames_text(c).contains(function))
+        .map(|c| c["count"].as_u64().unwrap())
+        .sum()
 }
 
 /// Function names of a callsite's user stack, innermost first.
@@ -190,21 +178,14 @@ fn anonymous_first_touch_matches_kernel_minor_count() {
 #[test]
 fn two_callers_at_the_same_stack_depth_get_their_own_stacks() {
     // The stack cache reuses a walked stack while ip, frame and stack pointers repeat; two
-    // callers whose frames share addresses differ only in the return address, which is
-    // walked again every 32nd hit. Each caller must end up with its own faults.
+    // callers whose frames share addresses differ only in the return address, so a reuse is
+    // walked again at random one time in 32. Each caller must end up with its own faults.
     let pages = 20_000u64;
     let (r, out) = trace_workload(&["two-callers", &pages.to_string()]);
     let w = workload_fields(&out);
     let sites = callsites_of(&r, w["pid"]);
-    let count_through = |caller: &str| -> u64 {
-        sites
-            .iter()
-            .filter(|c| frames_text(c).contains(caller))
-            .map(|c| c["count"].as_u64().unwrap())
-            .sum()
-    };
     for caller in ["first_caller", "second_caller"] {
-        let n = count_through(caller);
+        let n = count_through(&sites, caller);
         assert!(
             within(n, pages, 1.0),
             "{n} faults attributed through {caller}, expected {pages}"
@@ -221,14 +202,10 @@ fn interleaved_callers_get_an_unbiased_share_of_the_stacks() {
     let (r, out) = trace_workload(&["interleaved-callers", &pages.to_string()]);
     let w = workload_fields(&out);
     let sites = callsites_of(&r, w["pid"]);
-    let through = |caller: &str| -> u64 {
-        sites
-            .iter()
-            .filter(|c| frames_text(c).contains(caller))
-            .map(|c| c["count"].as_u64().unwrap())
-            .sum()
-    };
-    let (a, b) = (through("caller_a"), through("caller_b"));
+    let (a, b) = (
+        count_through(&sites, "caller_a"),
+        count_through(&sites, "caller_b"),
+    );
     assert!(a + b >= pages * 99 / 100, "a {a} b {b} of {pages}");
     let share_b = b as f64 / (a + b) as f64;
     assert!(
