@@ -54,17 +54,20 @@ pub struct FaultRecord {
     pub address: u64,
     /// The instruction pointer at the fault (user or kernel).
     pub ip: u64,
-    /// x86 page-fault error code (`X86_PF_*` bits) from the entry tracepoint.
-    pub error_code: u64,
+    /// When the kernel accounted the fault (`CLOCK_MONOTONIC`, ns): orders it against the
+    /// perf side-band records of mappings and exec.
+    pub time_ns: u64,
     /// Fault entry to accounting, in nanoseconds.
     pub latency_ns: u64,
     /// Names a walked user stack: the CPU, the stack-cache slot and that CPU's walk count
     /// (see [`stack_token`]); 0 when the stack is not cached.
     pub stack_token: u64,
+    /// x86 page-fault error code (`X86_PF_*` bits, all below bit 32) from the entry tracepoint.
+    pub error_code: u32,
     /// User frames that follow this record (innermost first).
-    pub n_user: u32,
+    pub n_user: u16,
     /// Kernel frames that follow the user frames (innermost first).
-    pub n_kernel: u32,
+    pub n_kernel: u16,
 }
 
 /// A fault record and room for its frames: the per-CPU buffer a walked fault is built in.
@@ -123,6 +126,8 @@ pub struct VmaRecord {
     pub _pad: u32,
     /// mmap: file offset in bytes.
     pub offset: u64,
+    /// When the syscall returned (`CLOCK_MONOTONIC`, ns).
+    pub time_ns: u64,
 }
 
 /// `ProcRecord::op` values.
@@ -140,6 +145,8 @@ pub struct ProcRecord {
     /// Fork: the child's pid. Otherwise equal to `pid`.
     pub child_pid: u32,
     pub comm: [u8; 16],
+    /// When it happened (`CLOCK_MONOTONIC`, ns).
+    pub time_ns: u64,
 }
 
 /// Syscall arguments stashed at entry until the syscall returns.
@@ -375,13 +382,13 @@ mod tests {
     #[test]
     fn records_have_no_implicit_padding() {
         // Sum of field sizes equals the struct size: no hidden padding bytes anywhere.
-        assert_eq!(size_of::<FaultRecord>(), 4 * 4 + 8 * 5 + 4 * 2);
+        assert_eq!(size_of::<FaultRecord>(), 4 * 4 + 8 * 5 + 4 + 2 * 2);
         assert_eq!(
             size_of::<FaultWithStacks>(),
             size_of::<FaultRecord>() + 8 * 2 * MAX_STACK_DEPTH
         );
-        assert_eq!(size_of::<VmaRecord>(), 4 * 4 + 8 * 4 + 4 * 4 + 8);
-        assert_eq!(size_of::<ProcRecord>(), 4 * 4 + 16);
+        assert_eq!(size_of::<VmaRecord>(), 4 * 4 + 8 * 4 + 4 * 4 + 8 * 2);
+        assert_eq!(size_of::<ProcRecord>(), 4 * 4 + 16 + 8);
         assert_eq!(size_of::<Config>(), 4 * 4);
         assert_eq!(size_of::<TargetCacheSlot>(), 8 + 4 * 2);
         assert_eq!(

@@ -197,12 +197,12 @@ fn try_fault_accounted(ctx: &PerfEventContext, kind_flags: u32) -> Result<u32, u
     if kernel_mode {
         flags |= FAULT_KERNEL_MODE;
     }
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     let (latency_ns, error_code) = match entry {
         Some(entry) => {
             flags |= FAULT_HAS_ENTRY;
-            // SAFETY: no preconditions.
-            let now = unsafe { bpf_ktime_get_ns() };
-            (now.saturating_sub(entry.entry_ns), entry.error_code)
+            (now.saturating_sub(entry.entry_ns), entry.error_code as u32)
         }
         None => {
             bump(counter::ENTRY_MISSED);
@@ -217,9 +217,10 @@ fn try_fault_accounted(ctx: &PerfEventContext, kind_flags: u32) -> Result<u32, u
         tid,
         address,
         ip,
-        error_code,
+        time_ns: now,
         latency_ns,
         stack_token: 0,
+        error_code,
         n_user: 0,
         n_kernel: 0,
     };
@@ -297,8 +298,8 @@ fn emit_walked(ctx: &PerfEventContext, mut header: FaultRecord, kernel_mode: boo
         }
     }
     header.flags |= FAULT_STACK_WALKED;
-    header.n_user = n_user;
-    header.n_kernel = n_kernel;
+    header.n_user = n_user as u16;
+    header.n_kernel = n_kernel as u16;
     buf.header = header;
     let len = core::mem::size_of::<FaultRecord>() + 8 * (n_user + n_kernel) as usize;
     if len > core::mem::size_of_val(buf) {

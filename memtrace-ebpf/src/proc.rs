@@ -1,6 +1,10 @@
 //! Process lifecycle: new processes (to follow a traced command's children), exec (the address
 //! space is replaced) and thread-group exit.
-use aya_ebpf::{helpers::bpf_get_current_comm, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_ktime_get_ns},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
 use memtrace_common::{counter, layout, ProcRecord, RecordKind, PROC_EXEC, PROC_EXIT, PROC_FORK};
 
 use crate::maps::{
@@ -18,6 +22,8 @@ fn emit(op: u32, pid: u32, child_pid: u32) {
         pid,
         child_pid,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        // SAFETY: no preconditions.
+        time_ns: unsafe { bpf_ktime_get_ns() },
     };
     if EVENTS.output::<ProcRecord>(&rec, 0).is_err() {
         bump(counter::RINGBUF_FULL_OTHER);

@@ -1,6 +1,6 @@
 //! Address-space changes: mmap, munmap, mremap and brk, recorded at syscall exit on success so
 //! the agent's per-process model of VMAs stays current between reads of `/proc/PID/maps`.
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
 use memtrace_common::{
     counter, layout, PendingSyscall, RecordKind, VmaRecord, VMA_BRK, VMA_MMAP, VMA_MREMAP,
     VMA_MUNMAP,
@@ -115,6 +115,8 @@ fn complete(ctx: &TracePointContext, op: u32) -> u32 {
         op,
         pid: tgid,
         tid,
+        // SAFETY: no preconditions.
+        time_ns: unsafe { bpf_ktime_get_ns() },
         ..VmaRecord::default()
     };
     match op {

@@ -57,6 +57,29 @@ pub struct Vma {
 }
 
 impl Vma {
+    /// A mapping as a perf `PERF_RECORD_MMAP2` names it: `path` without the " (deleted)"
+    /// suffix and `None` for "//anon"; `pgoff` in bytes.
+    pub fn from_perf(
+        start: u64,
+        end: u64,
+        pgoff: u64,
+        inode: u64,
+        (exec, shared): (bool, bool),
+        path: Option<Arc<str>>,
+    ) -> Self {
+        let class = classify(shared, inode, path.as_deref());
+        let file_backed = matches!(class, MappingClass::FilePrivate | MappingClass::FileShared)
+            || (class == MappingClass::AnonShared && path.is_some());
+        Self {
+            start,
+            end,
+            offset: if file_backed { pgoff } else { 0 },
+            class,
+            path,
+            exec,
+        }
+    }
+
     /// The file offset of `addr` inside this VMA (for symbolizing file-backed code).
     pub fn file_offset(&self, addr: u64) -> u64 {
         addr - self.start + self.offset
@@ -206,6 +229,40 @@ impl AddressSpace {
     pub fn insert(&mut self, vma: Vma) {
         self.remove_range(vma.start, vma.end);
         self.vmas.insert(vma.start, vma);
+    }
+
+    /// Adds a mapping the kernel reported (replacing what it overlaps), learning where the
+    /// brk heap starts from it.
+    pub fn apply_mapping(&mut self, vma: Vma) {
+        if vma.class == MappingClass::Heap {
+            self.heap_start = Some(vma.start);
+        }
+        self.insert(vma);
+    }
+
+    /// A fault the kernel handled at `addr`, in no known VMA, right below the main stack: the
+    /// stack grew down to it (which no record reports). Extends the stack VMA and says so.
+    pub fn grow_stack(&mut self, addr: u64) -> bool {
+        let Some((&start, above)) = self.vmas.range(addr..).next() else {
+            return false;
+        };
+        if above.class != MappingClass::Stack || above.path.as_deref() != Some("[stack]") {
+            return false;
+        }
+        let below_end = self
+            .vmas
+            .range(..addr)
+            .next_back()
+            .map_or(0, |(_, v)| v.end);
+        if below_end > addr {
+            return false;
+        }
+        let Some(mut stack) = self.vmas.remove(&start) else {
+            return false;
+        };
+        stack.start = addr & !4095;
+        self.vmas.insert(stack.start, stack);
+        true
     }
 
     /// Applies a successful mmap. `path` is the backing file when known.
@@ -416,6 +473,18 @@ mod tests {
         let moved = space.find(0x6000_0000 + 0x1f0000).expect("moved");
         assert_eq!(moved.class, MappingClass::FileShared);
         assert_eq!(moved.path.as_deref(), Some("/var/data/file.bin"));
+    }
+
+    #[test]
+    fn the_main_stack_grows_down_to_a_fault_below_it() {
+        let mut space = AddressSpace::from_maps(MAPS);
+        assert!(space.grow_stack(0x7ffbfffff123));
+        let stack = space.find(0x7ffbfffff123).expect("grown");
+        assert_eq!((stack.start, stack.end), (0x7ffbfffff000, 0x7ffc00021000));
+        assert_eq!(stack.class, MappingClass::Stack);
+        // Not below a stack (the heap), or inside another VMA: no growth.
+        assert!(!space.grow_stack(0x55d0c0fff000));
+        assert!(!space.grow_stack(0x7f00000fffff + 0x100000));
     }
 
     #[test]

@@ -3,11 +3,8 @@
 //! mapping it hit, and keeps memory bounded: a process that exits is reduced to its totals and
 //! its callsites with position-independent stacks, and past [`EXITED_ROWS`] exited processes
 //! they fold into one row per command name.
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Instant,
-};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::{collections::VecDeque, sync::Arc, time::Instant};
 
 use memtrace_common::{
     FaultRecord, ProcRecord, VmaRecord, FAULT_HAS_ENTRY, FAULT_KERNEL_MODE, FAULT_MAJOR,
@@ -19,7 +16,8 @@ use crate::{
     addrspace::{fd_path, mmap_flags, AddressSpace, MappingClass},
     fault::{decode_error_code, CallsiteFaults, CallsiteKey, Fault, FaultKind, ProcessFaults},
     record::{comm_str, frames_into, Record},
-    stacks::{ReusedStacks, StackTable, UserStack, UserStackSet},
+    sideband::{SideEvent, SideKind},
+    stacks::{ReusedStacks, SharedStack, StackTable, UserStack, UserStackSet},
 };
 
 /// Exited processes kept as rows of their own; later ones fold into one row per name.
@@ -51,6 +49,10 @@ pub struct ProcessInfo {
     pub callsites: HashMap<CallsiteKey, CallsiteFaults>,
     /// Callsites from before its last exec, resolved against the image they ran in.
     pub earlier: HashMap<ResolvedKey, CallsiteFaults>,
+    /// Between the side-band's exec record and the exec tracepoint: the image that called
+    /// execve. The kernel-mode faults exec takes meanwhile (loading the new image, writing
+    /// its stack) carry that image's user stack.
+    before_exec: Option<AddressSpace>,
 }
 
 impl ProcessInfo {
@@ -64,6 +66,7 @@ impl ProcessInfo {
             stacks: StackTable::with_limit(MAX_STACKS_PER_PROCESS),
             callsites: HashMap::new(),
             earlier: HashMap::new(),
+            before_exec: None,
         }
     }
 }
@@ -75,7 +78,7 @@ pub struct ResolvedKey {
     pub kind: FaultKind,
     pub class: MappingClass,
     pub path: Option<Arc<str>>,
-    pub user: Option<Arc<UserStack>>,
+    pub user: Option<SharedStack>,
     /// Index in the collector's kernel stack table.
     pub kernel_stack: Option<u32>,
 }
@@ -129,6 +132,10 @@ pub struct CollectorStats {
     pub kernel_stack_table_full: u64,
     /// Faults attributed without stacks because the callsite table was full.
     pub callsite_table_full: u64,
+    /// Side-band records the kernel dropped (its perf buffer was full).
+    pub sideband_lost: u64,
+    /// Faults below the main stack that grew it (no record reports stack growth).
+    pub stack_grown: u64,
 }
 
 pub struct Collector<S: ProcSource = Procfs> {
@@ -152,6 +159,15 @@ pub struct Collector<S: ProcSource = Procfs> {
     pub stats: CollectorStats,
     /// Forked or exec'd pids that have not exited, for following a traced command's descendants.
     pub spawned: HashSet<u32>,
+    /// Side-band events read but not applied yet, oldest first: each is applied just before
+    /// the first ring record that is newer.
+    side_pending: VecDeque<SideEvent>,
+    /// The perf side-band feeds the model: exec and file mappings come from it, not from
+    /// /proc reads after the fact.
+    pub sideband: bool,
+    /// Every process is traced (system-wide): a process first seen at its exec starts there,
+    /// with nothing to read from /proc.
+    pub follow_all: bool,
 }
 
 impl Default for Collector<Procfs> {
@@ -180,6 +196,9 @@ fn capped_entry<'m, K: std::hash::Hash + Eq>(
     (site, stripped)
 }
 
+/// Side-band events waiting for ring records, at most.
+const MAX_SIDE_PENDING: usize = 1 << 20;
+
 /// How often [`Collector::sweep`] looks for processes to retire.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -203,6 +222,73 @@ impl<S: ProcSource> Collector<S> {
             last_sweep: Instant::now(),
             stats: CollectorStats::default(),
             spawned: HashSet::new(),
+            side_pending: VecDeque::new(),
+            sideband: false,
+            follow_all: false,
+        }
+    }
+
+    /// Queues side-band events (each CPU's in time order) to be applied in time order with
+    /// the ring's records.
+    pub fn queue_side(&mut self, events: impl IntoIterator<Item = SideEvent>) {
+        let before = self.side_pending.len();
+        self.side_pending.extend(events);
+        if self.side_pending.len() > before {
+            // Stable: one CPU's events keep their order where times tie.
+            self.side_pending
+                .make_contiguous()
+                .sort_by_key(|e| e.time_ns);
+        }
+        // A ring that never drains must not let them pile up without bound.
+        while self.side_pending.len() > MAX_SIDE_PENDING {
+            if let Some(ev) = self.side_pending.pop_front() {
+                self.on_side(ev);
+            }
+        }
+    }
+
+    /// Applies the queued side-band events up to `time_ns` (`CLOCK_MONOTONIC`): call it with
+    /// the time a drain began once the ring is empty, as every record older than that is in.
+    pub fn settle(&mut self, time_ns: u64) {
+        while self
+            .side_pending
+            .front()
+            .is_some_and(|e| e.time_ns <= time_ns)
+        {
+            if let Some(ev) = self.side_pending.pop_front() {
+                self.on_side(ev);
+            }
+        }
+    }
+
+    fn on_side(&mut self, ev: SideEvent) {
+        match ev.kind {
+            SideKind::Map(vma) => {
+                if let Some(info) = self.processes.get_mut(&ev.pid) {
+                    info.space.apply_mapping(vma);
+                }
+            }
+            SideKind::Exec { comm } => {
+                if self.processes.contains_key(&ev.pid) {
+                    self.resolve_callsites(ev.pid);
+                } else if !self.follow_all {
+                    return;
+                }
+                let info = self
+                    .processes
+                    .entry(ev.pid)
+                    .or_insert_with(|| ProcessInfo::new(comm.clone(), AddressSpace::default()));
+                // The new image's mappings follow in the side-band.
+                info.before_exec = Some(std::mem::take(&mut info.space));
+                info.comm = comm;
+                info.exited = false;
+                info.last_read = Some(Instant::now());
+            }
+            SideKind::Rename { comm } => {
+                if let Some(info) = self.processes.get_mut(&ev.pid) {
+                    info.comm = comm;
+                }
+            }
         }
     }
 
@@ -224,7 +310,10 @@ impl<S: ProcSource> Collector<S> {
     pub fn on_bytes(&mut self, bytes: &[u8]) {
         self.stats.records += 1;
         match crate::record::decode(bytes) {
-            Some(rec) => self.on_record(rec),
+            Some(rec) => {
+                self.settle(rec.time_ns());
+                self.on_record(rec)
+            }
             None => self.stats.undecodable += 1,
         }
     }
@@ -277,6 +366,10 @@ impl<S: ProcSource> Collector<S> {
                 .map(|v| (v.class, v.path.clone()))
         };
         let mut mapping = lookup(self);
+        if mapping.is_none() && self.space_mut(r.pid).grow_stack(r.address) {
+            self.stats.stack_grown += 1;
+            mapping = lookup(self);
+        }
         if mapping.is_none() && self.reread(r.pid) {
             mapping = lookup(self);
         }
@@ -287,11 +380,19 @@ impl<S: ProcSource> Collector<S> {
         let Some(info) = self.processes.get_mut(&r.pid) else {
             return;
         };
+        let mut calling_image_stack = None;
         let (user_stack, kernel_stack) = if r.flags & FAULT_STACK_WALKED != 0 {
             frames_into(frames, &mut self.frames);
             let n_user = (r.n_user as usize).min(self.frames.len());
             let (user_ips, kernel_ips) = self.frames.split_at(n_user);
-            let user = (!user_ips.is_empty())
+            if r.flags & FAULT_KERNEL_MODE != 0 {
+                if let Some(image) = &info.before_exec {
+                    // Taken by execve itself: the stack of the code that called it.
+                    calling_image_stack =
+                        Some(self.user_stacks.intern(UserStack::resolve(image, user_ips)));
+                }
+            }
+            let user = (!user_ips.is_empty() && calling_image_stack.is_none())
                 .then(|| info.stacks.intern(user_ips))
                 .and_then(|s| {
                     if s.is_none() {
@@ -321,7 +422,7 @@ impl<S: ProcSource> Collector<S> {
             (None, None)
         };
         let has_entry = r.flags & FAULT_HAS_ENTRY != 0;
-        let (access, cause) = decode_error_code(has_entry.then_some(r.error_code));
+        let (access, cause) = decode_error_code(has_entry.then_some(u64::from(r.error_code)));
         let fault = Fault {
             pid: r.pid,
             tid: r.tid,
@@ -341,6 +442,18 @@ impl<S: ProcSource> Collector<S> {
             path,
         };
         info.faults.record(&fault);
+        if let Some(user) = calling_image_stack {
+            // Already resolved: kept with the callsites of the image that called execve.
+            let key = ResolvedKey {
+                kind: fault.kind,
+                class: fault.class,
+                path: fault.path.clone(),
+                user: Some(user),
+                kernel_stack: fault.kernel_stack,
+            };
+            info.earlier.entry(key).or_default().record(&fault);
+            return;
+        }
         let (site, stripped) = capped_entry(
             &mut info.callsites,
             CallsiteKey::of(&fault),
@@ -361,6 +474,11 @@ impl<S: ProcSource> Collector<S> {
         match r.op {
             VMA_MMAP => {
                 let anonymous = r.flags & mmap_flags::MAP_ANONYMOUS != 0;
+                // The side-band reported this mapping with its path already; an anonymous
+                // one is applied again for what only mmap's flags say (MAP_STACK).
+                if self.sideband && !anonymous {
+                    return;
+                }
                 // The fd may be closed (and its number reused) by the time this record is read,
                 // so a file mapping's path comes from a fresh /proc/PID/maps while the process
                 // lives, and from the fd only when that read shows nothing for the range.
@@ -404,6 +522,13 @@ impl<S: ProcSource> Collector<S> {
                 self.processes.insert(r.child_pid, child);
                 self.spawned.insert(r.child_pid);
             }
+            PROC_EXEC if self.sideband => {
+                // The side-band's exec record already reset the address space.
+                let info = self.observe(r.pid);
+                info.comm = Arc::from(comm_str(&r.comm));
+                info.before_exec = None;
+                self.spawned.insert(r.pid);
+            }
             PROC_EXEC => {
                 self.observe(r.pid);
                 self.resolve_callsites(r.pid);
@@ -432,10 +557,19 @@ impl<S: ProcSource> Collector<S> {
             return;
         };
         self.live_callsites = self.live_callsites.saturating_sub(info.callsites.len());
+        // Several callsites (kinds, mappings) share a stack: resolve each stack once.
+        let mut resolved_stacks: HashMap<u32, SharedStack> = HashMap::new();
         for (key, faults) in info.callsites.drain() {
-            let user = key.user_stack.and_then(|i| info.stacks.get(i)).map(|ips| {
-                self.user_stacks
-                    .intern(UserStack::resolve(&info.space, ips))
+            let user = key.user_stack.and_then(|i| {
+                if let Some(s) = resolved_stacks.get(&i) {
+                    return Some(s.clone());
+                }
+                let ips = info.stacks.get(i)?;
+                let s = self
+                    .user_stacks
+                    .intern(UserStack::resolve(&info.space, ips));
+                resolved_stacks.insert(i, s.clone());
+                Some(s)
             });
             let resolved = ResolvedKey {
                 kind: key.kind,
@@ -610,11 +744,21 @@ mod tests {
 
     /// A walked fault's record bytes: the header, then its user frames.
     fn walked(pid: u32, address: u64, token: u64, ips: &[u64]) -> Vec<u8> {
+        walked_rec(
+            FaultRecord {
+                flags: FAULT_HAS_ENTRY | FAULT_STACK_WALKED,
+                stack_token: token,
+                ..fault_rec(pid, address, 0)
+            },
+            ips,
+        )
+    }
+
+    /// `rec`'s bytes followed by its user frames `ips`.
+    fn walked_rec(rec: FaultRecord, ips: &[u64]) -> Vec<u8> {
         let rec = FaultRecord {
-            flags: FAULT_HAS_ENTRY | FAULT_STACK_WALKED,
-            stack_token: token,
-            n_user: ips.len() as u32,
-            ..fault_rec(pid, address, 0)
+            n_user: ips.len() as u16,
+            ..rec
         };
         // SAFETY: FaultRecord is Pod: no padding, every byte initialized.
         let mut bytes = unsafe {
@@ -641,6 +785,140 @@ mod tests {
         )
     }
 
+    fn side(time_ns: u64, pid: u32, kind: SideKind) -> SideEvent {
+        SideEvent { time_ns, pid, kind }
+    }
+
+    fn side_map(time_ns: u64, pid: u32, start: u64, exec: bool, path: Option<&str>) -> SideEvent {
+        let vma = crate::addrspace::Vma::from_perf(
+            start,
+            start + 0x10000,
+            0,
+            u64::from(path.is_some()),
+            (exec, false),
+            path.map(Arc::from),
+        );
+        side(time_ns, pid, SideKind::Map(vma))
+    }
+
+    fn timed_fault(pid: u32, address: u64, time_ns: u64) -> Vec<u8> {
+        walked_rec(
+            FaultRecord {
+                time_ns,
+                ..fault_rec(pid, address, 0)
+            },
+            &[],
+        )
+    }
+
+    fn class_of(c: &Collector<Fake>, pid: u32, address: u64) -> Option<MappingClass> {
+        c.processes
+            .get(&pid)
+            .and_then(|p| p.space.find(address))
+            .map(|v| v.class)
+    }
+
+    #[test]
+    fn side_band_events_apply_in_time_order_with_faults() {
+        let mut c = Collector::new(Fake);
+        c.sideband = true;
+        c.observe(1);
+        c.queue_side([
+            side_map(20, 1, 0x0200_0000, false, None),
+            side(
+                30,
+                1,
+                SideKind::Exec {
+                    comm: Arc::from("new"),
+                },
+            ),
+            side_map(31, 1, 0x0040_0000, true, Some("/bin/new")),
+            // Unknown processes are /proc's to read when they first fault, not the side-band's.
+            side_map(5, 99, 0x0040_0000, true, Some("/bin/other")),
+            side(
+                6,
+                99,
+                SideKind::Exec {
+                    comm: Arc::from("other"),
+                },
+            ),
+        ]);
+        // A fault before the mapping's record: the mapping is not there yet.
+        c.on_bytes(&timed_fault(1, 0x0200_0010, 15));
+        assert_eq!(c.stats.unclassified, 1);
+        // After it, and before the exec: the old image is still in place.
+        c.on_bytes(&timed_fault(1, 0x0200_0020, 25));
+        assert_eq!(c.stats.unclassified, 1);
+        assert_eq!(
+            class_of(&c, 1, 0x0200_0000),
+            Some(MappingClass::AnonPrivate)
+        );
+        assert_eq!(c.processes[&1].comm.as_ref(), "app");
+        assert!(!c.processes.contains_key(&99));
+
+        // A kernel-mode fault inside execve, after the new image is mapped: classified in the
+        // new image, its user stack resolved against the image that called execve.
+        c.on_bytes(&walked_rec(
+            FaultRecord {
+                flags: FAULT_HAS_ENTRY | FAULT_STACK_WALKED | FAULT_KERNEL_MODE,
+                time_ns: 32,
+                ..fault_rec(1, 0x0040_0010, 0)
+            },
+            &[0x0040_0050],
+        ));
+        let p = &c.processes[&1];
+        assert_eq!(p.comm.as_ref(), "new");
+        assert_eq!(
+            class_of(&c, 1, 0x0200_0000),
+            None,
+            "exec dropped the old mappings"
+        );
+        let (key, site) = p
+            .earlier
+            .iter()
+            .find(|(k, _)| k.user.is_some())
+            .expect("exec fault");
+        assert_eq!(site.count, 1);
+        assert_eq!(key.path.as_deref(), Some("/bin/new"));
+        assert_eq!(
+            key.user.as_ref().map(|u| u.frames.clone()),
+            Some(vec![crate::stacks::UserFrame::File {
+                path: Arc::from("/bin/app"),
+                offset: 0x50
+            }])
+        );
+        // The exec tracepoint ends exec's window: later faults are the new image's own.
+        c.on_record(Record::Proc(ProcRecord {
+            time_ns: 33,
+            ..match proc_rec(PROC_EXEC, 1, 1) {
+                Record::Proc(p) => p,
+                _ => unreachable!(),
+            }
+        }));
+        c.on_bytes(&walked_rec(
+            FaultRecord {
+                flags: FAULT_HAS_ENTRY | FAULT_STACK_WALKED | FAULT_KERNEL_MODE,
+                time_ns: 34,
+                ..fault_rec(1, 0x0040_0020, 0)
+            },
+            &[0x0040_0060],
+        ));
+        assert_eq!(c.processes[&1].callsites.len(), 1);
+
+        // System-wide, a process first seen at its exec starts there, with no /proc read.
+        c.follow_all = true;
+        c.queue_side([side(
+            40,
+            7,
+            SideKind::Exec {
+                comm: Arc::from("late"),
+            },
+        )]);
+        c.settle(40);
+        let late = &c.processes[&7];
+        assert_eq!((late.comm.as_ref(), late.space.len()), ("late", 0));
+    }
+
     #[test]
     fn an_exited_process_keeps_its_model() {
         // Records are read after the fact: a short-lived process may be gone when its file
@@ -665,7 +943,7 @@ mod tests {
             c.processes[&1].callsites.keys().map(|k| k.class).collect();
         assert_eq!(
             classes,
-            [MappingClass::Heap, MappingClass::FilePrivate].into()
+            HashSet::from_iter([MappingClass::Heap, MappingClass::FilePrivate])
         );
     }
 
@@ -743,6 +1021,7 @@ mod tests {
             pid: 1,
             child_pid: 1,
             comm: *b"newimage\0\0\0\0\0\0\0\0",
+            time_ns: 0,
         }));
         let info = &c.processes[&1];
         assert!(info.callsites.is_empty() && info.stacks.is_empty());

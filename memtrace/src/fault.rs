@@ -1,6 +1,7 @@
 //! Fault attribution: what one fault was (kind, access, mapping) and the aggregates the reports
 //! are made from (per process, per thread, per callsite, with latency histograms).
-use std::{collections::HashMap, sync::Arc};
+use foldhash::HashMap;
+use std::sync::Arc;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;

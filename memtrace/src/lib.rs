@@ -12,6 +12,7 @@ pub mod loader;
 pub mod record;
 pub mod report;
 pub mod session;
+pub mod sideband;
 pub mod stacks;
 pub mod symbolize;
 pub mod tracefs;

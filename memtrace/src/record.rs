@@ -10,6 +10,29 @@ pub enum Record<'a> {
     Proc(ProcRecord),
 }
 
+impl Record<'_> {
+    /// When the kernel emitted it (`CLOCK_MONOTONIC`, ns).
+    pub fn time_ns(&self) -> u64 {
+        match self {
+            Record::Fault(f, _) => f.time_ns,
+            Record::Vma(v) => v.time_ns,
+            Record::Proc(p) => p.time_ns,
+        }
+    }
+}
+
+/// When the record in `bytes` was emitted, read without decoding the rest.
+pub fn time_of(bytes: &[u8]) -> Option<u64> {
+    use std::mem::offset_of;
+    let tag = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
+    let at = match RecordKind::from_u32(tag)? {
+        RecordKind::Fault => offset_of!(FaultRecord, time_ns),
+        RecordKind::Vma => offset_of!(VmaRecord, time_ns),
+        RecordKind::Proc => offset_of!(ProcRecord, time_ns),
+    };
+    Some(u64::from_ne_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+}
+
 /// Decodes `bytes` (frames following a fault record) into `out`, replacing its contents.
 pub fn frames_into(bytes: &[u8], out: &mut Vec<u64>) {
     out.clear();

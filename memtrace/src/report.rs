@@ -1,6 +1,7 @@
 //! Fault reports: a plain data structure built from the aggregates, rendered as a table, one
 //! JSON document, or folded stacks for flame graphs.
-use std::{collections::HashMap, fmt::Write as _, time::Duration};
+use foldhash::{HashMap, HashMapExt};
+use std::{fmt::Write as _, time::Duration};
 
 use serde::Serialize;
 
@@ -12,7 +13,7 @@ use crate::{
         ProcessFaults,
     },
     loader::KernelCounters,
-    stacks::UserStack,
+    stacks::{SharedStack, UserStack},
     symbolize::{Frame, Symbolizer},
 };
 
@@ -312,7 +313,7 @@ fn all_callsites(collector: &Collector) -> Vec<SiteRef<'_>> {
             let user = k
                 .user_stack
                 .and_then(|i| info.stacks.get(i))
-                .map(|ips| std::sync::Arc::new(UserStack::resolve(&info.space, ips)));
+                .map(|ips| SharedStack::standalone(UserStack::resolve(&info.space, ips)));
             let key = ResolvedKey {
                 kind: k.kind,
                 class: k.class,
@@ -405,6 +406,11 @@ fn loss_table(c: &KernelCounters, stats: &crate::collector::CollectorStats) -> V
             "stack_table_full",
             stats.stack_table_full + stats.kernel_stack_table_full,
             "stack table full: stack not kept",
+        ),
+        loss(
+            "sideband_lost",
+            stats.sideband_lost,
+            "perf side-band records dropped: mappings may be unknown",
         ),
         loss(
             "callsite_table_full",

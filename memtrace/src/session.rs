@@ -19,6 +19,7 @@ use crate::{
     collector::Collector,
     loader::{Tracer, TracerOptions},
     report::{self, FaultReport, ReportInput, ReportOptions},
+    sideband::{self, Sideband},
     symbolize::Symbolizer,
     Error,
 };
@@ -391,6 +392,21 @@ pub async fn run_faults(
     };
     let mut tracer = Tracer::load(tracer_opts)?;
     let mut collector = Collector::default();
+    collector.follow_all = matches!(opts.target, Target::System);
+    // Opened before the command starts, so its exec and first mappings are recorded.
+    let mut sideband = match Sideband::open() {
+        Ok(sideband) => {
+            collector.sideband = true;
+            Some(sideband)
+        }
+        Err(e) => {
+            say(format_args!(
+                "memtrace: no perf side-band ({e}): mappings of processes that exit quickly \
+                 may go unclassified"
+            ));
+            None
+        }
+    };
     let mut traced = None;
     match &opts.target {
         Target::System => {}
@@ -463,7 +479,7 @@ pub async fn run_faults(
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(|e| Error::Map(format!("polling the ring buffer: {e}")))?;
                 // Records left by a drain cut short keep the ring ready for the next turn.
-                if !drain(guard.get_inner_mut(), &mut collector) {
+                if !drain(guard.get_inner_mut(), sideband.as_mut(), &mut collector) {
                     guard.clear_ready();
                 }
             }
@@ -483,7 +499,7 @@ pub async fn run_faults(
                 }
             }
             _ = drain_tick.tick() => {
-                drain(ring.get_mut(), &mut collector);
+                drain(ring.get_mut(), sideband.as_mut(), &mut collector);
             }
             _ = exit_check.tick() => {
                 if targets_done(&mut traced, &watched, &collector) {
@@ -508,7 +524,9 @@ pub async fn run_faults(
     // All of them, unless they come faster than they are read (the programs are still
     // attached): the end must not wait on a flooded system.
     let final_drain = Instant::now();
-    while drain(ring.get_mut(), &mut collector) && final_drain.elapsed() < FINAL_DRAIN_BUDGET {}
+    while drain(ring.get_mut(), sideband.as_mut(), &mut collector)
+        && final_drain.elapsed() < FINAL_DRAIN_BUDGET
+    {}
     let command_status = command_status();
     if let (Some(t), None) = (&traced, command_status) {
         // Ended by a signal or --duration: the command keeps running unless the user stops it.
@@ -533,9 +551,26 @@ const DRAIN_BUDGET: Duration = Duration::from_millis(50);
 const FINAL_DRAIN_BUDGET: Duration = Duration::from_millis(500);
 
 /// Hands waiting ring-buffer records to the collector, at most a batch (or a time budget) at a
-/// time. Returns whether it stopped with records possibly still waiting.
-fn drain(ring: &mut RingBuf<MapData>, collector: &mut Collector) -> bool {
+/// time, merged in time order with the side-band's records. Returns whether it stopped with
+/// records possibly still waiting.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    sideband: Option<&mut Sideband>,
+    collector: &mut Collector,
+) -> bool {
     let started = Instant::now();
+    let mut sideband = sideband;
+    // Every side-band record older than `cutoff` has been read: a ring record up to that time
+    // is handled after the mappings and execs that came before it.
+    let mut catch_up = |collector: &mut Collector| {
+        let now = sideband::monotonic_ns();
+        if let Some(sideband) = sideband.as_deref_mut() {
+            collector.queue_side(sideband.poll());
+            collector.stats.sideband_lost = sideband.lost();
+        }
+        now
+    };
+    let mut cutoff = catch_up(collector);
     let mut more = true;
     for n in 0..DRAIN_BATCH {
         if n % 1024 == 1023 && started.elapsed() >= DRAIN_BUDGET {
@@ -545,7 +580,14 @@ fn drain(ring: &mut RingBuf<MapData>, collector: &mut Collector) -> bool {
             more = false;
             break;
         };
+        // A record newer than the side-band read so far: read the side-band again first.
+        if crate::record::time_of(&item).is_some_and(|t| t > cutoff) {
+            cutoff = catch_up(collector);
+        }
         collector.on_bytes(&item);
+    }
+    if !more {
+        collector.settle(cutoff);
     }
     collector.sweep();
     more

@@ -4,7 +4,8 @@
 //!
 //! Stacks arrive inside fault records (no kernel stack map that can fill up or go stale). A
 //! fault that reused a recent walk names it by token; [`ReusedStacks`] resolves those.
-use std::{collections::HashMap, sync::Arc};
+use foldhash::{HashMap, HashSet};
+use std::sync::Arc;
 
 use memtrace_common::stack_token_slot;
 
@@ -143,19 +144,52 @@ impl UserStack {
     }
 }
 
+/// A user stack from [`UserStackSet::intern`]: one allocation per distinct stack, so it is
+/// compared and hashed by address, not by its frames (callsite tables hash their keys often).
+#[derive(Clone, Debug)]
+pub struct SharedStack(Arc<UserStack>);
+
+impl SharedStack {
+    /// A stack outside the set, for a report's one-off use: equal only to its own clones.
+    pub fn standalone(stack: UserStack) -> Self {
+        Self(Arc::new(stack))
+    }
+}
+
+impl PartialEq for SharedStack {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SharedStack {}
+
+impl std::hash::Hash for SharedStack {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::ptr::hash(Arc::as_ptr(&self.0), state);
+    }
+}
+
+impl std::ops::Deref for SharedStack {
+    type Target = UserStack;
+    fn deref(&self) -> &UserStack {
+        &self.0
+    }
+}
+
 /// Interns resolved user stacks for the whole run: thousands of exited processes of one
 /// program share their stacks.
 #[derive(Debug, Default)]
-pub struct UserStackSet(std::collections::HashSet<Arc<UserStack>>);
+pub struct UserStackSet(HashSet<Arc<UserStack>>);
 
 impl UserStackSet {
-    pub fn intern(&mut self, stack: UserStack) -> Arc<UserStack> {
+    pub fn intern(&mut self, stack: UserStack) -> SharedStack {
         if let Some(s) = self.0.get(&stack) {
-            return s.clone();
+            return SharedStack(s.clone());
         }
         let s = Arc::new(stack);
         self.0.insert(s.clone());
-        s
+        SharedStack(s)
     }
 
     /// Drops stacks nothing else refers to any more.
@@ -251,7 +285,13 @@ mod tests {
         let mut set = UserStackSet::default();
         let a = set.intern(UserStack::default());
         let b = set.intern(UserStack::default());
-        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a, b, "one copy, equal by address");
+        let c = set.intern(UserStack {
+            frames: vec![UserFrame::Unmapped],
+            truncated: false,
+        });
+        assert_ne!(a, c);
+        drop(c);
         drop((a, b));
         set.prune();
         assert!(set.is_empty());

@@ -3,7 +3,8 @@
 //! User frames are resolved through the agent's own model of the process's mappings (file and
 //! file offset), not through `/proc/PID`, so stacks of processes that have exited still
 //! symbolize. Results are cached per (file, offset) and per kernel address.
-use std::{collections::HashMap, path::PathBuf, sync::Arc};
+use foldhash::{HashMap, HashMapExt};
+use std::{path::PathBuf, sync::Arc};
 
 use blazesym::{
     symbolize::{

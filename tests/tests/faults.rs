@@ -253,6 +253,67 @@ fn a_fork_exec_storm_stays_within_bounded_memory() {
 }
 
 #[test]
+fn short_lived_processes_are_classified_and_symbolized() {
+    // Processes that exec and exit within a millisecond are gone before /proc can be read:
+    // their mappings come from the perf side-band, recorded as the kernel makes them.
+    let wl = workload();
+    let script = format!(
+        "for i in $(seq 100); do /bin/true; {} anon 20 >/dev/null; done",
+        wl.display()
+    );
+    let (r, _) = run_json(&["--top", "1000000", "--", "sh", "-c", &script]);
+    let sites = r["callsites"].as_array().expect("callsites");
+    assert_eq!(
+        r["callsites_total"].as_u64(),
+        Some(sites.len() as u64),
+        "every callsite in the report"
+    );
+    // The workload's comm is its file name, cut to 15 bytes.
+    for comm in ["true", "memtrace-worklo"] {
+        let of_comm: Vec<&Value> = sites.iter().filter(|c| c["comm"] == comm).collect();
+        let total: u64 = of_comm.iter().map(|c| c["count"].as_u64().unwrap()).sum();
+        let outside = |c: &&&Value| {
+            c["mapping"]["class"] == "other"
+                && !c["mapping"]["path"].as_str().unwrap_or("").starts_with('[')
+        };
+        let unmapped = |c: &&&Value| {
+            c["frames"]
+                .as_array()
+                .and_then(|f| f.first())
+                .is_none_or(|f| f["module"] == "[unmapped]")
+        };
+        let sum = |f: &dyn Fn(&&&Value) -> bool| -> u64 {
+            of_comm
+                .iter()
+                .filter(|c| f(c))
+                .map(|c| c["count"].as_u64().unwrap())
+                .sum()
+        };
+        let (outside, unmapped) = (sum(&outside), sum(&unmapped));
+        assert!(total >= 100 * 20, "{comm}: only {total} faults");
+        assert!(
+            outside * 100 < total,
+            "{comm}: {outside} of {total} faults outside every known mapping"
+        );
+        assert!(
+            unmapped * 100 < total,
+            "{comm}: {unmapped} of {total} faults with no mapped first frame"
+        );
+    }
+    // Symbolized after exit: every page the workload touched is under its own function.
+    let workload_sites: Vec<&Value> = sites
+        .iter()
+        .filter(|c| c["comm"] == "memtrace-worklo")
+        .collect();
+    let touched = count_through(&workload_sites, "touch_pages_write");
+    assert!(
+        touched >= 100 * 20,
+        "{touched} faults under touch_pages_write"
+    );
+    assert_eq!(lost_count(&r, "sideband_lost"), 0);
+}
+
+#[test]
 fn faults_in_kernel_mode_carry_the_kernel_stack() {
     // read(2) from /dev/zero into untouched memory: the kernel takes every fault in its
     // copy-out, so each is kernel-mode with both stacks.
