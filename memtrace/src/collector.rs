@@ -53,6 +53,9 @@ pub struct ProcessInfo {
     /// execve. The kernel-mode faults exec takes meanwhile (loading the new image, writing
     /// its stack) carry that image's user stack.
     before_exec: Option<AddressSpace>,
+    /// The kernel's counts when tracing of this process began (zero for a process forked
+    /// while traced); `None` where that moment was not caught (first seen by a record).
+    pub kernel_baseline: Option<KernelFaults>,
 }
 
 impl ProcessInfo {
@@ -67,6 +70,7 @@ impl ProcessInfo {
             callsites: HashMap::new(),
             earlier: HashMap::new(),
             before_exec: None,
+            kernel_baseline: None,
         }
     }
 }
@@ -96,11 +100,43 @@ pub struct ExitedProcess {
     pub callsites: HashMap<ResolvedKey, CallsiteFaults>,
 }
 
+/// Faults as the kernel counts them for a process (`/proc/PID/stat` minflt and majflt,
+/// `getrusage`), faults it took on the process's behalf included.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KernelFaults {
+    pub minor: u64,
+    pub major: u64,
+}
+
+impl KernelFaults {
+    pub fn since(self, baseline: KernelFaults) -> KernelFaults {
+        KernelFaults {
+            minor: self.minor.saturating_sub(baseline.minor),
+            major: self.major.saturating_sub(baseline.major),
+        }
+    }
+}
+
+/// minflt and majflt from the text of `/proc/PID/stat`.
+pub fn parse_stat_faults(stat: &str) -> Option<KernelFaults> {
+    // After the parenthesised comm (which may hold spaces): state is field 3, minflt 10,
+    // majflt 12.
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let mut fields = rest.split_whitespace();
+    let minor = fields.nth(7)?.parse().ok()?;
+    let major = fields.nth(1)?.parse().ok()?;
+    Some(KernelFaults { minor, major })
+}
+
 /// Where processes' maps and names come from: `/proc` in production, a fake in tests.
 pub trait ProcSource {
     fn maps(&self, pid: u32) -> Option<AddressSpace>;
     fn comm(&self, pid: u32) -> Option<String>;
     fn fd_path(&self, pid: u32, fd: i32) -> Option<Arc<str>>;
+    /// The kernel's fault counts for a live process.
+    fn fault_counts(&self, _pid: u32) -> Option<KernelFaults> {
+        None
+    }
 }
 
 pub struct Procfs;
@@ -116,6 +152,9 @@ impl ProcSource for Procfs {
     }
     fn fd_path(&self, pid: u32, fd: i32) -> Option<Arc<str>> {
         fd_path(pid, fd)
+    }
+    fn fault_counts(&self, pid: u32) -> Option<KernelFaults> {
+        parse_stat_faults(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
     }
 }
 
@@ -305,6 +344,20 @@ impl<S: ProcSource> Collector<S> {
             info.exited = comm.is_none();
             info
         })
+    }
+
+    /// Records a process traced from now on (a `-p` process, the traced command), with the
+    /// kernel's counts so far, so its report can set the kernel's counts beside memtrace's.
+    pub fn observe_from_now(&mut self, pid: u32) {
+        let baseline = self.source.fault_counts(pid);
+        self.observe(pid).kernel_baseline = baseline;
+    }
+
+    /// The kernel's counts for a live process since tracing of it began, if known.
+    pub fn kernel_faults(&self, pid: u32) -> Option<KernelFaults> {
+        let info = self.processes.get(&pid).filter(|p| !p.exited)?;
+        let baseline = info.kernel_baseline?;
+        Some(self.source.fault_counts(pid)?.since(baseline))
     }
 
     pub fn on_bytes(&mut self, bytes: &[u8]) {
@@ -514,7 +567,9 @@ impl<S: ProcSource> Collector<S> {
             PROC_FORK => {
                 // The child starts as a copy of its parent's address space.
                 let parent = self.observe(r.pid);
-                let child = ProcessInfo::new(parent.comm.clone(), parent.space.clone());
+                let mut child = ProcessInfo::new(parent.comm.clone(), parent.space.clone());
+                // The kernel starts a new process's counts at zero.
+                child.kernel_baseline = Some(KernelFaults::default());
                 if self.processes.contains_key(&r.child_pid) {
                     // A reused pid whose previous process's exit was never seen.
                     self.retire(r.child_pid, None);
@@ -816,6 +871,24 @@ mod tests {
             .get(&pid)
             .and_then(|p| p.space.find(address))
             .map(|v| v.class)
+    }
+
+    #[test]
+    fn reads_the_kernels_fault_counts_from_stat() {
+        let stat = "4242 (a (weird) name) S 1 4242 4242 0 -1 4194560 1234 99 7 3 5 6 0 0 20 0 1";
+        let k = parse_stat_faults(stat).expect("parsed");
+        assert_eq!((k.minor, k.major), (1234, 7));
+        assert_eq!(
+            k.since(KernelFaults {
+                minor: 1000,
+                major: 9
+            }),
+            KernelFaults {
+                minor: 234,
+                major: 0
+            }
+        );
+        assert_eq!(parse_stat_faults("4242 (x) S 1"), None);
     }
 
     #[test]

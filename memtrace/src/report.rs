@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::{
     addrspace::MappingClass,
-    collector::{Collector, ResolvedKey},
+    collector::{Collector, KernelFaults, ResolvedKey},
     fault::{
         Access, AccessCounts, CallsiteFaults, Cause, Counts, FaultKind, LatencySummary,
         ProcessFaults,
@@ -71,6 +71,10 @@ pub struct ProcessReport {
     /// Faults taken in kernel mode on user addresses (copy_from_user and the like).
     pub kernel_mode: u64,
     pub exited: bool,
+    /// The kernel's own counts for this live process since it was first traced
+    /// (`/proc/PID/stat`), where that moment is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelFaults>,
     pub latency_ns: KindLatency,
     pub threads: Vec<ThreadReport>,
     pub mappings: Vec<ClassReport>,
@@ -137,9 +141,30 @@ pub struct FaultReport {
     pub lost: LostReport,
     /// User stacks reused from the in-kernel cache instead of walked again.
     pub stack_cache_hits: u64,
+    /// The kernel's own counts beside memtrace's, where they could be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_counts: Option<KernelCountsReport>,
     /// What memtrace itself cost, as of this report.
     pub agent: AgentStats,
 }
+
+/// The kernel's fault counts next to memtrace's for the same processes. The kernel also
+/// counts faults it takes on a process's behalf through get_user_pages (execve copying the
+/// arguments, O_DIRECT I/O into fresh buffers, ptrace, process_vm_readv): those raise no
+/// fault event, so memtrace cannot see or attribute them, and they make up the difference.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelCountsReport {
+    /// Where the kernel's figures come from.
+    pub source: &'static str,
+    pub processes: u64,
+    pub kernel: KernelFaults,
+    pub memtrace: KernelFaults,
+    pub note: &'static str,
+}
+
+const KERNEL_COUNTS_NOTE: &str = "the kernel also counts faults it takes on a process's behalf \
+     (get_user_pages: execve copying arguments, O_DIRECT I/O, ptrace), which raise no fault \
+     event: memtrace cannot attribute those";
 
 /// memtrace's own footprint: what an SRE checks before leaving a tracer on a busy host.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -242,6 +267,9 @@ pub struct ReportInput<'a> {
     pub collector: &'a Collector,
     pub counters: KernelCounters,
     pub elapsed: Duration,
+    /// The kernel's counts for the traced command and the descendants it waited for, once
+    /// it has been reaped.
+    pub command_faults: Option<KernelFaults>,
 }
 
 fn process_report(
@@ -250,6 +278,7 @@ fn process_report(
     processes: u64,
     exited: bool,
     p: &ProcessFaults,
+    kernel: Option<KernelFaults>,
 ) -> ProcessReport {
     let mut threads: Vec<_> = p
         .threads
@@ -283,6 +312,7 @@ fn process_report(
         major: p.counts.major,
         kernel_mode: p.kernel_mode,
         exited,
+        kernel,
         latency_ns: KindLatency {
             minor: p.latency[0].summary(),
             major: p.latency[1].summary(),
@@ -455,13 +485,16 @@ pub fn build(
     let mut processes: Vec<ProcessReport> = collector
         .processes
         .iter()
-        .map(|(&pid, p)| process_report(pid, &p.comm, 1, p.exited, &p.faults))
+        .map(|(&pid, p)| {
+            let kernel = collector.kernel_faults(pid);
+            process_report(pid, &p.comm, 1, p.exited, &p.faults, kernel)
+        })
         .chain(
             collector
                 .exited
                 .iter()
                 .chain(collector.folded.values())
-                .map(|e| process_report(e.pid, &e.comm, e.processes, true, &e.faults)),
+                .map(|e| process_report(e.pid, &e.comm, e.processes, true, &e.faults, None)),
         )
         .collect();
     let mut total = Counts::default();
@@ -469,6 +502,8 @@ pub fn build(
         total.minor += p.minor;
         total.major += p.major;
     }
+    // Before --top cuts the rows: every process counts.
+    let kernel_counts = kernel_counts(input, &processes, total);
     processes.sort_by(|a, b| {
         (b.minor + b.major)
             .cmp(&(a.minor + a.major))
@@ -556,9 +591,49 @@ pub fn build(
             causes: loss_table(&c, &collector.stats),
         },
         stack_cache_hits: c.stack_cache_hits,
+        kernel_counts,
         // Last, so the peak includes this report's own symbolization.
         agent: AgentStats::current(collector.stats.records),
     }
+}
+
+/// The kernel's counts beside memtrace's: for the whole command once it was reaped, else
+/// for the live processes whose counts at the start of tracing are known.
+fn kernel_counts(
+    input: &ReportInput<'_>,
+    processes: &[ProcessReport],
+    total: Counts,
+) -> Option<KernelCountsReport> {
+    if let Some(kernel) = input.command_faults {
+        return Some(KernelCountsReport {
+            source: "wait4 rusage of the command and the descendants it waited for",
+            processes: processes.iter().map(|p| p.processes).sum(),
+            kernel,
+            memtrace: KernelFaults {
+                minor: total.minor,
+                major: total.major,
+            },
+            note: KERNEL_COUNTS_NOTE,
+        });
+    }
+    let mut counted = processes.iter().filter(|p| p.kernel.is_some()).peekable();
+    counted.peek()?;
+    let mut report = KernelCountsReport {
+        source: "/proc/PID/stat of live processes, since each was first traced",
+        processes: 0,
+        kernel: KernelFaults::default(),
+        memtrace: KernelFaults::default(),
+        note: KERNEL_COUNTS_NOTE,
+    };
+    for p in counted {
+        let k = p.kernel.unwrap_or_default();
+        report.processes += 1;
+        report.kernel.minor += k.minor;
+        report.kernel.major += k.major;
+        report.memtrace.minor += p.minor;
+        report.memtrace.major += p.major;
+    }
+    Some(report)
 }
 
 fn ns(v: u64) -> String {
@@ -711,6 +786,20 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
             let _ = writeln!(out, "{:>12}[stack cut: return address outside code]", "");
         }
     }
+    if let Some(k) = &r.kernel_counts {
+        let _ = writeln!(
+            out,
+            "\nKernel's own count ({}, {} process(es)): {} minor, {} major; memtrace saw {} minor, \
+             {} major. The difference: {}.",
+            k.source,
+            k.processes,
+            k.kernel.minor,
+            k.kernel.major,
+            k.memtrace.minor,
+            k.memtrace.major,
+            k.note
+        );
+    }
     let lost: Vec<String> = r
         .lost
         .causes
@@ -815,6 +904,7 @@ mod tests {
                 ringbuf_full_fault: 3,
                 ..Default::default()
             },
+            command_faults: None,
             elapsed: Duration::from_secs(2),
         };
         let opts = ReportOptions {

@@ -16,7 +16,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, time::MissedTickBehavior};
 
 use crate::{
-    collector::Collector,
+    collector::{Collector, KernelFaults},
     loader::{Tracer, TracerOptions},
     report::{self, FaultReport, ReportInput, ReportOptions},
     sideband::{self, Sideband},
@@ -303,6 +303,31 @@ fn is_executable(p: &Path) -> bool {
 /// A started command, held before exec until it is in the target map.
 struct Traced {
     child: Child,
+    /// How it ended, and the kernel's fault counts for it and every descendant it waited
+    /// for (wait4's rusage), once reaped.
+    ended: Option<(ExitStatus, KernelFaults)>,
+}
+
+impl Traced {
+    /// Reaps the command if it has exited; never blocks.
+    fn poll(&mut self) -> Option<ExitStatus> {
+        if self.ended.is_none() {
+            let pid = self.child.id() as libc::pid_t;
+            let mut status = 0;
+            // SAFETY: all-zero is a valid rusage; wait4 fills it in.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: valid pointers to our own status and rusage; WNOHANG never blocks.
+            let reaped = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+            if reaped == pid {
+                let faults = KernelFaults {
+                    minor: usage.ru_minflt as u64,
+                    major: usage.ru_majflt as u64,
+                };
+                self.ended = Some((ExitStatus::from_raw(status), faults));
+            }
+        }
+        self.ended.map(|(status, _)| status)
+    }
 }
 
 /// Starts `argv` so that it cannot run a single instruction of the command before `register`
@@ -363,7 +388,7 @@ fn spawn_held(
         let _ = child.wait();
         return Err(e);
     }
-    Ok(Traced { child })
+    Ok(Traced { child, ended: None })
 }
 
 /// Runs `memtrace faults` until the targets exit, `--duration` passes, SIGINT/SIGTERM comes or
@@ -413,7 +438,7 @@ pub async fn run_faults(
         Target::Pids(_) => {
             for w in &watched {
                 tracer.add_target(w.pid)?;
-                collector.observe(w.pid);
+                collector.observe_from_now(w.pid);
             }
         }
         Target::Command(argv) => {
@@ -421,7 +446,7 @@ pub async fn run_faults(
             // the faults it takes until exec be classified like the rest.
             let t = spawn_held(argv, |pid| {
                 tracer.add_target(pid)?;
-                collector.observe(pid);
+                collector.observe_from_now(pid);
                 Ok(())
             })?;
             traced = Some(t);
@@ -491,7 +516,8 @@ pub async fn run_faults(
                     continue;
                 }
                 let building = Instant::now();
-                let report = snapshot(&tracer, &collector, &mut symbolizer, opts, start);
+                let command_faults = traced.as_ref().and_then(|t| t.ended).map(|e| e.1);
+                let report = snapshot(&tracer, &collector, &mut symbolizer, opts, start, command_faults);
                 let flow = on_report(&report, ReportKind::Interval);
                 report_cost = building.elapsed();
                 if flow.is_break() {
@@ -508,11 +534,7 @@ pub async fn run_faults(
             }
         }
     };
-    let mut command_status = || {
-        traced
-            .as_mut()
-            .and_then(|t| t.child.try_wait().ok().flatten())
-    };
+    let mut command_status = || traced.as_mut().and_then(Traced::poll);
     if ended_by == RunEnd::Stopped {
         return Ok(RunOutcome {
             ended_by,
@@ -532,7 +554,15 @@ pub async fn run_faults(
         // Ended by a signal or --duration: the command keeps running unless the user stops it.
         log::info!("command {} still running", t.child.id());
     }
-    let report = snapshot(&tracer, &collector, &mut symbolizer, opts, start);
+    let command_faults = traced.as_ref().and_then(|t| t.ended).map(|e| e.1);
+    let report = snapshot(
+        &tracer,
+        &collector,
+        &mut symbolizer,
+        opts,
+        start,
+        command_faults,
+    );
     // The caller knows what became of its output; the run ends here either way.
     let _ = on_report(&report, ReportKind::Final);
     Ok(RunOutcome {
@@ -600,11 +630,13 @@ fn snapshot(
     symbolizer: &mut Symbolizer,
     opts: &FaultsOptions,
     start: Instant,
+    command_faults: Option<KernelFaults>,
 ) -> FaultReport {
     let input = ReportInput {
         collector,
         counters: tracer.counters(),
         elapsed: start.elapsed(),
+        command_faults,
     };
     report::build(&input, symbolizer, &opts.report)
 }
@@ -617,7 +649,7 @@ fn targets_done(
 ) -> bool {
     if let Some(t) = traced {
         // The command itself: its Child knows, whatever has become of its pid since.
-        if t.child.try_wait().ok().flatten().is_none() {
+        if t.poll().is_none() {
             return false;
         }
         let command = t.child.id();

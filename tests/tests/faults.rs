@@ -384,6 +384,37 @@ fn cold_file_reads_are_major_faults_on_the_file() {
 }
 
 #[test]
+fn the_kernels_own_count_stands_beside_memtraces() {
+    // O_DIRECT reads into fresh memory: the kernel faults the buffer in through
+    // get_user_pages, which counts in minflt but raises no fault event. The report must set
+    // the kernel's count beside its own instead of pretending to have seen everything.
+    let path = scratch("odirect");
+    let mib = 40u64;
+    std::fs::write(&path, vec![7u8; (mib << 20) as usize]).expect("write scratch file");
+    let (r, _) = run_json(&[
+        "--",
+        "dd",
+        &format!("if={path}"),
+        "of=/dev/null",
+        &format!("bs={mib}M"),
+        "count=1",
+        "iflag=direct",
+    ]);
+    let _ = std::fs::remove_file(&path);
+    let k = &r["kernel_counts"];
+    assert_eq!(k["processes"], 1, "{k}");
+    let kernel = k["kernel"]["minor"].as_u64().expect("kernel minor");
+    let seen = k["memtrace"]["minor"].as_u64().expect("memtrace minor");
+    assert_eq!(seen, r["minor"].as_u64().unwrap());
+    let pages = (mib << 20) / 4096;
+    assert!(
+        kernel >= seen + pages * 9 / 10,
+        "kernel {kernel}, memtrace {seen}: the buffer's {pages} pages are the difference"
+    );
+    assert!(k["note"].as_str().unwrap().contains("get_user_pages"));
+}
+
+#[test]
 fn copy_on_write_is_a_write_protection_fault() {
     let pages = 2_000u64;
     let path = scratch("cow.dat");
