@@ -62,8 +62,15 @@ impl Frame {
     }
 }
 
+/// ELF files larger than this are symbolized from their symbol tables only, without DWARF
+/// (no file:line, no inlined frames): parsing the debug info of a large debug build costs more
+/// memory than a tracer left running on a busy host may take (+45 MiB for a 66 MiB binary).
+pub const DWARF_MAX_FILE_BYTES: u64 = 32 << 20;
+
 pub struct Symbolizer {
     blaze: Blaze,
+    /// Per file: symbolize with its DWARF (small enough) or its symbol tables only.
+    use_dwarf: HashMap<Arc<str>, bool>,
     user_cache: HashMap<(Arc<str>, u64), Vec<Frame>>,
     kernel_cache: HashMap<u64, Vec<Frame>>,
     /// Small ids for what a frame means when merging callsites (see [`Symbolizer::merge_ids`]).
@@ -131,10 +138,20 @@ impl Symbolizer {
                 .enable_code_info(true)
                 .enable_inlined_fns(true)
                 .build(),
+            use_dwarf: HashMap::new(),
             user_cache: HashMap::new(),
             kernel_cache: HashMap::new(),
             merge_names: HashMap::new(),
         }
+    }
+
+    fn elf_source(&mut self, path: &Arc<str>) -> Source<'static> {
+        let dwarf = *self.use_dwarf.entry(path.clone()).or_insert_with(|| {
+            std::fs::metadata(&**path).is_ok_and(|m| m.len() <= DWARF_MAX_FILE_BYTES)
+        });
+        let mut elf = Elf::new(PathBuf::from(&**path));
+        elf.debug_syms = dwarf;
+        Source::Elf(elf)
     }
 
     /// Symbolizes a resolved user stack (innermost first).
@@ -157,7 +174,7 @@ impl Symbolizer {
                 out.extend(frames.iter().cloned());
                 continue;
             }
-            let src = Source::Elf(Elf::new(PathBuf::from(&**path)));
+            let src = self.elf_source(path);
             let frames = match self.blaze.symbolize_single(&src, Input::FileOffset(offset)) {
                 Ok(sym) => frames_from(sym, offset, path, offset),
                 Err(_) => vec![Frame::unknown(offset, path, offset)],
