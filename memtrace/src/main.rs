@@ -96,7 +96,7 @@ struct FaultsArgs {
     /// Print a report every interval meanwhile.
     #[arg(short, long, value_parser = parse_duration)]
     interval: Option<Duration>,
-    /// Rows of processes and callsites in the table.
+    /// Rows of processes and callsites in the table and in JSON (folded output has every callsite).
     #[arg(long, default_value_t = 10)]
     top: usize,
     /// table, one JSON document (JSON Lines with -i: one per report), or folded stacks.

@@ -11,7 +11,7 @@ use memtrace::{
     report::{self, FaultReport, Format, ReportOptions},
     session::ReportKind,
 };
-use serde_json::Value;
+use serde::Serialize;
 
 /// The value of a JSON document's `report` field.
 fn kind_name(kind: ReportKind) -> &'static str {
@@ -63,12 +63,26 @@ impl ReportSink {
 
     /// Writes one report and flushes it, so each interval report is out when it is due.
     pub fn write(&mut self, report: &FaultReport, kind: ReportKind) -> anyhow::Result<Delivery> {
-        let text = self.render(report, kind)?;
-        let written = self
-            .out
-            .write_all(text.as_bytes())
-            .and_then(|()| self.out.flush());
-        match written {
+        let written = if self.opts.format == Format::Json {
+            // Straight into the writer: a report with 100,000 callsites is not held twice more
+            // as a JSON value tree and a string.
+            let doc = Document {
+                report: kind_name(kind),
+                inner: report,
+            };
+            let serialized = if self.json_lines {
+                serde_json::to_writer(&mut self.out, &doc)
+            } else {
+                serde_json::to_writer_pretty(&mut self.out, &doc)
+            };
+            serialized
+                .map_err(io::Error::from)
+                .and_then(|()| self.out.write_all(b"\n"))
+        } else {
+            self.out
+                .write_all(report::render(report, &self.opts).as_bytes())
+        };
+        match written.and_then(|()| self.out.flush()) {
             Ok(()) => Ok(Delivery::Written),
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(Delivery::ReaderGone),
             Err(e) => Err(anyhow::Error::new(e).context(match &self.path {
@@ -77,23 +91,14 @@ impl ReportSink {
             })),
         }
     }
+}
 
-    fn render(&self, report: &FaultReport, kind: ReportKind) -> anyhow::Result<String> {
-        if self.opts.format != Format::Json {
-            return Ok(report::render(report, &self.opts));
-        }
-        let mut doc = serde_json::to_value(report).context("serializing the report")?;
-        if let Value::Object(fields) = &mut doc {
-            fields.insert("report".into(), kind_name(kind).into());
-        }
-        let text = if self.json_lines {
-            serde_json::to_string(&doc)
-        } else {
-            serde_json::to_string_pretty(&doc)
-        }
-        .context("serializing the report")?;
-        Ok(text + "\n")
-    }
+/// A JSON report document: which report it is, then the report's fields.
+#[derive(Serialize)]
+struct Document<'a> {
+    report: &'static str,
+    #[serde(flatten)]
+    inner: &'a FaultReport,
 }
 
 /// Writes `text` to stdout (for `memtrace check`), through the same error handling.

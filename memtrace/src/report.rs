@@ -132,6 +132,8 @@ pub struct FaultReport {
     pub duration_s: f64,
     pub minor: u64,
     pub major: u64,
+    /// Processes seen, in every row (folded rows hold many).
+    pub process_count: u64,
     /// Rows in `processes` before `--top` cut the list.
     pub processes_total: usize,
     pub processes: Vec<ProcessReport>,
@@ -504,6 +506,7 @@ pub fn build(
     }
     // Before --top cuts the rows: every process counts.
     let kernel_counts = kernel_counts(input, &processes, total);
+    let process_count = processes.iter().map(|p| p.processes).sum();
     processes.sort_by(|a, b| {
         (b.minor + b.major)
             .cmp(&(a.minor + a.major))
@@ -582,6 +585,7 @@ pub fn build(
         duration_s: input.elapsed.as_secs_f64(),
         minor: total.minor,
         major: total.major,
+        process_count,
         processes_total,
         processes,
         callsites_total,
@@ -669,17 +673,19 @@ fn draw_hist(out: &mut String, title: &str, buckets: &[(u64, u64)]) {
 
 pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
     let mut out = String::new();
-    let processes: u64 = r.processes.iter().map(|p| p.processes).sum();
-    let _ =
-        writeln!(
+    let _ = writeln!(
         out,
-        "memtrace faults: {:.1}s, {} minor, {} major in {}{} process(es); lost {} fault records",
+        "memtrace faults: {:.1}s, {} minor, {} major in {} process(es){}; lost {} fault records",
         r.duration_s,
         r.minor,
         r.major,
-        processes,
-        if r.processes_total > r.processes.len() {
-            format!(" of the top {} (of {} rows)", r.processes.len(), r.processes_total)
+        r.process_count,
+        if r.processes_total > r.processes.len().min(opts.top) {
+            format!(
+                " (top {} of {} rows shown)",
+                r.processes.len().min(opts.top),
+                r.processes_total
+            )
         } else {
             String::new()
         },
@@ -700,10 +706,11 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
         let l = &p.latency_ns;
         let lat = |s: &LatencySummary, v: u64| if s.count == 0 { "-".into() } else { ns(v) };
         let pid = if p.pid == 0 {
-            format!("{}x", p.processes)
+            "-".to_string()
         } else {
             p.pid.to_string()
         };
+        let folded = format!("  ({} exited processes of this name, folded)", p.processes);
         let _ = writeln!(
             out,
             "{:>8} {:<16} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9}  {}{}",
@@ -717,7 +724,7 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
             lat(&l.major, l.major.p99),
             maps.join(", "),
             match (p.pid, p.exited) {
-                (0, _) => "  (exited processes of this name, folded)",
+                (0, _) => folded.as_str(),
                 (_, true) => "  (exited)",
                 _ => "",
             }

@@ -519,6 +519,8 @@ pub async fn run_faults(
                 let command_faults = traced.as_ref().and_then(|t| t.ended).map(|e| e.1);
                 let report = snapshot(&tracer, &collector, &mut symbolizer, opts, start, command_faults);
                 let flow = on_report(&report, ReportKind::Interval);
+                drop(report);
+                release_freed_memory();
                 report_cost = building.elapsed();
                 if flow.is_break() {
                     break RunEnd::Stopped;
@@ -534,12 +536,25 @@ pub async fn run_faults(
             }
         }
     };
-    let mut command_status = || traced.as_mut().and_then(Traced::poll);
     if ended_by == RunEnd::Stopped {
         return Ok(RunOutcome {
             ended_by,
-            command_status: command_status(),
+            command_status: traced.as_mut().and_then(Traced::poll),
         });
+    }
+    if let Some(t) = traced.as_mut() {
+        // Ended by a signal or --duration with the command still running: end it as `perf
+        // record` and `timeout` do, so no orphan outlives the run (a Ctrl-C on a terminal has
+        // reached it already), and give it a moment so its exit is traced and its status known.
+        if t.poll().is_none() {
+            // SAFETY: kill takes a pid and a signal by value; the pid is our unreaped child,
+            // so it cannot have been reused.
+            unsafe { libc::kill(t.child.id() as libc::pid_t, libc::SIGTERM) };
+            let asked = Instant::now();
+            while t.poll().is_none() && asked.elapsed() < COMMAND_EXIT_WAIT {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
     // Records still in flight when the end came.
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -549,10 +564,13 @@ pub async fn run_faults(
     while drain(ring.get_mut(), sideband.as_mut(), &mut collector)
         && final_drain.elapsed() < FINAL_DRAIN_BUDGET
     {}
-    let command_status = command_status();
+    let command_status = traced.as_mut().and_then(Traced::poll);
     if let (Some(t), None) = (&traced, command_status) {
-        // Ended by a signal or --duration: the command keeps running unless the user stops it.
-        log::info!("command {} still running", t.child.id());
+        // It ignored SIGTERM: leave it be rather than kill it outright.
+        say(format_args!(
+            "memtrace: command {} still running after SIGTERM; left running",
+            t.child.id()
+        ));
     }
     let command_faults = traced.as_ref().and_then(|t| t.ended).map(|e| e.1);
     let report = snapshot(
@@ -576,6 +594,9 @@ const DRAIN_BATCH: usize = 1 << 16;
 /// The longest a drain runs before the loop gets its turn, for a collector slower than the
 /// records come (a flooded system, a debug build): the deadline and signals must not wait.
 const DRAIN_BUDGET: Duration = Duration::from_millis(50);
+
+/// How long a command sent SIGTERM at the end of a run gets to exit.
+const COMMAND_EXIT_WAIT: Duration = Duration::from_secs(1);
 
 /// The longest the last drain of a run goes on, while records keep coming.
 const FINAL_DRAIN_BUDGET: Duration = Duration::from_millis(500);
@@ -621,6 +642,16 @@ fn drain(
     }
     collector.sweep();
     more
+}
+
+/// Hands memory freed after a report back to the system: a report's transient peak (frames,
+/// serialization) should not stay resident for the rest of a long run.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks glibc's own heap; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// A report of everything collected so far.

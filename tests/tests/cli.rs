@@ -108,6 +108,26 @@ fn sigterm_and_sigint_end_the_run_with_its_final_report() {
 }
 
 #[test]
+fn a_command_still_running_at_the_end_is_not_orphaned() {
+    // `-d` (or SIGTERM from systemd, timeout, kill) ends the run: the command gets SIGTERM
+    // instead of living on under init.
+    let started = Instant::now();
+    let (code, _, stderr) = run(&["faults", "-d", "300ms", "--", "sleep", "30"]);
+    assert!(started.elapsed() < Duration::from_secs(5), "{stderr}");
+    assert_eq!(code, 143, "killed by SIGTERM: {stderr}");
+    let pid: u32 = stderr
+        .split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {stderr}"));
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "sleep {pid} outlived the run"
+    );
+}
+
+#[test]
 fn a_second_signal_ends_memtrace_at_once() {
     let sleeper = Sleeper::start();
     for (sig, expected) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
