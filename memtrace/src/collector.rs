@@ -788,11 +788,16 @@ mod tests {
     }
 
     fn proc_rec(op: u32, pid: u32, child_pid: u32) -> Record<'static> {
+        proc_rec_at(op, pid, child_pid, 0)
+    }
+
+    fn proc_rec_at(op: u32, pid: u32, child_pid: u32, time_ns: u64) -> Record<'static> {
         Record::Proc(ProcRecord {
             kind: RecordKind::Proc as u32,
             op,
             pid,
             child_pid,
+            time_ns,
             ..Default::default()
         })
     }
@@ -866,6 +871,18 @@ mod tests {
         )
     }
 
+    /// A kernel-mode fault at `time_ns` whose user stack is the one frame `user_ip`.
+    fn kernel_mode_fault(pid: u32, address: u64, time_ns: u64, user_ip: u64) -> Vec<u8> {
+        walked_rec(
+            FaultRecord {
+                flags: FAULT_HAS_ENTRY | FAULT_STACK_WALKED | FAULT_KERNEL_MODE,
+                time_ns,
+                ..fault_rec(pid, address, 0)
+            },
+            &[user_ip],
+        )
+    }
+
     fn class_of(c: &Collector<Fake>, pid: u32, address: u64) -> Option<MappingClass> {
         c.processes
             .get(&pid)
@@ -931,14 +948,7 @@ mod tests {
 
         // A kernel-mode fault inside execve, after the new image is mapped: classified in the
         // new image, its user stack resolved against the image that called execve.
-        c.on_bytes(&walked_rec(
-            FaultRecord {
-                flags: FAULT_HAS_ENTRY | FAULT_STACK_WALKED | FAULT_KERNEL_MODE,
-                time_ns: 32,
-                ..fault_rec(1, 0x0040_0010, 0)
-            },
-            &[0x0040_0050],
-        ));
+        c.on_bytes(&kernel_mode_fault(1, 0x0040_0010, 32, 0x0040_0050));
         let p = &c.processes[&1];
         assert_eq!(p.comm.as_ref(), "new");
         assert_eq!(
@@ -961,21 +971,8 @@ mod tests {
             }])
         );
         // The exec tracepoint ends exec's window: later faults are the new image's own.
-        c.on_record(Record::Proc(ProcRecord {
-            time_ns: 33,
-            ..match proc_rec(PROC_EXEC, 1, 1) {
-                Record::Proc(p) => p,
-                _ => unreachable!(),
-            }
-        }));
-        c.on_bytes(&walked_rec(
-            FaultRecord {
-                flags: FAULT_HAS_ENTRY | FAULT_STACK_WALKED | FAULT_KERNEL_MODE,
-                time_ns: 34,
-                ..fault_rec(1, 0x0040_0020, 0)
-            },
-            &[0x0040_0060],
-        ));
+        c.on_record(proc_rec_at(PROC_EXEC, 1, 1, 33));
+        c.on_bytes(&kernel_mode_fault(1, 0x0040_0020, 34, 0x0040_0060));
         assert_eq!(c.processes[&1].callsites.len(), 1);
 
         // System-wide, a process first seen at its exec starts there, with no /proc read.

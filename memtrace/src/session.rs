@@ -606,11 +606,10 @@ const FINAL_DRAIN_BUDGET: Duration = Duration::from_millis(500);
 /// records possibly still waiting.
 fn drain(
     ring: &mut RingBuf<MapData>,
-    sideband: Option<&mut Sideband>,
+    mut sideband: Option<&mut Sideband>,
     collector: &mut Collector,
 ) -> bool {
     let started = Instant::now();
-    let mut sideband = sideband;
     // Every side-band record older than `cutoff` has been read: a ring record up to that time
     // is handled after the mappings and execs that came before it.
     let mut catch_up = |collector: &mut Collector| {

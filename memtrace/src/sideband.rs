@@ -111,7 +111,6 @@ struct PerfEventAttr {
 
 /// One CPU's perf ring: a metadata page, then `data_size` bytes of records.
 struct PerfRing {
-    cpu: u32,
     _fd: OwnedFd,
     base: *mut u8,
     map_len: usize,
@@ -194,7 +193,6 @@ impl PerfRing {
             (offset, size)
         };
         Ok(Self {
-            cpu,
             _fd: fd,
             base,
             map_len,
@@ -274,9 +272,6 @@ pub struct Sideband {
     events: Vec<SideEvent>,
 }
 
-// SAFETY: the raw pointers address mappings owned by the rings, used only through `&mut self`.
-unsafe impl Send for Sideband {}
-
 /// All CPUs' buffers together take about this much (a fork storm writes ~2.5 KiB per exec).
 const TOTAL_BYTES: usize = 4 << 20;
 
@@ -321,10 +316,6 @@ impl Sideband {
     /// Records the kernel could not write because a buffer was full.
     pub fn lost(&self) -> u64 {
         self.parser.lost
-    }
-
-    pub fn cpus(&self) -> impl Iterator<Item = u32> + '_ {
-        self.rings.iter().map(|r| r.cpu)
     }
 }
 

@@ -2,7 +2,7 @@
 //! goes away or fills up, `-o`, JSON Lines, bad durations and sizes, `-p` given a thread, a
 //! kernel thread or a pid that gets reused, and capabilities instead of root. Needs root.
 use std::{
-    io::{BufRead as _, BufReader, Read as _},
+    io::Read as _,
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -10,7 +10,7 @@ use std::{
 use serde_json::Value;
 
 mod common;
-use common::{memtrace, require_root, workload};
+use common::{memtrace, require_root, start_memtrace, workload};
 
 /// A process that takes no faults worth counting and stays until killed.
 struct Sleeper(Child);
@@ -35,23 +35,6 @@ impl Drop for Sleeper {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// Starts memtrace with `args` and waits for its banner (printed once it is tracing).
-fn start_memtrace(args: &[&str], stdout: Stdio) -> (Child, String) {
-    require_root();
-    let mut mt = Command::new(memtrace())
-        .args(args)
-        .stdout(stdout)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start memtrace");
-    let mut banner = String::new();
-    BufReader::new(mt.stderr.as_mut().expect("stderr"))
-        .read_line(&mut banner)
-        .expect("banner");
-    assert!(banner.contains("tracing page faults"), "{banner}");
-    (mt, banner)
 }
 
 /// Runs memtrace to its end: (exit code, stdout, stderr); never a panic.

@@ -10,7 +10,7 @@ use std::{
 use serde_json::Value;
 
 mod common;
-use common::{memtrace, require_root, workload};
+use common::{memtrace, require_root, start_memtrace, workload};
 
 /// Runs memtrace with `args` and returns (parsed JSON report, workload stdout line fields, output).
 fn run_json(args: &[&str]) -> (Value, Output) {
@@ -498,7 +498,10 @@ fn attach_by_pid_counts_what_happens_after_attach() {
     wl_out.read_line(&mut line).unwrap();
     assert!(line.starts_with("ready"), "{line}");
     let pid = wl.id().to_string();
-    let (mt, banner) = start_memtrace(&["faults", "--format", "json", "-d", "60s", "-p", &pid]);
+    let (mt, banner) = start_memtrace(
+        &["faults", "--format", "json", "-d", "60s", "-p", &pid],
+        Stdio::piped(),
+    );
     assert!(banner.contains("tracing page faults of pid"), "{banner}");
     wl.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     let mut report_line = String::new();
@@ -524,8 +527,10 @@ fn attach_by_pid_counts_what_happens_after_attach() {
 #[test]
 fn system_wide_sees_several_processes() {
     require_root();
-    let (mt, _banner) =
-        start_memtrace(&["faults", "--format", "json", "-d", "3s", "--top", "100000"]);
+    let (mt, _banner) = start_memtrace(
+        &["faults", "--format", "json", "-d", "3s", "--top", "100000"],
+        Stdio::piped(),
+    );
     let pids: Vec<u64> = (0..3)
         .map(|_| {
             let out = Command::new(workload())
@@ -541,22 +546,6 @@ fn system_wide_sees_several_processes() {
     for pid in pids {
         assert!(process(&r, pid)["minor"].as_u64().unwrap() >= 3000);
     }
-}
-
-/// Starts memtrace in the background and waits until it says it is tracing; returns the
-/// child (its stderr pipe kept open) and that banner line.
-fn start_memtrace(args: &[&str]) -> (std::process::Child, String) {
-    let mut mt = Command::new(memtrace())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start memtrace");
-    let mut banner = String::new();
-    BufReader::new(mt.stderr.as_mut().expect("stderr"))
-        .read_line(&mut banner)
-        .expect("banner");
-    (mt, banner)
 }
 
 fn run_fail(args: &[&str]) -> (i32, String) {

@@ -1,5 +1,9 @@
 //! Helpers every integration test file needs: the built binaries and the root check.
-use std::path::PathBuf;
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+};
 
 pub fn workload() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_memtrace-workload"))
@@ -22,4 +26,22 @@ pub fn require_root() {
         0,
         "the integration tests load eBPF programs: run them as root"
     );
+}
+
+/// Starts memtrace with `args` in the background and waits for its banner (printed once it is
+/// tracing); returns the child (its stderr pipe kept open) and that banner line.
+pub fn start_memtrace(args: &[&str], stdout: Stdio) -> (Child, String) {
+    require_root();
+    let mut mt = Command::new(memtrace())
+        .args(args)
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start memtrace");
+    let mut banner = String::new();
+    BufReader::new(mt.stderr.as_mut().expect("stderr"))
+        .read_line(&mut banner)
+        .expect("banner");
+    assert!(banner.contains("tracing page faults"), "{banner}");
+    (mt, banner)
 }
