@@ -2,7 +2,8 @@
 use std::{fmt::Write as _, path::Path};
 
 use crate::{
-    loader::{Tracer, TracerOptions, PERF_EVENTS, TRACEPOINTS},
+    hooks::{self, HookPoint},
+    loader::{Tracer, TracerOptions},
     tracefs,
 };
 
@@ -60,23 +61,36 @@ pub fn run() -> (Vec<Probe>, bool) {
         )),
         Err(e) => probes.push(probe("tracefs", false, e.to_string())),
     }
+    for group in hooks::ALL {
+        for hook in group.hooks {
+            let need = if hook.optional {
+                format!("optional, without it: {}", hook.without)
+            } else {
+                format!("needed by {}", group.name)
+            };
+            let (ok, detail) = match (hook.point, &tracefs) {
+                (HookPoint::Tracepoint { category, name, .. }, Ok(tfs)) => {
+                    if !tracefs::tracepoint_exists(tfs, category, name) {
+                        (hook.optional, format!("missing ({need})"))
+                    } else {
+                        match tracefs::check_tracepoint_layout(tfs, category, name) {
+                            Ok(()) => (true, "present".to_string()),
+                            // Raw tracepoints read arguments, not the record: only the classic
+                            // fallback depends on the layout.
+                            Err(e) => (hook.optional, format!("{e} ({need})")),
+                        }
+                    }
+                }
+                (HookPoint::Tracepoint { .. }, Err(_)) => (false, "tracefs unavailable".into()),
+                (HookPoint::PerfSoftware { config, .. }, _) => match perf_sw_event_opens(config) {
+                    Ok(()) => (true, "opens".to_string()),
+                    Err(e) => (hook.optional, format!("{e} ({need})")),
+                },
+            };
+            probes.push(probe(hook.describe(), ok, detail));
+        }
+    }
     if let Ok(tfs) = &tracefs {
-        for (_, category, name) in TRACEPOINTS {
-            let ok = tracefs::tracepoint_exists(tfs, category, name);
-            probes.push(probe(
-                format!("tracepoint {category}:{name}"),
-                ok,
-                if ok { "present" } else { "missing" },
-            ));
-        }
-        match tracefs::check_layout(tfs) {
-            Ok(()) => probes.push(probe(
-                "tracepoint layouts",
-                true,
-                "match the compiled-in offsets",
-            )),
-            Err(e) => probes.push(probe("tracepoint layouts", false, e.to_string())),
-        }
         let kprobes = tfs.join("kprobe_events").exists();
         probes.push(probe(
             "kprobes",
@@ -87,24 +101,6 @@ pub fn run() -> (Vec<Probe>, bool) {
                 "not built in (not needed)"
             },
         ));
-    }
-    for (prog, (_, event)) in PERF_EVENTS.iter().enumerate() {
-        let config = match prog {
-            0 => 5,
-            _ => 6,
-        }; // PERF_COUNT_SW_PAGE_FAULTS_{MIN,MAJ}
-        match perf_sw_event_opens(config) {
-            Ok(()) => probes.push(probe(
-                format!("perf software event {event:?}"),
-                true,
-                "opens",
-            )),
-            Err(e) => probes.push(probe(
-                format!("perf software event {event:?}"),
-                false,
-                e.to_string(),
-            )),
-        }
     }
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
     probes.push(probe(
@@ -140,18 +136,24 @@ pub fn run() -> (Vec<Probe>, bool) {
     ));
 
     if root {
-        match Tracer::load(TracerOptions {
-            filter_pids: true,
-            ..TracerOptions::default()
-        }) {
+        match Tracer::load(
+            TracerOptions {
+                filter_pids: true,
+                ..TracerOptions::default()
+            },
+            hooks::ALL,
+        ) {
             Ok(tracer) => {
                 probes.push(probe(
                     "load + attach all programs",
                     true,
-                    "ring buffer, stack map, per-CPU maps, tracepoints, perf events: ok",
+                    "ring buffer, per-CPU maps, tracepoints, perf events: ok",
                 ));
                 for (hook, method) in &tracer.attach_methods {
                     probes.push(probe(format!("attach {hook}"), true, method.to_string()));
+                }
+                for d in &tracer.degraded {
+                    probes.push(probe(format!("attach {}", d.hook), true, d.to_string()));
                 }
             }
             Err(e) => probes.push(probe("load + attach all programs", false, e.to_string())),
@@ -172,12 +174,9 @@ pub fn render(probes: &[Probe]) -> String {
             p.detail
         );
     }
-    out.push_str(
-        "\nattach methods:\n  fault entry, access type   exceptions:page_fault_{user,kernel} (raw tracepoints, else tracepoints)\n  \
-         fault kind, count, stacks  perf software events page-faults-min/maj (the kernel's accounting), one per CPU\n  \
-         fault latency              entry timestamp per CPU, carried across context switches (sched:sched_switch)\n  \
-         mapping classification     /proc/PID/maps + syscalls:sys_{enter,exit}_{mmap,munmap,mremap,brk}\n  \
-         following children         task:task_newtask, sched:sched_process_{exec,exit}\n",
-    );
+    out.push_str("\nhook groups (each analysis attaches only its own):\n");
+    for group in hooks::ALL {
+        let _ = writeln!(out, "  {:<10} {}", group.name, group.purpose);
+    }
     out
 }

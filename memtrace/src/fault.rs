@@ -113,6 +113,11 @@ impl Latency {
         // Both auto-resize, so adding cannot run out of range.
         let _ = self.0.add(&other.0);
     }
+    /// Takes away the samples of `earlier`, a past state of this histogram.
+    pub fn subtract(&mut self, earlier: &Latency) {
+        // Fails only if `earlier` is not a past state of this one: keep the totals then.
+        let _ = self.0.subtract(&earlier.0);
+    }
     pub fn hist(&self) -> &Histogram<u64> {
         &self.0
     }
@@ -192,6 +197,24 @@ impl CompactLatency {
         self.max = self.max.max(other.max);
     }
 
+    /// Takes away samples recorded earlier into `earlier` (a past state of this histogram),
+    /// leaving those recorded since. The maximum since is its highest bucket's value: the
+    /// exact one is not kept.
+    pub fn subtract(&mut self, earlier: &CompactLatency) {
+        for &(b, n) in &earlier.buckets {
+            if let Ok(i) = self.buckets.binary_search_by_key(&b, |&(k, _)| k) {
+                self.buckets[i].1 = self.buckets[i].1.saturating_sub(n);
+            }
+        }
+        self.buckets.retain(|&(_, n)| n > 0);
+        self.count = self.count.saturating_sub(earlier.count);
+        self.sum = self.sum.saturating_sub(earlier.sum);
+        self.max = self
+            .buckets
+            .last()
+            .map_or(0, |&(b, _)| Self::value(b).min(self.max));
+    }
+
     fn quantile(&self, q: f64) -> u64 {
         let rank = ((q * self.count as f64).ceil() as u64).max(1);
         let mut seen = 0;
@@ -248,6 +271,10 @@ impl Counts {
         self.minor += other.minor;
         self.major += other.major;
     }
+    pub fn subtract(&mut self, earlier: &Counts) {
+        self.minor = self.minor.saturating_sub(earlier.minor);
+        self.major = self.major.saturating_sub(earlier.major);
+    }
     pub fn total(&self) -> u64 {
         self.minor + self.major
     }
@@ -285,6 +312,12 @@ impl AccessCounts {
     pub fn merge(&mut self, other: &AccessCounts) {
         for (a, b) in self.0.iter_mut().zip(other.0) {
             *a += b;
+        }
+    }
+
+    pub fn subtract(&mut self, earlier: &AccessCounts) {
+        for (a, b) in self.0.iter_mut().zip(earlier.0) {
+            *a = a.saturating_sub(b);
         }
     }
 
@@ -335,6 +368,30 @@ impl ProcessFaults {
         self.access.merge(&other.access);
         self.kernel_mode += other.kernel_mode;
     }
+
+    /// What was recorded since `earlier`, a past state of these totals.
+    pub fn since(&self, earlier: &ProcessFaults) -> ProcessFaults {
+        let mut d = self.clone();
+        d.counts.subtract(&earlier.counts);
+        for (a, b) in d.latency.iter_mut().zip(&earlier.latency) {
+            a.subtract(b);
+        }
+        for (tid, c) in &earlier.threads {
+            if let Some(t) = d.threads.get_mut(tid) {
+                t.subtract(c);
+            }
+        }
+        d.threads.retain(|_, c| c.total() > 0);
+        for (class, c) in &earlier.by_class {
+            if let Some(x) = d.by_class.get_mut(class) {
+                x.subtract(c);
+            }
+        }
+        d.by_class.retain(|_, c| c.total() > 0);
+        d.access.subtract(&earlier.access);
+        d.kernel_mode = d.kernel_mode.saturating_sub(earlier.kernel_mode);
+        d
+    }
 }
 
 /// A callsite within one process: where the faults came from and what they hit.
@@ -379,6 +436,13 @@ impl CallsiteFaults {
         self.count += other.count;
         self.latency.merge(&other.latency);
         self.access.merge(&other.access);
+    }
+
+    /// Takes away what was recorded into `earlier`, a past state of this callsite.
+    pub fn subtract(&mut self, earlier: &CallsiteFaults) {
+        self.count = self.count.saturating_sub(earlier.count);
+        self.latency.subtract(&earlier.latency);
+        self.access.subtract(&earlier.access);
     }
 }
 

@@ -1,42 +1,23 @@
 //! Loading the kernel programs, attaching them, and the agent's handles on their maps.
+use std::path::Path;
+
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy},
         PerfEvent, RawTracePoint, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
 use memtrace_common::{counter, Config};
 
-use crate::{tracefs, Error};
+use crate::{
+    hooks::{Hook, HookGroup, HookPoint},
+    tracefs, Error,
+};
 
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memtrace"));
-
-/// Tracepoints and the program attached to each.
-pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
-    ("page_fault_user", "exceptions", "page_fault_user"),
-    ("page_fault_kernel", "exceptions", "page_fault_kernel"),
-    ("sched_switch", "sched", "sched_switch"),
-    ("sys_enter_mmap", "syscalls", "sys_enter_mmap"),
-    ("sys_exit_mmap", "syscalls", "sys_exit_mmap"),
-    ("sys_enter_munmap", "syscalls", "sys_enter_munmap"),
-    ("sys_exit_munmap", "syscalls", "sys_exit_munmap"),
-    ("sys_enter_mremap", "syscalls", "sys_enter_mremap"),
-    ("sys_exit_mremap", "syscalls", "sys_exit_mremap"),
-    ("sys_enter_brk", "syscalls", "sys_enter_brk"),
-    ("sys_exit_brk", "syscalls", "sys_exit_brk"),
-    ("task_newtask", "task", "task_newtask"),
-    ("sched_process_exec", "sched", "sched_process_exec"),
-    ("sched_process_exit", "sched", "sched_process_exit"),
-];
-
-/// Perf software events (the kernel's own fault accounting) and their programs.
-pub const PERF_EVENTS: &[(&str, SoftwareEvent)] = &[
-    ("fault_minor", SoftwareEvent::PageFaultsMin),
-    ("fault_major", SoftwareEvent::PageFaultsMaj),
-];
 
 #[derive(Clone, Copy, Debug)]
 pub struct TracerOptions {
@@ -86,6 +67,26 @@ pub struct Tracer {
     targets_generation: Array<MapData, u64>,
     /// How each hook got attached, for `memtrace check`.
     pub attach_methods: Vec<(String, AttachMethod)>,
+    /// Optional hooks that could not attach, and what the run goes without.
+    pub degraded: Vec<Degraded>,
+}
+
+/// An optional hook left out: the run goes on without what it gives.
+#[derive(Clone, Debug)]
+pub struct Degraded {
+    pub hook: String,
+    pub reason: String,
+    pub without: &'static str,
+}
+
+impl std::fmt::Display for Degraded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} unavailable ({}): {}",
+            self.hook, self.reason, self.without
+        )
+    }
 }
 
 /// How a hook is attached, chosen by trying the cheapest kind first.
@@ -114,14 +115,6 @@ impl std::fmt::Display for AttachMethod {
     }
 }
 
-/// Raw-tracepoint programs for the hot hooks, by tracepoint name. A raw tracepoint skips
-/// building the trace record, which is a measurable share of a page fault's cost.
-pub const RAW_TRACEPOINTS: &[(&str, &str)] = &[
-    ("page_fault_user_raw", "page_fault_user"),
-    ("page_fault_kernel_raw", "page_fault_kernel"),
-    ("sched_switch_raw", "sched_switch"),
-];
-
 fn attach_tracepoint(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<(), Error> {
     let tp: &mut TracePoint = program(ebpf, prog)?;
     tp.load().map_err(|e| load_error(prog, e))?;
@@ -144,6 +137,56 @@ fn attach_raw_tracepoint(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), 
         });
     }
     Ok(())
+}
+
+/// Attaches one hook the cheapest way this kernel allows: a raw tracepoint where there is a
+/// program for one, else a classic tracepoint (its record layout checked first), and perf
+/// software events on every CPU.
+fn attach_hook(
+    ebpf: &mut Ebpf,
+    tracefs: &Path,
+    hook: &Hook,
+    opts: &TracerOptions,
+    cpus: &[u32],
+) -> Result<AttachMethod, Error> {
+    match hook.point {
+        HookPoint::Tracepoint {
+            category,
+            name,
+            raw,
+        } => {
+            let mut raw_refused = None;
+            if let Some(raw_prog) = raw.filter(|_| !opts.classic_tracepoints) {
+                match attach_raw_tracepoint(ebpf, raw_prog, name) {
+                    Ok(()) => return Ok(AttachMethod::RawTracepoint),
+                    Err(e) => raw_refused = Some(e.to_string()),
+                }
+            }
+            tracefs::check_tracepoint_layout(tracefs, category, name)?;
+            attach_tracepoint(ebpf, hook.program, category, name)?;
+            Ok(raw_refused.map_or(
+                AttachMethod::Tracepoint,
+                AttachMethod::TracepointAfterRawFailed,
+            ))
+        }
+        HookPoint::PerfSoftware { event, .. } => {
+            let pe: &mut PerfEvent = program(ebpf, hook.program)?;
+            pe.load().map_err(|e| load_error(hook.program, e))?;
+            for &cpu in cpus {
+                pe.attach(
+                    PerfEventConfig::Software(event),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Period(1),
+                    false,
+                )
+                .map_err(|e| Error::Attach {
+                    what: format!("perf software event {event:?} on cpu {cpu}"),
+                    reason: e.to_string(),
+                })?;
+            }
+            Ok(AttachMethod::PerfEventPerCpu(cpus.len()))
+        }
+    }
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (the clock of `bpf_ktime_get_ns`).
@@ -199,10 +242,12 @@ fn raise_memlock_rlimit() {
 }
 
 impl Tracer {
-    pub fn load(opts: TracerOptions) -> Result<Self, Error> {
+    /// Loads the kernel programs and attaches those of `groups`, and only those: an analysis
+    /// never depends on hooks it does not use. A hook marked optional that cannot attach is
+    /// listed in [`Tracer::degraded`] instead of failing the load.
+    pub fn load(opts: TracerOptions, groups: &[&HookGroup]) -> Result<Self, Error> {
         check_root()?;
         let tracefs = tracefs::ensure_mounted()?;
-        tracefs::check_layout(&tracefs)?;
         raise_memlock_rlimit();
 
         let config = Config {
@@ -217,48 +262,22 @@ impl Tracer {
             .load(EBPF_OBJECT)
             .map_err(|e| Error::Load(format!("{e:#}")))?;
 
-        let mut attach_methods = Vec::new();
-        for (prog, category, name) in TRACEPOINTS {
-            let method = match RAW_TRACEPOINTS.iter().find(|(_, tp)| tp == name) {
-                Some((raw_prog, _)) if !opts.classic_tracepoints => {
-                    match attach_raw_tracepoint(&mut ebpf, raw_prog, name) {
-                        Ok(()) => AttachMethod::RawTracepoint,
-                        Err(e) => {
-                            attach_tracepoint(&mut ebpf, prog, category, name)?;
-                            AttachMethod::TracepointAfterRawFailed(e.to_string())
-                        }
-                    }
-                }
-                _ => {
-                    attach_tracepoint(&mut ebpf, prog, category, name)?;
-                    AttachMethod::Tracepoint
-                }
-            };
-            attach_methods.push((format!("{category}:{name}"), method));
-        }
         let cpus = aya::util::online_cpus().map_err(|(what, e)| Error::Attach {
             what: "perf events".into(),
             reason: format!("{what}: {e}"),
         })?;
-        for (prog, event) in PERF_EVENTS {
-            let pe: &mut PerfEvent = program(&mut ebpf, prog)?;
-            pe.load().map_err(|e| load_error(prog, e))?;
-            for &cpu in &cpus {
-                pe.attach(
-                    PerfEventConfig::Software(*event),
-                    PerfEventScope::AllProcessesOneCpu { cpu },
-                    SamplePolicy::Period(1),
-                    false,
-                )
-                .map_err(|e| Error::Attach {
-                    what: format!("perf software event {event:?} on cpu {cpu}"),
+        let mut attach_methods = Vec::new();
+        let mut degraded = Vec::new();
+        for hook in groups.iter().flat_map(|g| g.hooks) {
+            match attach_hook(&mut ebpf, &tracefs, hook, &opts, &cpus) {
+                Ok(method) => attach_methods.push((hook.describe(), method)),
+                Err(e) if hook.optional => degraded.push(Degraded {
+                    hook: hook.describe(),
                     reason: e.to_string(),
-                })?;
+                    without: hook.without,
+                }),
+                Err(e) => return Err(e),
             }
-            attach_methods.push((
-                format!("perf software event {event:?}"),
-                AttachMethod::PerfEventPerCpu(cpus.len()),
-            ));
         }
 
         let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?).map_err(map_error)?;
@@ -275,6 +294,7 @@ impl Tracer {
             targets,
             targets_generation,
             attach_methods,
+            degraded,
         })
     }
 

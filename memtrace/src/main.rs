@@ -6,9 +6,10 @@ use std::{io::Write as _, ops::ControlFlow, path::PathBuf, process::ExitCode, ti
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use memtrace::{
+    analysis::FaultsAnalysis,
+    engine::{self, RunOptions, Target},
     loader::TracerOptions,
     report::{Format, ReportOptions},
-    session::{self, FaultsOptions, Target},
 };
 use output::{Delivery, ReportSink};
 
@@ -84,8 +85,9 @@ fn parse_ringbuf_mb(s: &str) -> Result<u32, String> {
     }
 }
 
+/// What every tracing subcommand takes: targets, run length, report layout and destination.
 #[derive(Args)]
-struct FaultsArgs {
+struct RunArgs {
     /// Trace this process (all its threads; a thread's id stands for its process); repeat for
     /// several.
     #[arg(short, long = "pid", conflicts_with = "command")]
@@ -93,10 +95,11 @@ struct FaultsArgs {
     /// Stop after this long (e.g. 10s, 500ms, 2m).
     #[arg(short, long, value_parser = parse_duration)]
     duration: Option<Duration>,
-    /// Print a report every interval meanwhile.
+    /// Print a report every interval meanwhile, of that interval alone; the final report has
+    /// the whole run.
     #[arg(short, long, value_parser = parse_duration)]
     interval: Option<Duration>,
-    /// Rows of processes and callsites in the table and in JSON (folded output has every callsite).
+    /// Rows in the table and in JSON (folded output has every row).
     #[arg(long, default_value_t = 10)]
     top: usize,
     /// table, one JSON document (JSON Lines with -i: one per report), or folded stacks.
@@ -105,6 +108,30 @@ struct FaultsArgs {
     /// Write the reports to this file (created or truncated) instead of stdout.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Ring buffer size in MiB (a power of two, at most 1024).
+    #[arg(long, default_value_t = 16, value_parser = parse_ringbuf_mb)]
+    ringbuf_mb: u32,
+    /// Command to start and trace, with its children.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+impl RunArgs {
+    fn target(&self) -> Target {
+        if !self.command.is_empty() {
+            Target::Command(self.command.clone())
+        } else if !self.pid.is_empty() {
+            Target::Pids(self.pid.clone())
+        } else {
+            Target::System
+        }
+    }
+}
+
+#[derive(Args)]
+struct FaultsArgs {
+    #[command(flatten)]
+    run: RunArgs,
     /// Per-thread counts in the table.
     #[arg(long)]
     threads: bool,
@@ -120,12 +147,6 @@ struct FaultsArgs {
     /// Attach classic tracepoints where raw tracepoints would work (for comparison).
     #[arg(long, hide = true)]
     classic_tracepoints: bool,
-    /// Ring buffer size in MiB (a power of two, at most 1024).
-    #[arg(long, default_value_t = 16, value_parser = parse_ringbuf_mb)]
-    ringbuf_mb: u32,
-    /// Command to start and trace, with its children.
-    #[arg(last = true)]
-    command: Vec<String>,
 }
 
 /// memtrace's own exit codes; with `-- CMD` a run otherwise exits with the command's status.
@@ -138,39 +159,47 @@ const EXIT_COMMAND_NOT_FOUND: u8 = 127;
 const EXIT_READER_GONE: u8 = 141;
 
 fn faults(args: FaultsArgs) -> anyhow::Result<ExitCode> {
-    let target = if !args.command.is_empty() {
-        Target::Command(args.command.clone())
-    } else if !args.pid.is_empty() {
-        Target::Pids(args.pid.clone())
-    } else {
-        Target::System
-    };
-    let opts = FaultsOptions {
-        target,
-        duration: args.duration,
-        interval: args.interval,
+    let run = &args.run;
+    let opts = RunOptions {
+        target: run.target(),
+        duration: run.duration,
+        interval: run.interval,
         tracer: TracerOptions {
             filter_pids: false,
             capture_stacks: !args.no_stacks,
             stack_cache: !args.no_stack_cache,
-            ringbuf_bytes: args.ringbuf_mb.saturating_mul(1024 * 1024),
+            ringbuf_bytes: run.ringbuf_mb.saturating_mul(1024 * 1024),
             classic_tracepoints: args.classic_tracepoints,
         },
-        report: ReportOptions {
-            format: args.format,
-            top: args.top,
-            threads: args.threads,
-            hist: args.hist,
-        },
     };
-    let mut sink = ReportSink::open(args.output.as_deref(), opts.report, opts.interval.is_some())?;
+    let report = ReportOptions {
+        format: run.format,
+        top: run.top,
+        threads: args.threads,
+        hist: args.hist,
+    };
+    let mut analysis = FaultsAnalysis::new(report);
+    run_analysis(&mut analysis, &opts, run, report)
+}
+
+/// Runs an analysis on the engine and turns its end into memtrace's exit code.
+fn run_analysis<A: engine::Analysis>(
+    analysis: &mut A,
+    opts: &RunOptions,
+    run: &RunArgs,
+    report: ReportOptions,
+) -> anyhow::Result<ExitCode>
+where
+    A::Report: output::Report,
+{
+    let mut sink = ReportSink::open(run.output.as_deref(), report, opts.interval.is_some())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     let mut write_error = None;
     let mut reader_gone = false;
-    let outcome = runtime.block_on(session::run_faults(&opts, |report, kind| {
+    let outcome = runtime.block_on(engine::run(analysis, opts, |report, kind| {
         match sink.write(report, kind) {
             Ok(Delivery::Written) => ControlFlow::Continue(()),
             Ok(Delivery::ReaderGone) => {

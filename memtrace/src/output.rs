@@ -8,10 +8,21 @@ use std::{
 
 use anyhow::Context as _;
 use memtrace::{
+    engine::ReportKind,
     report::{self, FaultReport, Format, ReportOptions},
-    session::ReportKind,
 };
 use serde::Serialize;
+
+/// A report the sink can write: serialized as JSON, or rendered as text.
+pub trait Report: Serialize {
+    fn render(&self, opts: &ReportOptions) -> String;
+}
+
+impl Report for FaultReport {
+    fn render(&self, opts: &ReportOptions) -> String {
+        report::render(self, opts)
+    }
+}
 
 /// The value of a JSON document's `report` field.
 fn kind_name(kind: ReportKind) -> &'static str {
@@ -62,7 +73,7 @@ impl ReportSink {
     }
 
     /// Writes one report and flushes it, so each interval report is out when it is due.
-    pub fn write(&mut self, report: &FaultReport, kind: ReportKind) -> anyhow::Result<Delivery> {
+    pub fn write<R: Report>(&mut self, report: &R, kind: ReportKind) -> anyhow::Result<Delivery> {
         let written = if self.opts.format == Format::Json {
             // Straight into the writer: a report with 100,000 callsites is not held twice more
             // as a JSON value tree and a string.
@@ -79,8 +90,7 @@ impl ReportSink {
                 .map_err(io::Error::from)
                 .and_then(|()| self.out.write_all(b"\n"))
         } else {
-            self.out
-                .write_all(report::render(report, &self.opts).as_bytes())
+            self.out.write_all(report.render(&self.opts).as_bytes())
         };
         match written.and_then(|()| self.out.flush()) {
             Ok(()) => Ok(Delivery::Written),
@@ -95,10 +105,10 @@ impl ReportSink {
 
 /// A JSON report document: which report it is, then the report's fields.
 #[derive(Serialize)]
-struct Document<'a> {
+struct Document<'a, R> {
     report: &'static str,
     #[serde(flatten)]
-    inner: &'a FaultReport,
+    inner: &'a R,
 }
 
 /// Writes `text` to stdout (for `memtrace check`), through the same error handling.

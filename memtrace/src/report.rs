@@ -1,7 +1,7 @@
 //! Fault reports: a plain data structure built from the aggregates, rendered as a table, one
 //! JSON document, or folded stacks for flame graphs.
-use foldhash::{HashMap, HashMapExt};
-use std::{fmt::Write as _, time::Duration};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::{fmt::Write as _, sync::Arc, time::Duration};
 
 use serde::Serialize;
 
@@ -127,9 +127,24 @@ pub struct LostReport {
     pub causes: Vec<Loss>,
 }
 
+/// What a report's figures cover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// The whole run so far.
+    Total,
+    /// Only the time since the previous report (`-i`).
+    Interval,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct FaultReport {
+    /// Whether the figures are the run's totals or one interval's.
+    pub scope: Scope,
+    /// Since tracing started.
     pub duration_s: f64,
+    /// The time the figures cover: the interval for an interval report, else `duration_s`.
+    pub covers_s: f64,
     pub minor: u64,
     pub major: u64,
     /// Processes seen, in every row (folded rows hold many).
@@ -269,6 +284,8 @@ pub struct ReportInput<'a> {
     pub collector: &'a Collector,
     pub counters: KernelCounters,
     pub elapsed: Duration,
+    /// What the report covers (the interval, or the whole run).
+    pub covers: Duration,
     /// The kernel's counts for the traced command and the descendants it waited for, once
     /// it has been reaped.
     pub command_faults: Option<KernelFaults>,
@@ -332,7 +349,7 @@ fn process_report(
 /// One callsite from any source (live, before an exec, exited, folded), stacks resolved.
 struct SiteRef<'a> {
     pid: u32,
-    comm: &'a str,
+    comm: &'a Arc<str>,
     key: std::borrow::Cow<'a, ResolvedKey>,
     faults: &'a CallsiteFaults,
 }
@@ -478,34 +495,154 @@ fn loss_table(c: &KernelCounters, stats: &crate::collector::CollectorStats) -> V
     ]
 }
 
+/// Which row of the report a process's totals are: a process of its own, or the row that
+/// folds exited processes of one name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum RowKey {
+    Pid(u32),
+    Folded(Arc<str>),
+}
+
+/// Callsites merge on what a user asks ("which function", not "which instruction"): the row
+/// (pid; the name only for folded rows, pid 0), kind, mapping and the frames' merge ids.
+type MergeKey = (
+    u32,
+    Option<Arc<str>>,
+    FaultKind,
+    MappingClass,
+    Option<Arc<str>>,
+    Vec<u32>,
+);
+
+/// A row's key, pid (0 when folded), name, processes it holds, whether they exited, totals.
+type Row<'a> = (RowKey, u32, &'a Arc<str>, u64, bool, &'a ProcessFaults);
+
+/// The totals as of the previous interval report, so the next one shows what changed since.
+#[derive(Debug, Default)]
+pub struct IntervalBaseline {
+    /// Each row's totals, with the name it had.
+    processes: HashMap<RowKey, (Arc<str>, ProcessFaults)>,
+    callsites: HashMap<MergeKey, CallsiteFaults>,
+    losses: Vec<u64>,
+    stack_cache_hits: u64,
+}
+
+impl IntervalBaseline {
+    /// Rows of the baseline that are gone now (their processes exited and folded into the
+    /// row of their name) count toward that folded row, so its interval figures hold only
+    /// what came since.
+    fn fold_vanished(&mut self, current: &HashSet<RowKey>) {
+        let vanished: Vec<(u32, Arc<str>, ProcessFaults)> = self
+            .processes
+            .extract_if(|k, _| matches!(k, RowKey::Pid(_)) && !current.contains(k))
+            .filter_map(|(k, (comm, faults))| match k {
+                RowKey::Pid(pid) => Some((pid, comm, faults)),
+                RowKey::Folded(_) => None,
+            })
+            .collect();
+        let mut names: HashMap<u32, Arc<str>> = HashMap::new();
+        for (pid, comm, faults) in vanished {
+            self.processes
+                .entry(RowKey::Folded(comm.clone()))
+                .or_insert_with(|| (comm.clone(), ProcessFaults::default()))
+                .1
+                .merge(&faults);
+            names.insert(pid, comm);
+        }
+        let gone: Vec<(MergeKey, CallsiteFaults)> = self
+            .callsites
+            .extract_if(|k, _| names.contains_key(&k.0))
+            .collect();
+        for ((pid, _, kind, class, path, ids), faults) in gone {
+            let comm = names.get(&pid).cloned();
+            let folded = (0, comm, kind, class, path, ids);
+            self.callsites.entry(folded).or_default().merge(&faults);
+        }
+    }
+}
+
 pub fn build(
     input: &ReportInput<'_>,
     symbolizer: &mut Symbolizer,
     opts: &ReportOptions,
+    mut since: Option<&mut IntervalBaseline>,
 ) -> FaultReport {
     let collector = input.collector;
-    let mut processes: Vec<ProcessReport> = collector
+    let scope = if since.is_some() {
+        Scope::Interval
+    } else {
+        Scope::Total
+    };
+    // Every row's totals, live processes first (a reused pid's exited row comes after).
+    let rows: Vec<Row<'_>> = collector
         .processes
         .iter()
-        .map(|(&pid, p)| {
-            let kernel = collector.kernel_faults(pid);
-            process_report(pid, &p.comm, 1, p.exited, &p.faults, kernel)
-        })
-        .chain(
-            collector
-                .exited
-                .iter()
-                .chain(collector.folded.values())
-                .map(|e| process_report(e.pid, &e.comm, e.processes, true, &e.faults, None)),
-        )
+        .map(|(&pid, p)| (RowKey::Pid(pid), pid, &p.comm, 1, p.exited, &p.faults))
+        .chain(collector.exited.iter().map(|e| {
+            (
+                RowKey::Pid(e.pid),
+                e.pid,
+                &e.comm,
+                e.processes,
+                true,
+                &e.faults,
+            )
+        }))
+        .chain(collector.folded.values().map(|e| {
+            (
+                RowKey::Folded(e.comm.clone()),
+                0,
+                &e.comm,
+                e.processes,
+                true,
+                &e.faults,
+            )
+        }))
         .collect();
+    if let Some(baseline) = since.as_deref_mut() {
+        let current: HashSet<RowKey> = rows.iter().map(|r| r.0.clone()).collect();
+        baseline.fold_vanished(&current);
+    }
+    let mut seen_rows: HashSet<&RowKey> = HashSet::new();
+    let mut processes: Vec<ProcessReport> = Vec::with_capacity(rows.len());
+    for (key, pid, comm, count, exited, faults) in &rows {
+        let report = match since.as_deref() {
+            // The interval's own figures: each baseline row is taken away once.
+            Some(baseline) => {
+                let earlier = baseline
+                    .processes
+                    .get(key)
+                    .filter(|_| seen_rows.insert(key));
+                let delta = earlier.map_or_else(|| (*faults).clone(), |(_, e)| faults.since(e));
+                // A process that exited and faulted not at all meanwhile has nothing to say.
+                if *exited && delta.counts.total() == 0 {
+                    continue;
+                }
+                process_report(*pid, comm, *count, *exited, &delta, None)
+            }
+            None => {
+                let kernel = if *exited {
+                    None
+                } else {
+                    collector.kernel_faults(*pid)
+                };
+                process_report(*pid, comm, *count, *exited, faults, kernel)
+            }
+        };
+        processes.push(report);
+    }
     let mut total = Counts::default();
     for p in &processes {
         total.minor += p.minor;
         total.major += p.major;
     }
-    // Before --top cuts the rows: every process counts.
-    let kernel_counts = kernel_counts(input, &processes, total);
+    // Before --top cuts the rows: every process counts. Interval reports leave the
+    // kernel's counts out: they are totals since each process was first traced.
+    let kernel_counts = if since.is_some() {
+        None
+    } else {
+        kernel_counts(input, &processes, total)
+    };
     let process_count = processes.iter().map(|p| p.processes).sum();
     processes.sort_by(|a, b| {
         (b.minor + b.major)
@@ -521,28 +658,52 @@ pub fn build(
     // function", not "which instruction". Merging works on small frame ids; frames are built
     // only for the callsites the report shows, so a run with 100,000 callsites does not hold
     // 100,000 symbolized stacks at once.
-    type MergeKey<'a> = (
-        u32,
-        &'a str,
-        FaultKind,
-        MappingClass,
-        Option<&'a str>,
-        Vec<u32>,
-    );
     let sites = all_callsites(collector);
-    let mut merged: HashMap<MergeKey<'_>, (usize, CallsiteFaults)> = HashMap::new();
+    let mut merged: HashMap<MergeKey, (usize, CallsiteFaults)> = HashMap::new();
     for (i, site) in sites.iter().enumerate() {
         let (user, kernel) = site_frames(collector, symbolizer, &site.key);
         let mut ids = symbolizer.merge_ids(&user);
         ids.push(u32::MAX); // user and kernel frames apart
         ids.extend(symbolizer.merge_ids(&kernel));
         let k = &*site.key;
-        let key = (site.pid, site.comm, k.kind, k.class, k.path.as_deref(), ids);
+        let comm = (site.pid == 0).then(|| site.comm.clone());
+        let key = (site.pid, comm, k.kind, k.class, k.path.clone(), ids);
         merged
             .entry(key)
             .or_insert_with(|| (i, CallsiteFaults::default()))
             .1
             .merge(site.faults);
+    }
+    let c = input.counters;
+    let mut losses = loss_table(&c, &collector.stats);
+    let mut lost_events = c.ringbuf_full_fault;
+    let mut stack_cache_hits = c.stack_cache_hits;
+    if let Some(baseline) = since {
+        let totals: Vec<u64> = losses.iter().map(|l| l.count).collect();
+        for (loss, earlier) in losses.iter_mut().zip(&baseline.losses) {
+            loss.count = loss.count.saturating_sub(*earlier);
+        }
+        lost_events = losses
+            .iter()
+            .find(|l| l.id == "ringbuf_full_fault")
+            .map_or(0, |l| l.count);
+        stack_cache_hits = stack_cache_hits.saturating_sub(baseline.stack_cache_hits);
+        baseline.losses = totals;
+        baseline.stack_cache_hits = c.stack_cache_hits;
+        baseline.processes = rows
+            .iter()
+            .map(|(key, _, comm, _, _, faults)| (key.clone(), ((*comm).clone(), (*faults).clone())))
+            .collect();
+        // The new baseline is the totals; the report gets what changed since the old one.
+        let mut earlier = std::mem::take(&mut baseline.callsites);
+        for (key, (_, faults)) in merged.iter_mut() {
+            let total = faults.clone();
+            if let Some(e) = earlier.remove(key) {
+                faults.subtract(&e);
+            }
+            baseline.callsites.insert(key.clone(), total);
+        }
+        merged.retain(|_, (_, f)| f.count > 0);
     }
     let mut ranked: Vec<(usize, CallsiteFaults)> = merged.into_values().collect();
     ranked.sort_by(|(ia, a), (ib, b)| {
@@ -580,9 +741,10 @@ pub fn build(
         })
         .collect();
 
-    let c = input.counters;
     FaultReport {
+        scope,
         duration_s: input.elapsed.as_secs_f64(),
+        covers_s: input.covers.as_secs_f64(),
         minor: total.minor,
         major: total.major,
         process_count,
@@ -591,10 +753,10 @@ pub fn build(
         callsites_total,
         callsites,
         lost: LostReport {
-            events: c.ringbuf_full_fault,
-            causes: loss_table(&c, &collector.stats),
+            events: lost_events,
+            causes: losses,
         },
-        stack_cache_hits: c.stack_cache_hits,
+        stack_cache_hits,
         kernel_counts,
         // Last, so the peak includes this report's own symbolization.
         agent: AgentStats::current(collector.stats.records),
@@ -675,8 +837,14 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "memtrace faults: {:.1}s, {} minor, {} major in {} process(es){}; lost {} fault records",
-        r.duration_s,
+        "memtrace faults: {}, {} minor, {} major in {} process(es){}; lost {} fault records",
+        match r.scope {
+            Scope::Total => format!("{:.1}s", r.duration_s),
+            Scope::Interval => format!(
+                "the {:.1}s interval to {:.1}s alone",
+                r.covers_s, r.duration_s
+            ),
+        },
         r.minor,
         r.major,
         r.process_count,
@@ -867,6 +1035,7 @@ pub fn render(r: &FaultReport, opts: &ReportOptions) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collector::ExitedProcess;
 
     #[test]
     fn log2_buckets_group_by_power_of_two() {
@@ -913,6 +1082,7 @@ mod tests {
             },
             command_faults: None,
             elapsed: Duration::from_secs(2),
+            covers: Duration::from_secs(2),
         };
         let opts = ReportOptions {
             format: Format::Table,
@@ -920,7 +1090,7 @@ mod tests {
             threads: true,
             hist: true,
         };
-        let r = build(&input, &mut Symbolizer::new(), &opts);
+        let r = build(&input, &mut Symbolizer::new(), &opts, None);
         assert_eq!((r.minor, r.major, r.lost.events), (0, 1, 3));
         let table = render_table(&r, &opts);
         assert!(table.contains("lost 3 fault records"), "{table}");
@@ -940,5 +1110,127 @@ mod tests {
         assert_eq!(json["lost"]["causes"][0]["id"], "ringbuf_full_fault");
         assert_eq!(json["lost"]["causes"][0]["count"], 3);
         assert_eq!(render_folded(&r), ";[major file_private] 1\n");
+    }
+
+    fn minor_fault(pid: u32, latency_ns: u64) -> crate::fault::Fault {
+        crate::fault::Fault {
+            pid,
+            tid: pid,
+            kind: FaultKind::Minor,
+            kernel_mode: false,
+            address: 0x1000,
+            latency_ns: Some(latency_ns),
+            access: Access::Write,
+            cause: Cause::NotPresent,
+            user_stack: None,
+            kernel_stack: None,
+            class: MappingClass::Heap,
+            path: None,
+        }
+    }
+
+    fn record(collector: &mut Collector, pid: u32, n: u64, latency_ns: u64) {
+        let info = collector.observe(pid);
+        info.comm = "worker".into();
+        for _ in 0..n {
+            let f = minor_fault(pid, latency_ns);
+            info.faults.record(&f);
+            info.callsites
+                .entry(crate::fault::CallsiteKey::of(&f))
+                .or_default()
+                .record(&f);
+        }
+    }
+
+    fn report_of(
+        collector: &Collector,
+        counters: KernelCounters,
+        since: Option<&mut IntervalBaseline>,
+    ) -> FaultReport {
+        let input = ReportInput {
+            collector,
+            counters,
+            command_faults: None,
+            elapsed: Duration::from_secs(3),
+            covers: Duration::from_secs(1),
+        };
+        let opts = ReportOptions {
+            format: Format::Json,
+            top: 10,
+            threads: true,
+            hist: false,
+        };
+        build(&input, &mut Symbolizer::new(), &opts, since)
+    }
+
+    #[test]
+    fn interval_reports_show_what_changed_and_the_final_one_the_totals() {
+        let mut collector = Collector::default();
+        let mut baseline = IntervalBaseline::default();
+        let lost = |n| KernelCounters {
+            ringbuf_full_fault: n,
+            ..Default::default()
+        };
+        record(&mut collector, 4_000_000_042, 100, 2_000);
+        let first = report_of(&collector, lost(5), Some(&mut baseline));
+        assert_eq!(first.scope, Scope::Interval);
+        assert_eq!((first.minor, first.lost.events), (100, 5));
+        // Slower faults in the second interval: its percentiles are its own.
+        record(&mut collector, 4_000_000_042, 30, 90_000);
+        let second = report_of(&collector, lost(7), Some(&mut baseline));
+        assert_eq!((second.minor, second.lost.events), (30, 2));
+        assert_eq!(second.processes[0].minor, 30);
+        assert_eq!(second.processes[0].threads[0].minor, 30);
+        let p50 = second.processes[0].latency_ns.minor.p50;
+        assert!((85_000..=95_000).contains(&p50), "interval p50 {p50}");
+        assert_eq!(second.callsites[0].count, 30);
+        let site_p50 = second.callsites[0].latency_ns.p50;
+        assert!((84_000..=96_000).contains(&site_p50), "{site_p50}");
+        // Nothing new: an interval with no faults.
+        let idle = report_of(&collector, lost(7), Some(&mut baseline));
+        assert_eq!(
+            (idle.minor, idle.callsites.len(), idle.lost.events),
+            (0, 0, 0)
+        );
+        let total = report_of(&collector, lost(7), None);
+        assert_eq!(total.scope, Scope::Total);
+        assert_eq!((total.minor, total.lost.events), (130, 7));
+        assert_eq!(total.callsites[0].count, 130);
+    }
+
+    #[test]
+    fn a_process_folded_away_between_intervals_is_not_counted_again() {
+        let mut collector = Collector::default();
+        let mut baseline = IntervalBaseline::default();
+        record(&mut collector, 4_000_000_042, 100, 2_000);
+        let first = report_of(&collector, KernelCounters::default(), Some(&mut baseline));
+        assert_eq!(first.minor, 100);
+        // It faults 10 more times, exits, and folds into the row of its name, with its
+        // callsites resolved.
+        record(&mut collector, 4_000_000_042, 10, 2_000);
+        let info = collector.processes.remove(&4_000_000_042).expect("live");
+        let mut row = ExitedProcess {
+            pid: 0,
+            comm: info.comm.clone(),
+            processes: 1,
+            ..Default::default()
+        };
+        row.faults.merge(&info.faults);
+        for (k, f) in &info.callsites {
+            let key = ResolvedKey {
+                kind: k.kind,
+                class: k.class,
+                path: k.path.clone(),
+                user: None,
+                kernel_stack: None,
+            };
+            row.callsites.entry(key).or_default().merge(f);
+        }
+        collector.folded.insert(info.comm.clone(), row);
+        let second = report_of(&collector, KernelCounters::default(), Some(&mut baseline));
+        assert_eq!(second.minor, 10, "{:?}", second.processes);
+        assert_eq!(second.processes[0].pid, 0);
+        assert_eq!(second.callsites_total, 1);
+        assert_eq!(second.callsites[0].count, 10);
     }
 }

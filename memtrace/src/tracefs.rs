@@ -100,10 +100,25 @@ pub fn read_format(tracefs: &Path, category: &str, name: &str) -> Result<Vec<For
 
 /// Checks every (tracepoint, field) the kernel programs read against this kernel's formats.
 pub fn check_layout(tracefs: &Path) -> Result<(), Error> {
-    for (category, name, (field, offset, size)) in memtrace_common::layout::CHECKED {
-        let fields = read_format(tracefs, category, name)?;
-        let found = fields.iter().find(|f| f.name == *field);
-        match found {
+    for (category, name, _) in memtrace_common::layout::CHECKED {
+        check_tracepoint_layout(tracefs, category, name)?;
+    }
+    Ok(())
+}
+
+/// Checks the fields a classic-tracepoint program reads from this tracepoint's record against
+/// this kernel's format file: a wrong offset would read another field silently.
+pub fn check_tracepoint_layout(tracefs: &Path, category: &str, name: &str) -> Result<(), Error> {
+    let checked = memtrace_common::layout::CHECKED
+        .iter()
+        .filter(|(c, n, _)| *c == category && *n == name);
+    let mut fields = None;
+    for (_, _, (field, offset, size)) in checked {
+        let fields = match &fields {
+            Some(f) => f,
+            None => fields.insert(read_format(tracefs, category, name)?),
+        };
+        match fields.iter().find(|f| f.name == *field) {
             Some(f) if f.offset == *offset && f.size == *size => {}
             other => {
                 return Err(Error::LayoutMismatch {

@@ -242,6 +242,35 @@ fn json_with_intervals_is_one_document_per_line() {
 }
 
 #[test]
+fn interval_reports_hold_their_interval_and_the_final_one_the_run() {
+    let wl = workload();
+    let wl = wl.to_str().unwrap();
+    let script = format!("{wl} anon 20000; sleep 0.5; {wl} anon 20000; sleep 0.5; {wl} anon 20000");
+    let (code, stdout, stderr) = run(&[
+        "faults", "--format", "json", "-i", "250ms", "--", "sh", "-c", &script,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let docs: Vec<Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let (last, intervals) = docs.split_last().expect("documents");
+    assert_eq!(last["scope"], "total", "{last}");
+    assert!(intervals.len() >= 3, "{stdout}");
+    assert!(intervals.iter().all(|d| d["scope"] == "interval"));
+    let minor = |d: &Value| d["minor"].as_u64().unwrap();
+    let total = minor(last);
+    let summed: u64 = intervals.iter().map(minor).sum();
+    // Running totals would add up to several times the total; intervals add up to at most it.
+    assert!(total >= 60_000, "total {total}");
+    assert!(summed <= total, "intervals sum to {summed}, total {total}");
+    assert!(summed >= 20_000, "intervals sum to {summed}");
+    let busiest = intervals.iter().map(minor).max().unwrap();
+    assert!(busiest < total / 2, "an interval of {busiest} of {total}");
+}
+
+#[test]
 fn bad_durations_and_ring_sizes_are_usage_errors() {
     for (args, says) in [
         (&["-i", "0"][..], "greater than zero"),

@@ -1,0 +1,133 @@
+//! `memtrace faults`: major and minor page faults per process, thread and callsite.
+use aya::maps::{MapData, RingBuf};
+
+use crate::{
+    collector::Collector,
+    engine::{self, process_alive, Analysis, ReportContext, ReportKind, DRAIN_BATCH, DRAIN_BUDGET},
+    hooks::{self, HookGroup},
+    loader::Tracer,
+    report::{self, FaultReport, IntervalBaseline, ReportInput, ReportOptions},
+    sideband::{self, Sideband},
+    symbolize::Symbolizer,
+    Error,
+};
+
+/// The process table with its fault aggregates, the perf side-band that keeps mappings of
+/// short-lived processes, and what reports need between runs of the loop.
+pub struct FaultsAnalysis {
+    collector: Collector,
+    sideband: Option<Sideband>,
+    symbolizer: Symbolizer,
+    opts: ReportOptions,
+    /// The totals as of the previous interval report: interval reports show what changed.
+    baseline: IntervalBaseline,
+}
+
+impl FaultsAnalysis {
+    pub fn new(opts: ReportOptions) -> Self {
+        Self {
+            collector: Collector::default(),
+            sideband: None,
+            symbolizer: Symbolizer::new(),
+            opts,
+            baseline: IntervalBaseline::default(),
+        }
+    }
+}
+
+const HOOK_GROUPS: &[&HookGroup] = &[&hooks::PROCESSES, &hooks::MAPPINGS, &hooks::FAULTS];
+
+impl Analysis for FaultsAnalysis {
+    type Report = FaultReport;
+
+    fn what(&self) -> &'static str {
+        "page faults"
+    }
+
+    fn hook_groups(&self) -> &'static [&'static HookGroup] {
+        HOOK_GROUPS
+    }
+
+    fn start(&mut self, _tracer: &mut Tracer, system_wide: bool) -> Result<(), Error> {
+        self.collector.follow_all = system_wide;
+        // Opened before any command starts, so its exec and first mappings are recorded.
+        match Sideband::open() {
+            Ok(sideband) => {
+                self.collector.sideband = true;
+                self.sideband = Some(sideband);
+            }
+            Err(e) => engine::say(format_args!(
+                "memtrace: no perf side-band ({e}): mappings of processes that exit quickly \
+                 may go unclassified"
+            )),
+        }
+        Ok(())
+    }
+
+    fn target_added(&mut self, pid: u32) {
+        self.collector.observe_from_now(pid);
+    }
+
+    /// Hands waiting ring-buffer records to the collector, merged in time order with the
+    /// side-band's records.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
+        let started = std::time::Instant::now();
+        let collector = &mut self.collector;
+        let mut sideband = self.sideband.as_mut();
+        // Every side-band record older than `cutoff` has been read: a ring record up to that
+        // time is handled after the mappings and execs that came before it.
+        let mut catch_up = |collector: &mut Collector| {
+            let now = sideband::monotonic_ns();
+            if let Some(sideband) = sideband.as_deref_mut() {
+                collector.queue_side(sideband.poll());
+                collector.stats.sideband_lost = sideband.lost();
+            }
+            now
+        };
+        let mut cutoff = catch_up(collector);
+        let mut more = true;
+        for n in 0..DRAIN_BATCH {
+            if n % 1024 == 1023 && started.elapsed() >= DRAIN_BUDGET {
+                break;
+            }
+            let Some(item) = ring.next() else {
+                more = false;
+                break;
+            };
+            // A record newer than the side-band read so far: read the side-band again first.
+            if crate::record::time_of(&item).is_some_and(|t| t > cutoff) {
+                cutoff = catch_up(collector);
+            }
+            collector.on_bytes(&item);
+        }
+        if !more {
+            collector.settle(cutoff);
+        }
+        collector.sweep();
+        more
+    }
+
+    fn descendants_alive(&self, command: u32) -> bool {
+        // An exit record settles it; /proc covers a record not read (or lost).
+        let c = &self.collector;
+        c.spawned
+            .iter()
+            .filter(|&&pid| pid != command)
+            .any(|&pid| !c.processes.get(&pid).is_some_and(|p| p.exited) && process_alive(pid))
+    }
+
+    fn report(&mut self, ctx: &ReportContext<'_>) -> FaultReport {
+        let input = ReportInput {
+            collector: &self.collector,
+            counters: ctx.tracer.counters(),
+            elapsed: ctx.elapsed,
+            covers: ctx.covers,
+            command_faults: ctx.command_faults,
+        };
+        let since = match ctx.kind {
+            ReportKind::Interval => Some(&mut self.baseline),
+            ReportKind::Final => None,
+        };
+        report::build(&input, &mut self.symbolizer, &self.opts, since)
+    }
+}

@@ -1,0 +1,166 @@
+//! Hook groups: the kernel programs an analysis needs, where each attaches, and which may be
+//! missing. The loader attaches only the groups an analysis names, checks only their
+//! tracepoint layouts, and `memtrace check` reports from this same table.
+use aya::programs::perf_event::SoftwareEvent;
+
+/// Where a program attaches.
+#[derive(Clone, Copy, Debug)]
+pub enum HookPoint {
+    /// A tracepoint; `raw` names a raw-tracepoint program for the same hook, tried first (no
+    /// trace record is built, which is a measurable share of a page fault's cost).
+    Tracepoint {
+        category: &'static str,
+        name: &'static str,
+        raw: Option<&'static str>,
+    },
+    /// A sampling perf software event, period 1, on every CPU. `config` is its
+    /// `PERF_COUNT_SW_*` number, for probing it without loading anything.
+    PerfSoftware { event: SoftwareEvent, config: u64 },
+}
+
+/// One kernel program and where it goes.
+#[derive(Clone, Copy, Debug)]
+pub struct Hook {
+    /// The program's name in the eBPF object (the classic-tracepoint one for tracepoints).
+    pub program: &'static str,
+    pub point: HookPoint,
+    /// An optional hook that cannot attach degrades the analysis (said at start and in
+    /// `check`) instead of failing the run.
+    pub optional: bool,
+    /// What is lost without it, for messages.
+    pub without: &'static str,
+}
+
+impl Hook {
+    /// `category:name` for a tracepoint, the event's name for a perf event.
+    pub fn describe(&self) -> String {
+        match self.point {
+            HookPoint::Tracepoint { category, name, .. } => format!("{category}:{name}"),
+            HookPoint::PerfSoftware { event, .. } => format!("perf software event {event:?}"),
+        }
+    }
+}
+
+/// Hooks that serve one purpose and are loaded together.
+#[derive(Debug)]
+pub struct HookGroup {
+    pub name: &'static str,
+    pub purpose: &'static str,
+    pub hooks: &'static [Hook],
+}
+
+impl HookGroup {
+    /// The tracepoints of this group, as (category, name).
+    pub fn tracepoints(&self) -> impl Iterator<Item = (&'static str, &'static str)> + '_ {
+        self.hooks.iter().filter_map(|h| match h.point {
+            HookPoint::Tracepoint { category, name, .. } => Some((category, name)),
+            HookPoint::PerfSoftware { .. } => None,
+        })
+    }
+}
+
+const fn tracepoint(
+    program: &'static str,
+    category: &'static str,
+    name: &'static str,
+    raw: Option<&'static str>,
+) -> Hook {
+    Hook {
+        program,
+        point: HookPoint::Tracepoint {
+            category,
+            name,
+            raw,
+        },
+        optional: false,
+        without: "",
+    }
+}
+
+/// Fork, exec and exit: following a traced command's children and keeping the process table.
+/// Every analysis needs it.
+pub const PROCESSES: HookGroup = HookGroup {
+    name: "processes",
+    purpose: "following children; fork, exec and exit for the process table",
+    hooks: &[
+        tracepoint("task_newtask", "task", "task_newtask", None),
+        tracepoint("sched_process_exec", "sched", "sched_process_exec", None),
+        tracepoint("sched_process_exit", "sched", "sched_process_exit", None),
+    ],
+};
+
+/// mmap, munmap, mremap and brk as they complete: the address-space model.
+pub const MAPPINGS: HookGroup = HookGroup {
+    name: "mappings",
+    purpose: "mapping classification: mmap/munmap/mremap/brk as they complete",
+    hooks: &[
+        tracepoint("sys_enter_mmap", "syscalls", "sys_enter_mmap", None),
+        tracepoint("sys_exit_mmap", "syscalls", "sys_exit_mmap", None),
+        tracepoint("sys_enter_munmap", "syscalls", "sys_enter_munmap", None),
+        tracepoint("sys_exit_munmap", "syscalls", "sys_exit_munmap", None),
+        tracepoint("sys_enter_mremap", "syscalls", "sys_enter_mremap", None),
+        tracepoint("sys_exit_mremap", "syscalls", "sys_exit_mremap", None),
+        tracepoint("sys_enter_brk", "syscalls", "sys_enter_brk", None),
+        tracepoint("sys_exit_brk", "syscalls", "sys_exit_brk", None),
+    ],
+};
+
+/// Page faults: the kernel's own accounting (counts, kind, stacks), the fault's entry (access
+/// type, latency start) and the context switches a fault can span.
+pub const FAULTS: HookGroup = HookGroup {
+    name: "faults",
+    purpose: "page faults: kind, count and stacks at the kernel's accounting; access type and latency from the entry",
+    hooks: &[
+        Hook {
+            program: "fault_minor",
+            point: HookPoint::PerfSoftware {
+                event: SoftwareEvent::PageFaultsMin,
+                config: 5, // PERF_COUNT_SW_PAGE_FAULTS_MIN
+            },
+            optional: false,
+            without: "",
+        },
+        Hook {
+            program: "fault_major",
+            point: HookPoint::PerfSoftware {
+                event: SoftwareEvent::PageFaultsMaj,
+                config: 6, // PERF_COUNT_SW_PAGE_FAULTS_MAJ
+            },
+            optional: false,
+            without: "",
+        },
+        Hook {
+            optional: true,
+            without: "no latency and no access type for user-mode faults",
+            ..tracepoint(
+                "page_fault_user",
+                "exceptions",
+                "page_fault_user",
+                Some("page_fault_user_raw"),
+            )
+        },
+        Hook {
+            optional: true,
+            without: "no latency and no access type for kernel-mode faults on user memory",
+            ..tracepoint(
+                "page_fault_kernel",
+                "exceptions",
+                "page_fault_kernel",
+                Some("page_fault_kernel_raw"),
+            )
+        },
+        Hook {
+            optional: true,
+            without: "no latency for faults that sleep (major faults, mostly)",
+            ..tracepoint(
+                "sched_switch",
+                "sched",
+                "sched_switch",
+                Some("sched_switch_raw"),
+            )
+        },
+    ],
+};
+
+/// Every group, for `memtrace check`.
+pub const ALL: &[&HookGroup] = &[&PROCESSES, &MAPPINGS, &FAULTS];
