@@ -17,6 +17,18 @@ pub fn ensure_mounted() -> Result<PathBuf, Error> {
             return Ok(PathBuf::from(dir));
         }
     }
+    // Mounted, but closed to this user (tracefs is mode 700: CAP_BPF + CAP_PERFMON alone do not
+    // open it): mounting again would fail and mislead.
+    if let Some(mounted) = tracefs_mount_point() {
+        if let Err(e) = std::fs::read_dir(mounted.join("events")) {
+            return Err(Error::Tracefs(format!(
+                "mounted at {} but memtrace cannot read it ({e}): run as root, or give this user \
+                 access to it (e.g. CAP_DAC_READ_SEARCH)",
+                mounted.display()
+            )));
+        }
+        return Ok(mounted);
+    }
     let target = CString::new(TRACEFS).map_err(|_| Error::Tracefs("bad path".into()))?;
     let fstype = CString::new("tracefs").map_err(|_| Error::Tracefs("bad fstype".into()))?;
     let source = CString::new("nodev").map_err(|_| Error::Tracefs("bad source".into()))?;
@@ -38,6 +50,21 @@ pub fn ensure_mounted() -> Result<PathBuf, Error> {
         )));
     }
     Ok(PathBuf::from(TRACEFS))
+}
+
+/// Where tracefs is mounted, from /proc/self/mountinfo (mount point is field 5; the
+/// filesystem type follows the " - " separator).
+fn tracefs_mount_point() -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mount_point_of(&mountinfo, "tracefs")
+}
+
+fn mount_point_of(mountinfo: &str, fstype: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        (right.split_whitespace().next()? == fstype)
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })
 }
 
 /// One field of a tracepoint format.
@@ -138,6 +165,17 @@ pub fn check_tracepoint_layout(tracefs: &Path, category: &str, name: &str) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_tracefs_mount_point() {
+        let mountinfo = "22 1 0:21 / /proc rw,nosuid shared:12 - proc proc rw\n\
+            35 24 0:12 / /sys/kernel/tracing rw,nosuid,nodev shared:16 - tracefs nodev rw\n";
+        assert_eq!(
+            mount_point_of(mountinfo, "tracefs"),
+            Some(PathBuf::from("/sys/kernel/tracing"))
+        );
+        assert_eq!(mount_point_of(mountinfo, "debugfs"), None);
+    }
 
     #[test]
     fn parses_format_fields() {
