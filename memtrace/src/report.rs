@@ -520,8 +520,8 @@ type Row<'a> = (RowKey, u32, &'a Arc<str>, u64, bool, &'a ProcessFaults);
 /// The totals as of the previous interval report, so the next one shows what changed since.
 #[derive(Debug, Default)]
 pub struct IntervalBaseline {
-    /// Each row's totals, with the name it had.
-    processes: HashMap<RowKey, (Arc<str>, ProcessFaults)>,
+    /// Each row's name, processes and totals.
+    processes: HashMap<RowKey, (Arc<str>, u64, ProcessFaults)>,
     callsites: HashMap<MergeKey, CallsiteFaults>,
     losses: Vec<u64>,
     stack_cache_hits: u64,
@@ -532,21 +532,23 @@ impl IntervalBaseline {
     /// row of their name) count toward that folded row, so its interval figures hold only
     /// what came since.
     fn fold_vanished(&mut self, current: &HashSet<RowKey>) {
-        let vanished: Vec<(u32, Arc<str>, ProcessFaults)> = self
+        let vanished: Vec<(u32, Arc<str>, u64, ProcessFaults)> = self
             .processes
             .extract_if(|k, _| matches!(k, RowKey::Pid(_)) && !current.contains(k))
-            .filter_map(|(k, (comm, faults))| match k {
-                RowKey::Pid(pid) => Some((pid, comm, faults)),
+            .filter_map(|(k, (comm, n, faults))| match k {
+                RowKey::Pid(pid) => Some((pid, comm, n, faults)),
                 RowKey::Folded(_) => None,
             })
             .collect();
         let mut names: HashMap<u32, Arc<str>> = HashMap::new();
-        for (pid, comm, faults) in vanished {
-            self.processes
+        for (pid, comm, _, faults) in vanished {
+            let folded = self
+                .processes
                 .entry(RowKey::Folded(comm.clone()))
-                .or_insert_with(|| (comm.clone(), ProcessFaults::default()))
-                .1
-                .merge(&faults);
+                .or_insert_with(|| (comm.clone(), 0, ProcessFaults::default()));
+            // Its faults were counted before; as a process it joins the folded row now, so
+            // it counts among the processes of this interval.
+            folded.2.merge(&faults);
             names.insert(pid, comm);
         }
         let gone: Vec<(MergeKey, CallsiteFaults)> = self
@@ -613,12 +615,16 @@ pub fn build(
                     .processes
                     .get(key)
                     .filter(|_| seen_rows.insert(key));
-                let delta = earlier.map_or_else(|| (*faults).clone(), |(_, e)| faults.since(e));
+                let (delta, count) = match earlier {
+                    // A folded row holds the processes folded into it meanwhile.
+                    Some((_, n, e)) => (faults.since(e), count.saturating_sub(*n)),
+                    None => ((*faults).clone(), *count),
+                };
                 // A process that exited and faulted not at all meanwhile has nothing to say.
                 if *exited && delta.counts.total() == 0 {
                     continue;
                 }
-                process_report(*pid, comm, *count, *exited, &delta, None)
+                process_report(*pid, comm, count, *exited, &delta, None)
             }
             None => {
                 let kernel = if *exited {
@@ -692,7 +698,9 @@ pub fn build(
         baseline.stack_cache_hits = c.stack_cache_hits;
         baseline.processes = rows
             .iter()
-            .map(|(key, _, comm, _, _, faults)| (key.clone(), ((*comm).clone(), (*faults).clone())))
+            .map(|(key, _, comm, n, _, faults)| {
+                (key.clone(), ((*comm).clone(), *n, (*faults).clone()))
+            })
             .collect();
         // The new baseline is the totals; the report gets what changed since the old one.
         let mut earlier = std::mem::take(&mut baseline.callsites);
@@ -1230,6 +1238,7 @@ mod tests {
         let second = report_of(&collector, KernelCounters::default(), Some(&mut baseline));
         assert_eq!(second.minor, 10, "{:?}", second.processes);
         assert_eq!(second.processes[0].pid, 0);
+        assert_eq!(second.processes[0].processes, 1);
         assert_eq!(second.callsites_total, 1);
         assert_eq!(second.callsites[0].count, 10);
     }
