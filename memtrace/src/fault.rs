@@ -331,13 +331,65 @@ impl AccessCounts {
     }
 }
 
+/// Faults by mapping class: a fixed array, as the class of every fault is counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassCounts([Counts; 7]);
+
+impl ClassCounts {
+    const ALL: [MappingClass; 7] = [
+        MappingClass::Heap,
+        MappingClass::Stack,
+        MappingClass::AnonPrivate,
+        MappingClass::AnonShared,
+        MappingClass::FilePrivate,
+        MappingClass::FileShared,
+        MappingClass::Other,
+    ];
+
+    fn index(class: MappingClass) -> usize {
+        match class {
+            MappingClass::Heap => 0,
+            MappingClass::Stack => 1,
+            MappingClass::AnonPrivate => 2,
+            MappingClass::AnonShared => 3,
+            MappingClass::FilePrivate => 4,
+            MappingClass::FileShared => 5,
+            MappingClass::Other => 6,
+        }
+    }
+
+    pub fn add(&mut self, class: MappingClass, kind: FaultKind) {
+        self.0[Self::index(class)].add(kind);
+    }
+
+    pub fn merge(&mut self, other: &ClassCounts) {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            a.merge(b);
+        }
+    }
+
+    pub fn subtract(&mut self, earlier: &ClassCounts) {
+        for (a, b) in self.0.iter_mut().zip(&earlier.0) {
+            a.subtract(b);
+        }
+    }
+
+    /// Classes with faults, and their counts.
+    pub fn iter(&self) -> impl Iterator<Item = (MappingClass, Counts)> + '_ {
+        Self::ALL
+            .into_iter()
+            .zip(self.0)
+            .filter(|(_, c)| c.total() > 0)
+    }
+}
+
 /// A process's totals. Per-thread counts are dropped when the process exits.
 #[derive(Clone, Debug, Default)]
 pub struct ProcessFaults {
     pub counts: Counts,
     pub latency: [Latency; 2],
     pub threads: HashMap<u32, Counts>,
-    pub by_class: HashMap<MappingClass, Counts>,
+    pub by_class: ClassCounts,
     pub access: AccessCounts,
     pub kernel_mode: u64,
 }
@@ -346,7 +398,7 @@ impl ProcessFaults {
     pub fn record(&mut self, f: &Fault) {
         self.counts.add(f.kind);
         self.threads.entry(f.tid).or_default().add(f.kind);
-        self.by_class.entry(f.class).or_default().add(f.kind);
+        self.by_class.add(f.class, f.kind);
         self.access.add(f.access, f.cause);
         if f.kernel_mode {
             self.kernel_mode += 1;
@@ -362,9 +414,7 @@ impl ProcessFaults {
         for (a, b) in self.latency.iter_mut().zip(&other.latency) {
             a.merge(b);
         }
-        for (class, c) in &other.by_class {
-            self.by_class.entry(*class).or_default().merge(c);
-        }
+        self.by_class.merge(&other.by_class);
         self.access.merge(&other.access);
         self.kernel_mode += other.kernel_mode;
     }
@@ -382,12 +432,7 @@ impl ProcessFaults {
             }
         }
         d.threads.retain(|_, c| c.total() > 0);
-        for (class, c) in &earlier.by_class {
-            if let Some(x) = d.by_class.get_mut(class) {
-                x.subtract(c);
-            }
-        }
-        d.by_class.retain(|_, c| c.total() > 0);
+        d.by_class.subtract(&earlier.by_class);
         d.access.subtract(&earlier.access);
         d.kernel_mode = d.kernel_mode.saturating_sub(earlier.kernel_mode);
         d

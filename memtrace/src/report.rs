@@ -316,7 +316,7 @@ fn process_report(
     let mut mappings: Vec<_> = p
         .by_class
         .iter()
-        .map(|(&class, c)| ClassReport {
+        .map(|(class, c)| ClassReport {
             class,
             minor: c.minor,
             major: c.major,
