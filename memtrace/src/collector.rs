@@ -8,8 +8,8 @@ use std::{collections::VecDeque, sync::Arc, time::Instant};
 
 use memtrace_common::{
     FaultRecord, ProcRecord, VmaRecord, FAULT_HAS_ENTRY, FAULT_KERNEL_MODE, FAULT_MAJOR,
-    FAULT_STACK_REUSED, FAULT_STACK_WALKED, PROC_EXEC, PROC_EXIT, PROC_FORK, VMA_BRK, VMA_MMAP,
-    VMA_MREMAP, VMA_MUNMAP,
+    FAULT_SP_WORDS, FAULT_STACK_REUSED, FAULT_STACK_WALKED, PROC_EXEC, PROC_EXIT, PROC_FORK,
+    VMA_BRK, VMA_MMAP, VMA_MREMAP, VMA_MUNMAP,
 };
 
 use crate::{
@@ -18,6 +18,7 @@ use crate::{
     record::{comm_str, frames_into, Record},
     sideband::{SideEvent, SideKind},
     stacks::{ReusedStacks, SharedStack, StackTable, UserStack, UserStackSet},
+    unwind::UnwindCache,
 };
 
 /// Exited processes kept as rows of their own; later ones fold into one row per name.
@@ -192,6 +193,8 @@ pub struct Collector<S: ProcSource = Procfs> {
     user_stacks: UserStackSet,
     /// Frames of the record being handled (reused, so no allocation per record).
     frames: Vec<u64>,
+    /// Recovers the callers frameless functions hide from the frame-pointer walk.
+    pub unwind: UnwindCache,
     live_callsites: usize,
     exited_callsites: usize,
     last_sweep: Instant,
@@ -255,7 +258,9 @@ impl<S: ProcSource> Collector<S> {
             kernel_stacks: StackTable::with_limit(MAX_KERNEL_STACKS),
             reused: ReusedStacks::default(),
             user_stacks: UserStackSet::default(),
-            frames: Vec::with_capacity(2 * memtrace_common::MAX_STACK_DEPTH),
+            // Room for both stacks and a recovered caller.
+            frames: Vec::with_capacity(2 * memtrace_common::MAX_STACK_DEPTH + 1),
+            unwind: UnwindCache::default(),
             live_callsites: 0,
             exited_callsites: 0,
             last_sweep: Instant::now(),
@@ -436,7 +441,15 @@ impl<S: ProcSource> Collector<S> {
         let mut calling_image_stack = None;
         let (user_stack, kernel_stack) = if r.flags & FAULT_STACK_WALKED != 0 {
             frames_into(frames, &mut self.frames);
-            let n_user = (r.n_user as usize).min(self.frames.len());
+            let mut n_user = (r.n_user as usize).min(self.frames.len());
+            // Before interning, so the faults that reuse this walk share the recovered frame.
+            if r.flags & (FAULT_SP_WORDS | FAULT_KERNEL_MODE) == FAULT_SP_WORDS
+                && self
+                    .unwind
+                    .recover_caller(&info.space, &r.sp_words, &mut self.frames, n_user)
+            {
+                n_user += 1;
+            }
             let (user_ips, kernel_ips) = self.frames.split_at(n_user);
             if r.flags & FAULT_KERNEL_MODE != 0 {
                 if let Some(image) = &info.before_exec {
