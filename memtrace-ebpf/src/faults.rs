@@ -305,7 +305,8 @@ fn emit_walked(ctx: &PerfEventContext, mut header: FaultRecord, user_sp: Option<
             bump(counter::KERNEL_STACK_LOST);
         }
     }
-    if let (Some(sp), true) = (user_sp, n_user > 0) {
+    // Only with a stack: the words complete a walk (and a cache hit reuses them with it).
+    if let Some(sp) = user_sp.filter(|_| n_user > 0) {
         // SAFETY: a checked read of user memory: an unmapped or non-present address fails
         // (page faults are disabled inside it) and leaves the flag unset.
         if let Ok(words) = unsafe { bpf_probe_read_user(sp as *const [u64; SP_WORDS]) } {
