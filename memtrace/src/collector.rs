@@ -1094,6 +1094,67 @@ mod tests {
         );
     }
 
+    /// This test process's own maps: real ELF files with real CFI.
+    struct Own;
+    impl ProcSource for Own {
+        fn maps(&self, pid: u32) -> Option<AddressSpace> {
+            (pid == std::process::id())
+                .then(|| AddressSpace::read(pid).ok())
+                .flatten()
+        }
+        fn comm(&self, _pid: u32) -> Option<String> {
+            Some("self".into())
+        }
+        fn fd_path(&self, _pid: u32, _fd: i32) -> Option<Arc<str>> {
+            None
+        }
+    }
+
+    #[inline(never)]
+    fn frameless_at_entry() {}
+
+    #[test]
+    fn a_frameless_functions_caller_is_recovered_before_interning() {
+        // A fault at a function's first instruction (CFA = rsp + 8): the walk went from it to
+        // the caller's caller; the word at rsp is the caller. The walk's faults and the ones
+        // that reuse it share the recovered stack.
+        let pid = std::process::id();
+        let entry = frameless_at_entry as *const () as u64;
+        let caller =
+            a_frameless_functions_caller_is_recovered_before_interning as *const () as u64 + 5;
+        let grandparent = reused_stacks_resolve_to_the_last_walk as *const () as u64 + 5;
+        let heap = Box::new(0u64);
+        let address = &*heap as *const u64 as u64;
+        let mut c = Collector::new(Own);
+        let t = stack_token(0, 3, 1);
+        let rec = FaultRecord {
+            flags: FAULT_HAS_ENTRY | FAULT_STACK_WALKED | FAULT_SP_WORDS,
+            stack_token: t,
+            sp_words: [caller, 0],
+            ..fault_rec(pid, address, 0)
+        };
+        c.on_bytes(&walked_rec(rec, &[entry, grandparent]));
+        c.on_record(reused(pid, address, t));
+        // Without the words (a kernel-mode fault, an unreadable stack): unchanged.
+        let plain = FaultRecord {
+            flags: FAULT_HAS_ENTRY | FAULT_STACK_WALKED,
+            ..rec
+        };
+        c.on_bytes(&walked_rec(plain, &[entry, grandparent]));
+        let info = &c.processes[&pid];
+        assert_eq!(info.stacks.get(0), Some(&[entry, caller, grandparent][..]));
+        assert_eq!(info.stacks.get(1), Some(&[entry, grandparent][..]));
+        let count = |i| {
+            info.callsites
+                .iter()
+                .filter(|(k, _)| k.user_stack == Some(i))
+                .map(|(_, v)| v.count)
+                .sum::<u64>()
+        };
+        assert_eq!((count(0), count(1)), (2, 1));
+        assert_eq!(c.unwind.recovered, 1);
+    }
+
     #[test]
     fn exec_resolves_stacks_against_the_old_image() {
         let mut c = Collector::new(Fake);
