@@ -38,6 +38,14 @@ pub const FAULT_STACK_WALKED: u32 = 1 << 3;
 /// `FaultRecord::flags`: the user stack was not walked; it is the one last walked under
 /// `stack_token` (a fault at the same instruction, frame and stack pointer).
 pub const FAULT_STACK_REUSED: u32 = 1 << 4;
+/// `FaultRecord::flags`: `sp_words` holds the words at the user stack pointer (read with the
+/// walk of a user-mode fault), from which the agent recovers a frameless leaf's caller.
+pub const FAULT_SP_WORDS: u32 = 1 << 5;
+
+/// Words read at the user stack pointer of a walked user-mode fault: a function that has not
+/// set up a frame-pointer frame has its return address at `[rsp]` (nothing pushed yet) or
+/// `[rsp + 8]` (after `push rbp`), where the frame-pointer walk cannot see it.
+pub const SP_WORDS: usize = 2;
 
 /// A page fault, emitted when the kernel accounts it as major or minor. A record with
 /// `FAULT_STACK_WALKED` is followed in the ring buffer by its `n_user + n_kernel` frames.
@@ -68,6 +76,8 @@ pub struct FaultRecord {
     pub n_user: u16,
     /// Kernel frames that follow the user frames (innermost first).
     pub n_kernel: u16,
+    /// With `FAULT_SP_WORDS`: the words at the user stack pointer, `[rsp]` first.
+    pub sp_words: [u64; SP_WORDS],
 }
 
 /// A fault record and room for its frames: the per-CPU buffer a walked fault is built in.
@@ -382,7 +392,10 @@ mod tests {
     #[test]
     fn records_have_no_implicit_padding() {
         // Sum of field sizes equals the struct size: no hidden padding bytes anywhere.
-        assert_eq!(size_of::<FaultRecord>(), 4 * 4 + 8 * 5 + 4 + 2 * 2);
+        assert_eq!(
+            size_of::<FaultRecord>(),
+            4 * 4 + 8 * 5 + 4 + 2 * 2 + 8 * SP_WORDS
+        );
         assert_eq!(
             size_of::<FaultWithStacks>(),
             size_of::<FaultRecord>() + 8 * 2 * MAX_STACK_DEPTH

@@ -3,15 +3,18 @@
 //! are the kernel's counts and the latency spans the whole fault.
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
-    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns,
+        bpf_probe_read_user,
+    },
     macros::{perf_event, raw_tracepoint, tracepoint},
     programs::{PerfEventContext, RawTracePointContext, TracePointContext},
     EbpfContext as _,
 };
 use memtrace_common::{
     counter, layout, stack_cache_slot, stack_token, FaultEntry, FaultRecord, RecordKind,
-    FAULT_ENTRY_SLOTS, FAULT_HAS_ENTRY, FAULT_KERNEL_MODE, FAULT_MAJOR, FAULT_STACK_REUSED,
-    FAULT_STACK_WALKED, MAX_STACK_DEPTH,
+    FAULT_ENTRY_SLOTS, FAULT_HAS_ENTRY, FAULT_KERNEL_MODE, FAULT_MAJOR, FAULT_SP_WORDS,
+    FAULT_STACK_REUSED, FAULT_STACK_WALKED, MAX_STACK_DEPTH, SP_WORDS,
 };
 
 use crate::maps::{
@@ -223,14 +226,16 @@ fn try_fault_accounted(ctx: &PerfEventContext, kind_flags: u32) -> Result<u32, u
         error_code,
         n_user: 0,
         n_kernel: 0,
+        sp_words: [0; SP_WORDS],
     };
     let cfg = config();
     if cfg.capture_stacks == 0 {
         emit_fixed(header);
     } else if kernel_mode {
-        emit_walked(ctx, header, true);
+        // The registers are the kernel's here: no user stack pointer to read at.
+        emit_walked(ctx, header, None);
     } else if cfg.stack_cache == 0 {
-        emit_walked(ctx, header, false);
+        emit_walked(ctx, header, Some(sp));
     } else {
         emit_user_cached(ctx, header, bp, sp);
     }
@@ -249,11 +254,14 @@ fn emit_fixed(header: FaultRecord) {
     }
 }
 
-/// Walks the user stack (and the kernel stack for a kernel-mode fault) into this CPU's
-/// scratch record and sends it with its frames. Returns whether the record was sent with a
-/// user stack.
+/// Walks the user stack (and the kernel stack for a kernel-mode fault, `user_sp` `None`) into
+/// this CPU's scratch record and sends it with its frames. For a user-mode fault it also reads
+/// the words at the user stack pointer `user_sp`: the frame-pointer walk skips the caller of a
+/// function that has no frame yet, whose return address is there. Returns whether the record
+/// was sent with a user stack.
 #[inline(always)]
-fn emit_walked(ctx: &PerfEventContext, mut header: FaultRecord, kernel_mode: bool) -> bool {
+fn emit_walked(ctx: &PerfEventContext, mut header: FaultRecord, user_sp: Option<u64>) -> bool {
+    let kernel_mode = user_sp.is_none();
     let Some(buf) = FAULT_SCRATCH.get_ptr_mut(0) else {
         return false;
     };
@@ -297,6 +305,15 @@ fn emit_walked(ctx: &PerfEventContext, mut header: FaultRecord, kernel_mode: boo
             bump(counter::KERNEL_STACK_LOST);
         }
     }
+    // Only with a stack: the words complete a walk (and a cache hit reuses them with it).
+    if let Some(sp) = user_sp.filter(|_| n_user > 0) {
+        // SAFETY: a checked read of user memory: an unmapped or non-present address fails
+        // (page faults are disabled inside it) and leaves the flag unset.
+        if let Ok(words) = unsafe { bpf_probe_read_user(sp as *const [u64; SP_WORDS]) } {
+            header.sp_words = words;
+            header.flags |= FAULT_SP_WORDS;
+        }
+    }
     header.flags |= FAULT_STACK_WALKED;
     header.n_user = n_user as u16;
     header.n_kernel = n_kernel as u16;
@@ -322,7 +339,7 @@ fn emit_user_cached(ctx: &PerfEventContext, mut header: FaultRecord, bp: u64, sp
     let (pid, ip) = (header.pid, header.ip);
     let slot_index = stack_cache_slot(ip, bp);
     let Some(slot) = STACK_CACHE.get_ptr_mut(slot_index) else {
-        emit_walked(ctx, header, false);
+        emit_walked(ctx, header, Some(sp));
         return;
     };
     // SAFETY: per-CPU slot from a successful lookup; BPF programs are not preempted.
@@ -337,7 +354,7 @@ fn emit_user_cached(ctx: &PerfEventContext, mut header: FaultRecord, bp: u64, sp
         return;
     }
     let Some(state) = cpu_state() else {
-        emit_walked(ctx, header, false);
+        emit_walked(ctx, header, Some(sp));
         return;
     };
     state.walks = state.walks.wrapping_add(1);
@@ -346,6 +363,6 @@ fn emit_user_cached(ctx: &PerfEventContext, mut header: FaultRecord, bp: u64, sp
     let token = stack_token(cpu, slot_index, state.walks);
     header.stack_token = token;
     // A walk that found nothing, or whose record was dropped, leaves nothing to reuse.
-    let sent = emit_walked(ctx, header, false);
+    let sent = emit_walked(ctx, header, Some(sp));
     cache.fill(pid, ip, bp, sp, if sent { token } else { 0 });
 }

@@ -8,8 +8,8 @@ use std::{collections::VecDeque, sync::Arc, time::Instant};
 
 use memtrace_common::{
     FaultRecord, ProcRecord, VmaRecord, FAULT_HAS_ENTRY, FAULT_KERNEL_MODE, FAULT_MAJOR,
-    FAULT_STACK_REUSED, FAULT_STACK_WALKED, PROC_EXEC, PROC_EXIT, PROC_FORK, VMA_BRK, VMA_MMAP,
-    VMA_MREMAP, VMA_MUNMAP,
+    FAULT_SP_WORDS, FAULT_STACK_REUSED, FAULT_STACK_WALKED, PROC_EXEC, PROC_EXIT, PROC_FORK,
+    VMA_BRK, VMA_MMAP, VMA_MREMAP, VMA_MUNMAP,
 };
 
 use crate::{
@@ -18,6 +18,7 @@ use crate::{
     record::{comm_str, frames_into, Record},
     sideband::{SideEvent, SideKind},
     stacks::{ReusedStacks, SharedStack, StackTable, UserStack, UserStackSet},
+    unwind::UnwindCache,
 };
 
 /// Exited processes kept as rows of their own; later ones fold into one row per name.
@@ -192,6 +193,8 @@ pub struct Collector<S: ProcSource = Procfs> {
     user_stacks: UserStackSet,
     /// Frames of the record being handled (reused, so no allocation per record).
     frames: Vec<u64>,
+    /// Recovers the callers frameless functions hide from the frame-pointer walk.
+    pub unwind: UnwindCache,
     live_callsites: usize,
     exited_callsites: usize,
     last_sweep: Instant,
@@ -255,7 +258,9 @@ impl<S: ProcSource> Collector<S> {
             kernel_stacks: StackTable::with_limit(MAX_KERNEL_STACKS),
             reused: ReusedStacks::default(),
             user_stacks: UserStackSet::default(),
-            frames: Vec::with_capacity(2 * memtrace_common::MAX_STACK_DEPTH),
+            // Room for both stacks and a recovered caller.
+            frames: Vec::with_capacity(2 * memtrace_common::MAX_STACK_DEPTH + 1),
+            unwind: UnwindCache::default(),
             live_callsites: 0,
             exited_callsites: 0,
             last_sweep: Instant::now(),
@@ -436,7 +441,15 @@ impl<S: ProcSource> Collector<S> {
         let mut calling_image_stack = None;
         let (user_stack, kernel_stack) = if r.flags & FAULT_STACK_WALKED != 0 {
             frames_into(frames, &mut self.frames);
-            let n_user = (r.n_user as usize).min(self.frames.len());
+            let mut n_user = (r.n_user as usize).min(self.frames.len());
+            // Before interning, so the faults that reuse this walk share the recovered frame.
+            if r.flags & (FAULT_SP_WORDS | FAULT_KERNEL_MODE) == FAULT_SP_WORDS
+                && self
+                    .unwind
+                    .recover_caller(&info.space, &r.sp_words, &mut self.frames, n_user)
+            {
+                n_user += 1;
+            }
             let (user_ips, kernel_ips) = self.frames.split_at(n_user);
             if r.flags & FAULT_KERNEL_MODE != 0 {
                 if let Some(image) = &info.before_exec {
@@ -1079,6 +1092,67 @@ mod tests {
             c.processes[&1].stacks.get(0),
             Some(&[0x400100u64, 0x400200][..])
         );
+    }
+
+    /// This test process's own maps: real ELF files with real CFI.
+    struct Own;
+    impl ProcSource for Own {
+        fn maps(&self, pid: u32) -> Option<AddressSpace> {
+            (pid == std::process::id())
+                .then(|| AddressSpace::read(pid).ok())
+                .flatten()
+        }
+        fn comm(&self, _pid: u32) -> Option<String> {
+            Some("self".into())
+        }
+        fn fd_path(&self, _pid: u32, _fd: i32) -> Option<Arc<str>> {
+            None
+        }
+    }
+
+    #[inline(never)]
+    fn frameless_at_entry() {}
+
+    #[test]
+    fn a_frameless_functions_caller_is_recovered_before_interning() {
+        // A fault at a function's first instruction (CFA = rsp + 8): the walk went from it to
+        // the caller's caller; the word at rsp is the caller. The walk's faults and the ones
+        // that reuse it share the recovered stack.
+        let pid = std::process::id();
+        let entry = frameless_at_entry as *const () as u64;
+        let caller =
+            a_frameless_functions_caller_is_recovered_before_interning as *const () as u64 + 5;
+        let grandparent = reused_stacks_resolve_to_the_last_walk as *const () as u64 + 5;
+        let heap = Box::new(0u64);
+        let address = &*heap as *const u64 as u64;
+        let mut c = Collector::new(Own);
+        let t = stack_token(0, 3, 1);
+        let rec = FaultRecord {
+            flags: FAULT_HAS_ENTRY | FAULT_STACK_WALKED | FAULT_SP_WORDS,
+            stack_token: t,
+            sp_words: [caller, 0],
+            ..fault_rec(pid, address, 0)
+        };
+        c.on_bytes(&walked_rec(rec, &[entry, grandparent]));
+        c.on_record(reused(pid, address, t));
+        // Without the words (a kernel-mode fault, an unreadable stack): unchanged.
+        let plain = FaultRecord {
+            flags: FAULT_HAS_ENTRY | FAULT_STACK_WALKED,
+            ..rec
+        };
+        c.on_bytes(&walked_rec(plain, &[entry, grandparent]));
+        let info = &c.processes[&pid];
+        assert_eq!(info.stacks.get(0), Some(&[entry, caller, grandparent][..]));
+        assert_eq!(info.stacks.get(1), Some(&[entry, grandparent][..]));
+        let count = |i| {
+            info.callsites
+                .iter()
+                .filter(|(k, _)| k.user_stack == Some(i))
+                .map(|(_, v)| v.count)
+                .sum::<u64>()
+        };
+        assert_eq!((count(0), count(1)), (2, 1));
+        assert_eq!(c.unwind.recovered, 1);
     }
 
     #[test]

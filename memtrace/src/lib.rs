@@ -19,5 +19,6 @@ pub mod sideband;
 pub mod stacks;
 pub mod symbolize;
 pub mod tracefs;
+pub mod unwind;
 
 pub use error::Error;

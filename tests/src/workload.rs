@@ -372,10 +372,59 @@ fn interleaved_callers(pages: usize) -> Result<()> {
     report(&format!("pages={pages}"))
 }
 
+// A leaf that sets up no frame, as gcc's -momit-leaf-frame-pointer builds leaves and as
+// hand-written asm often is: `rbp` still points at its caller's frame when it faults, so the
+// frame-pointer walk skips the caller. Its CFI (CFA = rsp + 8 throughout) says where the
+// return address is.
+#[cfg(target_arch = "x86_64")]
+std::arch::global_asm!(
+    ".text",
+    ".globl memtrace_leaf_store",
+    ".type memtrace_leaf_store, @function",
+    ".p2align 4",
+    "memtrace_leaf_store:",
+    ".cfi_startproc",
+    "mov byte ptr [rdi], sil",
+    "ret",
+    ".cfi_endproc",
+    ".size memtrace_leaf_store, . - memtrace_leaf_store",
+);
+
+#[cfg(target_arch = "x86_64")]
+extern "C" {
+    /// Stores `value` at `p` (the asm above).
+    fn memtrace_leaf_store(p: *mut u8, value: u8);
+}
+
+/// Touches each page through the frameless leaf: the faults' stacks must read
+/// `memtrace_leaf_store -> leaf_caller -> leaf_touch`.
+#[cfg(target_arch = "x86_64")]
+#[inline(never)]
+fn leaf_caller(base: *mut u8, pages: usize) {
+    for i in 0..pages {
+        // SAFETY: callers pass a mapping of at least `pages` writable pages; the leaf only
+        // stores one byte at the pointer.
+        unsafe { memtrace_leaf_store(base.add(i * PAGE), i as u8) };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn leaf_touch(pages: usize) -> Result<()> {
+    let base = map_anon(pages * PAGE, false)?;
+    leaf_caller(base, pages);
+    report(&format!("pages={pages}"))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn leaf_touch(_pages: usize) -> Result<()> {
+    bail!("leaf-touch is x86_64 only")
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: memtrace-workload anon PAGES | anon-recycle PAGES |\n\
          \x20      kernel-touch PAGES | two-callers PAGES | interleaved-callers PAGES |\n\
+         \x20      leaf-touch PAGES |\n\
          \x20      heap PAGES | file PATH PAGES | cow PATH PAGES |\n\
          \x20      threads N PAGES | forks N PAGES | wait-then-anon PAGES | sleep MS | demo DIR"
     );
@@ -397,6 +446,7 @@ fn main() -> Result<()> {
         "kernel-touch" => kernel_touch(num(1)?),
         "two-callers" => two_callers(num(1)?),
         "interleaved-callers" => interleaved_callers(num(1)?),
+        "leaf-touch" => leaf_touch(num(1)?),
         "heap" => heap(num(1)?),
         "file" => file(s(1), num(2)?),
         "cow" => cow(s(1), num(2)?),

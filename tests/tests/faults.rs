@@ -221,6 +221,34 @@ fn interleaved_callers_get_an_unbiased_share_of_the_stacks() {
 }
 
 #[test]
+fn a_frameless_leaf_keeps_its_caller() {
+    // memtrace_leaf_store sets up no frame: the frame-pointer walk goes from it straight to
+    // leaf_touch. The words read at the stack pointer and the leaf's CFI put leaf_caller back.
+    let pages = 20_000u64;
+    let (r, out) = trace_workload(&["leaf-touch", &pages.to_string()]);
+    let w = workload_fields(&out);
+    let sites = callsites_of(&r, w["pid"]);
+    let with_caller: u64 = sites
+        .iter()
+        .filter(|c| {
+            let frames = frames_text(c);
+            let mut names = frames.split(" <- ");
+            names
+                .next()
+                .is_some_and(|f| f.contains("memtrace_leaf_store"))
+                && names.next().is_some_and(|f| f.ends_with("leaf_caller"))
+                && names.next().is_some_and(|f| f.ends_with("leaf_touch"))
+        })
+        .map(|c| c["count"].as_u64().unwrap())
+        .sum();
+    assert!(
+        with_caller >= pages * 99 / 100,
+        "{with_caller} of {pages} faults read leaf -> leaf_caller -> leaf_touch; top stack: {}",
+        sites.first().map(|c| frames_text(c)).unwrap_or_default()
+    );
+}
+
+#[test]
 fn a_fork_exec_storm_stays_within_bounded_memory() {
     // Thousands of short-lived processes: each exited one is reduced to totals and merged
     // callsites, so the agent's memory does not grow with their number.
