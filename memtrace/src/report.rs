@@ -158,6 +158,9 @@ pub struct FaultReport {
     pub lost: LostReport,
     /// User stacks reused from the in-kernel cache instead of walked again.
     pub stack_cache_hits: u64,
+    /// Walked user stacks that got the caller of a frameless function back from the words at
+    /// the stack pointer (run totals).
+    pub leaf_callers_recovered: u64,
     /// The kernel's own counts beside memtrace's, where they could be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_counts: Option<KernelCountsReport>,
@@ -765,6 +768,7 @@ pub fn build(
             causes: losses,
         },
         stack_cache_hits,
+        leaf_callers_recovered: collector.unwind.recovered,
         kernel_counts,
         // Last, so the peak includes this report's own symbolization.
         agent: AgentStats::current(collector.stats.records),

@@ -246,6 +246,11 @@ fn a_frameless_leaf_keeps_its_caller() {
         "{with_caller} of {pages} faults read leaf -> leaf_caller -> leaf_touch; top stack: {}",
         sites.first().map(|c| frames_text(c)).unwrap_or_default()
     );
+    assert!(
+        r["leaf_callers_recovered"].as_u64().unwrap() > 0,
+        "{}",
+        r["leaf_callers_recovered"]
+    );
 }
 
 #[test]
