@@ -245,7 +245,7 @@ fn json_with_intervals_is_one_document_per_line() {
 fn interval_reports_hold_their_interval_and_the_final_one_the_run() {
     let wl = workload();
     let wl = wl.to_str().unwrap();
-    let script = format!("{wl} anon 20000; sleep 0.5; {wl} anon 20000; sleep 0.5; {wl} anon 20000");
+    let script = format!("{wl} anon 20000; sleep 1; {wl} anon 20000; sleep 1; {wl} anon 20000");
     let (code, stdout, stderr) = run(&[
         "faults", "--format", "json", "-i", "250ms", "--", "sh", "-c", &script,
     ]);
@@ -257,7 +257,9 @@ fn interval_reports_hold_their_interval_and_the_final_one_the_run() {
         .collect();
     let (last, intervals) = docs.split_last().expect("documents");
     assert_eq!(last["scope"], "total", "{last}");
-    assert!(intervals.len() >= 3, "{stdout}");
+    // At least two, even where a slow report (a loaded machine, a debug build symbolizing its
+    // own DWARF) makes the loop skip ticks.
+    assert!(intervals.len() >= 2, "{stdout}");
     assert!(intervals.iter().all(|d| d["scope"] == "interval"));
     let minor = |d: &Value| d["minor"].as_u64().unwrap();
     let total = minor(last);
