@@ -77,6 +77,24 @@ const fn tracepoint(
     }
 }
 
+const fn perf_software(program: &'static str, event: SoftwareEvent, config: u64) -> Hook {
+    Hook {
+        program,
+        point: HookPoint::PerfSoftware { event, config },
+        optional: false,
+        without: "",
+    }
+}
+
+/// A hook the run can go without, losing what `without` says.
+const fn optional(hook: Hook, without: &'static str) -> Hook {
+    Hook {
+        optional: true,
+        without,
+        ..hook
+    }
+}
+
 /// Fork, exec and exit: following a traced command's children and keeping the process table.
 /// Every analysis needs it.
 pub const PROCESSES: HookGroup = HookGroup {
@@ -111,54 +129,36 @@ pub const FAULTS: HookGroup = HookGroup {
     name: "faults",
     purpose: "page faults: kind, count and stacks at the kernel's accounting; access type and latency from the entry",
     hooks: &[
-        Hook {
-            program: "fault_minor",
-            point: HookPoint::PerfSoftware {
-                event: SoftwareEvent::PageFaultsMin,
-                config: 5, // PERF_COUNT_SW_PAGE_FAULTS_MIN
-            },
-            optional: false,
-            without: "",
-        },
-        Hook {
-            program: "fault_major",
-            point: HookPoint::PerfSoftware {
-                event: SoftwareEvent::PageFaultsMaj,
-                config: 6, // PERF_COUNT_SW_PAGE_FAULTS_MAJ
-            },
-            optional: false,
-            without: "",
-        },
-        Hook {
-            optional: true,
-            without: "no latency and no access type for user-mode faults",
-            ..tracepoint(
+        // PERF_COUNT_SW_PAGE_FAULTS_MIN and _MAJ.
+        perf_software("fault_minor", SoftwareEvent::PageFaultsMin, 5),
+        perf_software("fault_major", SoftwareEvent::PageFaultsMaj, 6),
+        optional(
+            tracepoint(
                 "page_fault_user",
                 "exceptions",
                 "page_fault_user",
                 Some("page_fault_user_raw"),
-            )
-        },
-        Hook {
-            optional: true,
-            without: "no latency and no access type for kernel-mode faults on user memory",
-            ..tracepoint(
+            ),
+            "no latency and no access type for user-mode faults",
+        ),
+        optional(
+            tracepoint(
                 "page_fault_kernel",
                 "exceptions",
                 "page_fault_kernel",
                 Some("page_fault_kernel_raw"),
-            )
-        },
-        Hook {
-            optional: true,
-            without: "no latency for faults that sleep (major faults, mostly)",
-            ..tracepoint(
+            ),
+            "no latency and no access type for kernel-mode faults on user memory",
+        ),
+        optional(
+            tracepoint(
                 "sched_switch",
                 "sched",
                 "sched_switch",
                 Some("sched_switch_raw"),
-            )
-        },
+            ),
+            "no latency for faults that sleep (major faults, mostly)",
+        ),
     ],
 };
 

@@ -535,16 +535,16 @@ impl IntervalBaseline {
     /// row of their name) count toward that folded row, so its interval figures hold only
     /// what came since.
     fn fold_vanished(&mut self, current: &HashSet<RowKey>) {
-        let vanished: Vec<(u32, Arc<str>, u64, ProcessFaults)> = self
+        let vanished: Vec<(u32, Arc<str>, ProcessFaults)> = self
             .processes
             .extract_if(|k, _| matches!(k, RowKey::Pid(_)) && !current.contains(k))
-            .filter_map(|(k, (comm, n, faults))| match k {
-                RowKey::Pid(pid) => Some((pid, comm, n, faults)),
+            .filter_map(|(k, (comm, _, faults))| match k {
+                RowKey::Pid(pid) => Some((pid, comm, faults)),
                 RowKey::Folded(_) => None,
             })
             .collect();
         let mut names: HashMap<u32, Arc<str>> = HashMap::new();
-        for (pid, comm, _, faults) in vanished {
+        for (pid, comm, faults) in vanished {
             let folded = self
                 .processes
                 .entry(RowKey::Folded(comm.clone()))

@@ -70,6 +70,25 @@ pub struct ReportContext<'a> {
     pub command_faults: Option<KernelFaults>,
 }
 
+impl<'a> ReportContext<'a> {
+    /// A report due now, covering the time since `since`.
+    fn new(
+        kind: ReportKind,
+        start: Instant,
+        since: Instant,
+        tracer: &'a Tracer,
+        traced: &Option<Traced>,
+    ) -> Self {
+        Self {
+            kind,
+            elapsed: start.elapsed(),
+            covers: since.elapsed(),
+            tracer,
+            command_faults: traced.as_ref().and_then(|t| t.ended).map(|e| e.1),
+        }
+    }
+}
+
 /// What every analysis takes from the command line.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -251,13 +270,7 @@ pub async fn run<A: Analysis>(
                     continue;
                 }
                 let building = Instant::now();
-                let ctx = ReportContext {
-                    kind: ReportKind::Interval,
-                    elapsed: start.elapsed(),
-                    covers: last_report.elapsed(),
-                    tracer: &tracer,
-                    command_faults: traced.as_ref().and_then(|t| t.ended).map(|e| e.1),
-                };
+                let ctx = ReportContext::new(ReportKind::Interval, start, last_report, &tracer, &traced);
                 last_report = building;
                 let report = analysis.report(&ctx);
                 let flow = on_report(&report, ReportKind::Interval);
@@ -312,13 +325,7 @@ pub async fn run<A: Analysis>(
             t.child.id()
         ));
     }
-    let ctx = ReportContext {
-        kind: ReportKind::Final,
-        elapsed: start.elapsed(),
-        covers: start.elapsed(),
-        tracer: &tracer,
-        command_faults: traced.as_ref().and_then(|t| t.ended).map(|e| e.1),
-    };
+    let ctx = ReportContext::new(ReportKind::Final, start, start, &tracer, &traced);
     let report = analysis.report(&ctx);
     // The caller knows what became of its output; the run ends here either way.
     let _ = on_report(&report, ReportKind::Final);
