@@ -4,7 +4,11 @@
 //! its callsites with position-independent stacks, and past [`EXITED_ROWS`] exited processes
 //! they fold into one row per command name.
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-use std::{collections::VecDeque, sync::Arc, time::Instant};
+use std::{
+    collections::{hash_map::Entry, VecDeque},
+    sync::Arc,
+    time::Instant,
+};
 
 use memtrace_common::{
     FaultRecord, ProcRecord, VmaRecord, FAULT_HAS_ENTRY, FAULT_KERNEL_MODE, FAULT_MAJOR,
@@ -17,7 +21,7 @@ use crate::{
     fault::{decode_error_code, CallsiteFaults, CallsiteKey, Fault, FaultKind, ProcessFaults},
     record::{comm_str, frames_into, Record},
     sideband::{SideEvent, SideKind},
-    stacks::{ReusedStacks, SharedStack, StackTable, UserStack, UserStackSet},
+    stacks::{ReusedStacks, StackId, StackTable, StackTree, UserStack},
     unwind::UnwindCache,
 };
 
@@ -26,13 +30,23 @@ pub const EXITED_ROWS: usize = 256;
 /// Exited processes of one name kept as rows of their own: a fork storm of one program folds
 /// after these, and the rows stay for other programs.
 pub const EXITED_ROWS_PER_NAME: usize = 8;
-/// Callsites kept for live processes, and again for exited ones; past that, faults still count
-/// in their process's totals and go to a callsite without stacks.
-pub const MAX_CALLSITES: usize = 100_000;
+/// Callsites kept for live processes; past that, faults still count in their process's
+/// totals and go to a callsite without stacks.
+pub const MAX_CALLSITES: usize = 150_000;
+/// Callsites kept for exited processes: past this, the smaller half lose their stacks
+/// (see [`Collector::compact_exited`]). Above [`MAX_CALLSITES`], so one process that used
+/// them all keeps them when it exits.
+pub const MAX_EXITED_CALLSITES: usize = 150_000;
 /// Distinct user stacks kept per live process.
-pub const MAX_STACKS_PER_PROCESS: usize = 100_000;
+pub const MAX_STACKS_PER_PROCESS: usize = 150_000;
 /// Distinct kernel stacks kept for the run.
 pub const MAX_KERNEL_STACKS: usize = 50_000;
+/// Frames of the raw user stacks of all live processes together (8 bytes each): a few
+/// compilers with deep, ever-new stacks must not take the host's memory. 100,000 distinct
+/// stacks 40 frames deep fit.
+pub const MAX_LIVE_STACK_FRAMES: usize = 4 << 20;
+/// Frames of the kernel stacks kept for the run.
+pub const MAX_KERNEL_STACK_FRAMES: usize = 1 << 20;
 
 /// What the agent knows of one live process.
 #[derive(Debug)]
@@ -83,7 +97,7 @@ pub struct ResolvedKey {
     pub kind: FaultKind,
     pub class: MappingClass,
     pub path: Option<Arc<str>>,
-    pub user: Option<SharedStack>,
+    pub user: Option<StackId>,
     /// Index in the collector's kernel stack table.
     pub kernel_stack: Option<u32>,
 }
@@ -189,8 +203,13 @@ pub struct Collector<S: ProcSource = Procfs> {
     /// Rows in `exited` per name.
     exited_names: HashMap<Arc<str>, usize>,
     pub kernel_stacks: StackTable,
+    /// Frames that live processes' stack tables may still add ([`MAX_LIVE_STACK_FRAMES`]).
+    live_frames_left: usize,
+    /// Frames the kernel stack table may still add.
+    kernel_frames_left: usize,
     reused: ReusedStacks,
-    user_stacks: UserStackSet,
+    /// Resolved user stacks of exited processes and of images before an exec.
+    pub user_stacks: StackTree,
     /// Frames of the record being handled (reused, so no allocation per record).
     frames: Vec<u64>,
     /// Recovers the callers frameless functions hide from the frame-pointer walk.
@@ -256,8 +275,10 @@ impl<S: ProcSource> Collector<S> {
             folded: HashMap::new(),
             exited_names: HashMap::new(),
             kernel_stacks: StackTable::with_limit(MAX_KERNEL_STACKS),
+            live_frames_left: MAX_LIVE_STACK_FRAMES,
+            kernel_frames_left: MAX_KERNEL_STACK_FRAMES,
             reused: ReusedStacks::default(),
-            user_stacks: UserStackSet::default(),
+            user_stacks: StackTree::default(),
             // Room for both stacks and a recovered caller.
             frames: Vec::with_capacity(2 * memtrace_common::MAX_STACK_DEPTH + 1),
             unwind: UnwindCache::default(),
@@ -454,12 +475,17 @@ impl<S: ProcSource> Collector<S> {
             if r.flags & FAULT_KERNEL_MODE != 0 {
                 if let Some(image) = &info.before_exec {
                     // Taken by execve itself: the stack of the code that called it.
-                    calling_image_stack =
-                        Some(self.user_stacks.intern(UserStack::resolve(image, user_ips)));
+                    let stack = self
+                        .user_stacks
+                        .intern(&UserStack::resolve(image, user_ips));
+                    if stack.is_none() {
+                        self.stats.stack_table_full += 1;
+                    }
+                    calling_image_stack = Some(stack);
                 }
             }
             let user = (!user_ips.is_empty() && calling_image_stack.is_none())
-                .then(|| info.stacks.intern(user_ips))
+                .then(|| info.stacks.intern(user_ips, &mut self.live_frames_left))
                 .and_then(|s| {
                     if s.is_none() {
                         self.stats.stack_table_full += 1;
@@ -470,7 +496,10 @@ impl<S: ProcSource> Collector<S> {
                 self.reused.walked(r.stack_token, r.pid, user);
             }
             let kernel = (!kernel_ips.is_empty())
-                .then(|| self.kernel_stacks.intern(kernel_ips))
+                .then(|| {
+                    self.kernel_stacks
+                        .intern(kernel_ips, &mut self.kernel_frames_left)
+                })
                 .and_then(|s| {
                     if s.is_none() {
                         self.stats.kernel_stack_table_full += 1;
@@ -514,7 +543,7 @@ impl<S: ProcSource> Collector<S> {
                 kind: fault.kind,
                 class: fault.class,
                 path: fault.path.clone(),
-                user: Some(user),
+                user,
                 kernel_stack: fault.kernel_stack,
             };
             info.earlier.entry(key).or_default().record(&fault);
@@ -625,19 +654,28 @@ impl<S: ProcSource> Collector<S> {
             return;
         };
         self.live_callsites = self.live_callsites.saturating_sub(info.callsites.len());
-        // Several callsites (kinds, mappings) share a stack: resolve each stack once.
-        let mut resolved_stacks: HashMap<u32, SharedStack> = HashMap::new();
-        for (key, faults) in info.callsites.drain() {
+        // Each stack once (several callsites share one), then the raw stacks go before the
+        // callsites are copied: both tables are never held beside the new one.
+        let mut stack_ids: Vec<Option<StackId>> = Vec::with_capacity(info.stacks.len());
+        for i in 0..info.stacks.len() as u32 {
+            let stack = info.stacks.get(i).and_then(|ips| {
+                self.user_stacks
+                    .intern(&UserStack::resolve(&info.space, ips))
+            });
+            stack_ids.push(stack);
+        }
+        self.live_frames_left += info.stacks.frames();
+        info.stacks = StackTable::with_limit(MAX_STACKS_PER_PROCESS);
+        let callsites = std::mem::take(&mut info.callsites);
+        info.earlier.reserve(callsites.len());
+        for (key, faults) in callsites {
             let user = key.user_stack.and_then(|i| {
-                if let Some(s) = resolved_stacks.get(&i) {
-                    return Some(s.clone());
+                let stack = stack_ids.get(i as usize).copied().flatten();
+                if stack.is_none() {
+                    // The tree is full: the faults keep their counts, not their stack.
+                    self.stats.stack_table_full += faults.count;
                 }
-                let ips = info.stacks.get(i)?;
-                let s = self
-                    .user_stacks
-                    .intern(UserStack::resolve(&info.space, ips));
-                resolved_stacks.insert(i, s.clone());
-                Some(s)
+                stack
             });
             let resolved = ResolvedKey {
                 kind: key.kind,
@@ -646,9 +684,13 @@ impl<S: ProcSource> Collector<S> {
                 user,
                 kernel_stack: key.kernel_stack,
             };
-            info.earlier.entry(resolved).or_default().merge(&faults);
+            match info.earlier.entry(resolved) {
+                Entry::Vacant(e) => {
+                    e.insert(faults);
+                }
+                Entry::Occupied(mut e) => e.get_mut().merge(&faults),
+            }
         }
-        info.stacks = StackTable::with_limit(MAX_STACKS_PER_PROCESS);
         self.reused.forget(pid);
     }
 
@@ -665,18 +707,18 @@ impl<S: ProcSource> Collector<S> {
             None => info.comm,
         };
         let same_name = self.exited_names.entry(comm.clone()).or_default();
-        let own_row = self.exited.len() < EXITED_ROWS && *same_name < EXITED_ROWS_PER_NAME;
-        let row = if own_row {
+        if self.exited.len() < EXITED_ROWS && *same_name < EXITED_ROWS_PER_NAME {
             *same_name += 1;
-            // A row of its own keeps the per-thread counts too.
+            // A row of its own keeps the per-thread counts too, and its resolved callsites
+            // become the row's as they are: no copy.
+            self.exited_callsites += info.earlier.len();
             self.exited.push(ExitedProcess {
                 pid,
                 comm,
                 processes: 1,
                 faults: info.faults,
-                callsites: HashMap::new(),
+                callsites: info.earlier,
             });
-            self.exited.last_mut()
         } else {
             let row = self
                 .folded
@@ -688,20 +730,78 @@ impl<S: ProcSource> Collector<S> {
                 });
             row.processes += 1;
             row.faults.merge(&info.faults);
-            Some(row)
-        };
-        let Some(row) = row else {
-            return;
-        };
-        for (key, site) in info.earlier {
-            let (merged, stripped) =
-                capped_entry(&mut row.callsites, key, &mut self.exited_callsites, |k| {
-                    k.user = None;
-                    k.kernel_stack = None;
-                });
-            merged.merge(&site);
-            if stripped {
+            for (key, site) in info.earlier {
+                row.callsites
+                    .entry(key)
+                    .or_insert_with(|| {
+                        self.exited_callsites += 1;
+                        CallsiteFaults::default()
+                    })
+                    .merge(&site);
+            }
+        }
+        if self.exited_callsites > MAX_EXITED_CALLSITES {
+            self.compact_exited();
+        }
+    }
+
+    /// Keeps the callsites of exited processes under [`MAX_EXITED_CALLSITES`] on a host that runs
+    /// many different programs: the smaller half of them (by faults) lose their stacks and
+    /// merge into one stackless callsite per row, kind and mapping. Their faults still count
+    /// everywhere but in a callsite with a stack, and the loss table says how many; the
+    /// callsites that matter, the big ones, keep theirs.
+    fn compact_exited(&mut self) {
+        let mut counts: Vec<u64> = self
+            .exited
+            .iter()
+            .chain(self.folded.values())
+            .flat_map(|row| row.callsites.values().map(|c| c.count))
+            .collect();
+        let middle = counts.len() / 2;
+        let (_, &mut threshold, _) = counts.select_nth_unstable(middle);
+        drop(counts);
+        let mut kept = 0;
+        for row in self.exited.iter_mut().chain(self.folded.values_mut()) {
+            let small: Vec<(ResolvedKey, CallsiteFaults)> = row
+                .callsites
+                .extract_if(|k, c| {
+                    c.count <= threshold && (k.user.is_some() || k.kernel_stack.is_some())
+                })
+                .collect();
+            for (mut key, site) in small {
+                key.user = None;
+                key.kernel_stack = None;
                 self.stats.callsite_table_full += site.count;
+                row.callsites.entry(key).or_default().merge(&site);
+            }
+            row.callsites.shrink_to_fit();
+            kept += row.callsites.len();
+        }
+        self.exited_callsites = kept;
+        self.rebuild_stack_tree();
+    }
+
+    /// Rebuilds the resolved-stack tree with only the stacks callsites still refer to, and
+    /// renames them in every callsite that does.
+    fn rebuild_stack_tree(&mut self) {
+        let tables = self
+            .exited
+            .iter_mut()
+            .chain(self.folded.values_mut())
+            .map(|row| &mut row.callsites)
+            .chain(self.processes.values_mut().map(|p| &mut p.earlier));
+        let mut tables: Vec<&mut HashMap<ResolvedKey, CallsiteFaults>> = tables.collect();
+        let keep = tables
+            .iter()
+            .flat_map(|t| t.keys().filter_map(|k| k.user))
+            .collect::<Vec<_>>();
+        let (tree, ids) = self.user_stacks.rebuilt(keep);
+        self.user_stacks = tree;
+        for table in tables.iter_mut() {
+            let old = std::mem::take(&mut **table);
+            for (mut key, site) in old {
+                key.user = key.user.and_then(|id| ids.get(&id).copied());
+                table.entry(key).or_default().merge(&site);
             }
         }
     }
@@ -716,6 +816,30 @@ impl<S: ProcSource> Collector<S> {
         self.sweep_now();
     }
 
+    /// Table sizes, for finding where the agent's memory goes (`MEMTRACE_FOOTPRINT=1`).
+    pub fn footprint(&self) -> String {
+        let live_stacks: usize = self.processes.values().map(|p| p.stacks.len()).sum();
+        let exited_sites: usize = self.exited.iter().map(|e| e.callsites.len()).sum::<usize>()
+            + self
+                .folded
+                .values()
+                .map(|e| e.callsites.len())
+                .sum::<usize>();
+        format!(
+            "processes {} live_stacks {} live_frames {} live_callsites {} exited_rows {} \
+             folded_rows {} exited_callsites {} stack_tree_nodes {} kernel_stacks {}",
+            self.processes.len(),
+            live_stacks,
+            MAX_LIVE_STACK_FRAMES - self.live_frames_left,
+            self.live_callsites,
+            self.exited.len(),
+            self.folded.len(),
+            exited_sites,
+            self.user_stacks.len(),
+            self.kernel_stacks.len()
+        )
+    }
+
     fn sweep_now(&mut self) {
         self.last_sweep = Instant::now();
         let gone: Vec<u32> = self
@@ -727,7 +851,9 @@ impl<S: ProcSource> Collector<S> {
         for pid in gone {
             self.retire(pid, None);
         }
-        self.user_stacks.prune();
+        if self.user_stacks.crowded() {
+            self.rebuild_stack_tree();
+        }
     }
 }
 
@@ -977,7 +1103,7 @@ mod tests {
         assert_eq!(site.count, 1);
         assert_eq!(key.path.as_deref(), Some("/bin/new"));
         assert_eq!(
-            key.user.as_ref().map(|u| u.frames.clone()),
+            key.user.map(|u| c.user_stacks.get(u).frames),
             Some(vec![crate::stacks::UserFrame::File {
                 path: Arc::from("/bin/app"),
                 offset: 0x50
@@ -1171,7 +1297,7 @@ mod tests {
         assert!(info.callsites.is_empty() && info.stacks.is_empty());
         assert_eq!(&*info.comm, "newimage");
         let (key, _) = info.earlier.iter().next().expect("a resolved callsite");
-        let frames = &key.user.as_ref().expect("stack").frames;
+        let frames = &c.user_stacks.get(key.user.expect("stack")).frames;
         assert_eq!(
             frames,
             &vec![crate::stacks::UserFrame::File {

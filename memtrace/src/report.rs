@@ -1,20 +1,21 @@
 //! Fault reports: a plain data structure built from the aggregates, rendered as a table, one
 //! JSON document, or folded stacks for flame graphs.
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::collections::hash_map::Entry;
 use std::{fmt::Write as _, sync::Arc, time::Duration};
 
 use serde::Serialize;
 
 use crate::{
-    addrspace::MappingClass,
+    addrspace::{AddressSpace, MappingClass},
     collector::{Collector, KernelFaults, ResolvedKey},
     fault::{
         Access, AccessCounts, CallsiteFaults, Cause, Counts, FaultKind, LatencySummary,
         ProcessFaults,
     },
     loader::KernelCounters,
-    stacks::{SharedStack, UserStack},
-    symbolize::{Frame, Symbolizer},
+    stacks::{StackId, UserStack},
+    symbolize::{Frame, MergePath, Symbolizer},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -349,76 +350,106 @@ fn process_report(
     }
 }
 
-/// One callsite from any source (live, before an exec, exited, folded), stacks resolved.
+/// A callsite's user stack as the collector keeps it: raw addresses with the address space
+/// they resolve in (a live process), or resolved already (before an exec, after an exit).
+enum SiteStack<'a> {
+    None,
+    Live(&'a AddressSpace, &'a [u64]),
+    Resolved(&'a crate::stacks::StackTree, StackId),
+}
+
+impl SiteStack<'_> {
+    /// The stack in position-independent frames, built now for a live process's stack: one
+    /// at a time, so a report over 100,000 stacks does not hold them all resolved at once.
+    fn resolve(&self) -> Option<std::borrow::Cow<'_, UserStack>> {
+        match self {
+            SiteStack::None => None,
+            SiteStack::Live(space, ips) => {
+                Some(std::borrow::Cow::Owned(UserStack::resolve(space, ips)))
+            }
+            SiteStack::Resolved(tree, id) => Some(std::borrow::Cow::Owned(tree.get(*id))),
+        }
+    }
+}
+
+/// One callsite from any source (live, before an exec, exited, folded).
 struct SiteRef<'a> {
     pid: u32,
     comm: &'a Arc<str>,
-    key: std::borrow::Cow<'a, ResolvedKey>,
+    kind: FaultKind,
+    class: MappingClass,
+    path: &'a Option<Arc<str>>,
+    user: SiteStack<'a>,
+    kernel_stack: Option<u32>,
     faults: &'a CallsiteFaults,
 }
 
-/// Every callsite the collector holds, with user stacks independent of address spaces.
+impl<'a> SiteRef<'a> {
+    fn resolved(
+        collector: &'a Collector,
+        pid: u32,
+        comm: &'a Arc<str>,
+        k: &'a ResolvedKey,
+        f: &'a CallsiteFaults,
+    ) -> Self {
+        Self {
+            pid,
+            comm,
+            kind: k.kind,
+            class: k.class,
+            path: &k.path,
+            user: k.user.map_or(SiteStack::None, |id| {
+                SiteStack::Resolved(&collector.user_stacks, id)
+            }),
+            kernel_stack: k.kernel_stack,
+            faults: f,
+        }
+    }
+}
+
+/// Every callsite the collector holds.
 fn all_callsites(collector: &Collector) -> Vec<SiteRef<'_>> {
-    let mut sites = Vec::new();
+    let live: usize = collector
+        .processes
+        .values()
+        .map(|p| p.callsites.len() + p.earlier.len())
+        .sum();
+    let exited: usize = collector
+        .exited
+        .iter()
+        .chain(collector.folded.values())
+        .map(|r| r.callsites.len())
+        .sum();
+    let mut sites = Vec::with_capacity(live + exited);
     for (&pid, info) in &collector.processes {
         for (k, faults) in &info.callsites {
-            let user = k
-                .user_stack
-                .and_then(|i| info.stacks.get(i))
-                .map(|ips| SharedStack::standalone(UserStack::resolve(&info.space, ips)));
-            let key = ResolvedKey {
-                kind: k.kind,
-                class: k.class,
-                path: k.path.clone(),
-                user,
-                kernel_stack: k.kernel_stack,
+            let user = match k.user_stack.and_then(|i| info.stacks.get(i)) {
+                Some(ips) => SiteStack::Live(&info.space, ips),
+                None => SiteStack::None,
             };
             sites.push(SiteRef {
                 pid,
                 comm: &info.comm,
-                key: std::borrow::Cow::Owned(key),
+                kind: k.kind,
+                class: k.class,
+                path: &k.path,
+                user,
+                kernel_stack: k.kernel_stack,
                 faults,
             });
         }
         for (key, faults) in &info.earlier {
-            sites.push(SiteRef {
-                pid,
-                comm: &info.comm,
-                key: std::borrow::Cow::Borrowed(key),
-                faults,
-            });
+            sites.push(SiteRef::resolved(collector, pid, &info.comm, key, faults));
         }
     }
     for row in collector.exited.iter().chain(collector.folded.values()) {
         for (key, faults) in &row.callsites {
-            sites.push(SiteRef {
-                pid: row.pid,
-                comm: &row.comm,
-                key: std::borrow::Cow::Borrowed(key),
-                faults,
-            });
+            sites.push(SiteRef::resolved(
+                collector, row.pid, &row.comm, key, faults,
+            ));
         }
     }
     sites
-}
-
-/// The symbolized user and kernel frames of a callsite.
-fn site_frames(
-    collector: &Collector,
-    symbolizer: &mut Symbolizer,
-    key: &ResolvedKey,
-) -> (Vec<Frame>, Vec<Frame>) {
-    let user = key
-        .user
-        .as_ref()
-        .map(|stack| symbolizer.user_frames(stack))
-        .unwrap_or_default();
-    let kernel = key
-        .kernel_stack
-        .and_then(|i| collector.kernel_stacks.get(i))
-        .map(|ips| symbolizer.kernel_stack(ips))
-        .unwrap_or_default();
-    (user, kernel)
 }
 
 /// Every source of lost or degraded data, in report order.
@@ -514,7 +545,7 @@ type MergeKey = (
     FaultKind,
     MappingClass,
     Option<Arc<str>>,
-    Vec<u32>,
+    MergePath,
 );
 
 /// A row's key, pid (0 when folded), name, processes it holds, whether they exited, totals.
@@ -668,20 +699,54 @@ pub fn build(
     // only for the callsites the report shows, so a run with 100,000 callsites does not hold
     // 100,000 symbolized stacks at once.
     let sites = all_callsites(collector);
-    let mut merged: HashMap<MergeKey, (usize, CallsiteFaults)> = HashMap::new();
+    symbolizer.begin_report();
+    for site in &sites {
+        if let Some(stack) = site.user.resolve() {
+            symbolizer.want_user(&stack);
+        }
+        if let Some(ips) = site
+            .kernel_stack
+            .and_then(|i| collector.kernel_stacks.get(i))
+        {
+            symbolizer.want_kernel(ips);
+        }
+    }
+    symbolizer.symbolize_wanted();
+    // Per merged callsite: its first site, and the sum once a second one merges into it (most
+    // stand alone, and are not copied).
+    let mut merged: HashMap<MergeKey, (usize, Option<Box<CallsiteFaults>>)> = HashMap::new();
+    let mut ids = Vec::new();
     for (i, site) in sites.iter().enumerate() {
-        let (user, kernel) = site_frames(collector, symbolizer, &site.key);
-        let mut ids = symbolizer.merge_ids(&user);
+        ids.clear();
+        if let Some(stack) = site.user.resolve() {
+            symbolizer.user_ids(&stack, &mut ids);
+        }
         ids.push(u32::MAX); // user and kernel frames apart
-        ids.extend(symbolizer.merge_ids(&kernel));
-        let k = &*site.key;
+        if let Some(ips) = site
+            .kernel_stack
+            .and_then(|i| collector.kernel_stacks.get(i))
+        {
+            symbolizer.kernel_ids(ips, &mut ids);
+        }
         let comm = (site.pid == 0).then(|| site.comm.clone());
-        let key = (site.pid, comm, k.kind, k.class, k.path.clone(), ids);
-        merged
-            .entry(key)
-            .or_insert_with(|| (i, CallsiteFaults::default()))
-            .1
-            .merge(site.faults);
+        let key = (
+            site.pid,
+            comm,
+            site.kind,
+            site.class,
+            site.path.clone(),
+            symbolizer.merge_path(&ids),
+        );
+        match merged.entry(key) {
+            Entry::Vacant(e) => {
+                e.insert((i, None));
+            }
+            Entry::Occupied(mut e) => {
+                let (first, sum) = e.get_mut();
+                sum.get_or_insert_with(|| Box::new(sites[*first].faults.clone()))
+                    .merge(site.faults);
+            }
+        }
     }
     let c = input.counters;
     let mut losses = loss_table(&c, &collector.stats);
@@ -707,21 +772,32 @@ pub fn build(
             .collect();
         // The new baseline is the totals; the report gets what changed since the old one.
         let mut earlier = std::mem::take(&mut baseline.callsites);
-        for (key, (_, faults)) in merged.iter_mut() {
-            let total = faults.clone();
+        for (key, (i, sum)) in merged.iter_mut() {
+            let total = sum.as_deref().unwrap_or(sites[*i].faults);
+            let mut delta = total.clone();
             if let Some(e) = earlier.remove(key) {
-                faults.subtract(&e);
+                delta.subtract(&e);
             }
-            baseline.callsites.insert(key.clone(), total);
+            baseline.callsites.insert(key.clone(), total.clone());
+            *sum = Some(Box::new(delta));
         }
-        merged.retain(|_, (_, f)| f.count > 0);
+        merged.retain(|_, (_, f)| f.as_ref().is_some_and(|f| f.count > 0));
     }
-    let mut ranked: Vec<(usize, CallsiteFaults)> = merged.into_values().collect();
-    ranked.sort_by(|(ia, a), (ib, b)| {
-        b.count
-            .cmp(&a.count)
-            .then(sites[*ia].pid.cmp(&sites[*ib].pid))
-            .then(sites[*ia].key.kind.cmp(&sites[*ib].key.kind))
+    // A merged callsite's faults: its sum (or interval delta), else its only site's.
+    fn faults_of<'s>(
+        sites: &[SiteRef<'s>],
+        (i, sum): &'s (usize, Option<Box<CallsiteFaults>>),
+    ) -> &'s CallsiteFaults {
+        sum.as_deref().unwrap_or(sites[*i].faults)
+    }
+    let mut ranked: Vec<(usize, Option<Box<CallsiteFaults>>)> = merged.into_values().collect();
+    ranked.sort_by(|a, b| {
+        let (ia, ib) = (a.0, b.0);
+        faults_of(&sites, b)
+            .count
+            .cmp(&faults_of(&sites, a).count)
+            .then(sites[ia].pid.cmp(&sites[ib].pid))
+            .then(sites[ia].kind.cmp(&sites[ib].kind))
     });
     let callsites_total = ranked.len();
     // Folded output feeds flame graphs: every callsite. Tables and JSON honour --top.
@@ -729,28 +805,39 @@ pub fn build(
         ranked.truncate(opts.top);
     }
     let callsites: Vec<CallsiteReport> = ranked
-        .into_iter()
-        .map(|(i, faults)| {
-            let site = &sites[i];
-            let k = &*site.key;
-            let (frames, kernel_frames) = site_frames(collector, symbolizer, k);
+        .iter()
+        .map(|entry| {
+            let faults = faults_of(&sites, entry);
+            let site = &sites[entry.0];
+            let user = site.user.resolve();
+            let frames = user
+                .as_deref()
+                .map(|u| symbolizer.user_frames(u))
+                .unwrap_or_default();
+            let kernel_frames = site
+                .kernel_stack
+                .and_then(|i| collector.kernel_stacks.get(i))
+                .map(|ips| symbolizer.kernel_stack(ips))
+                .unwrap_or_default();
             CallsiteReport {
                 pid: site.pid,
                 comm: site.comm.to_string(),
-                kind: k.kind,
+                kind: site.kind,
                 count: faults.count,
                 mapping: MappingReport {
-                    class: k.class,
-                    path: k.path.as_deref().map(str::to_string),
+                    class: site.class,
+                    path: site.path.as_deref().map(str::to_string),
                 },
                 access: access_list(&faults.access),
                 latency_ns: faults.latency.summary(),
                 frames,
                 kernel_frames,
-                truncated: k.user.as_ref().is_some_and(|u| u.truncated),
+                truncated: user.is_some_and(|u| u.truncated),
             }
         })
         .collect();
+    drop(sites);
+    symbolizer.finish();
 
     FaultReport {
         scope,

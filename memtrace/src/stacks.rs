@@ -4,7 +4,7 @@
 //!
 //! Stacks arrive inside fault records (no kernel stack map that can fill up or go stale). A
 //! fault that reused a recent walk names it by token; [`ReusedStacks`] resolves those.
-use foldhash::{HashMap, HashSet};
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use memtrace_common::stack_token_slot;
@@ -28,14 +28,16 @@ impl StackTable {
         }
     }
 
-    /// The index of `ips`, added if new; `None` when the table is full.
-    pub fn intern(&mut self, ips: &[u64]) -> Option<u32> {
+    /// The index of `ips`, added if new and `budget` (frames that may still be added, shared
+    /// by several tables) allows; `None` when the table or the budget is full.
+    pub fn intern(&mut self, ips: &[u64], budget: &mut usize) -> Option<u32> {
         if let Some(&i) = self.index.get(ips) {
             return Some(i);
         }
-        if self.stacks.len() >= self.limit {
+        if self.stacks.len() >= self.limit || ips.len() > *budget {
             return None;
         }
+        *budget -= ips.len();
         let i = u32::try_from(self.stacks.len()).ok()?;
         let stack: Arc<[u64]> = Arc::from(ips);
         self.stacks.push(stack.clone());
@@ -49,6 +51,10 @@ impl StackTable {
 
     pub fn len(&self) -> usize {
         self.stacks.len()
+    }
+
+    pub fn frames(&self) -> usize {
+        self.stacks.iter().map(|s| s.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -144,61 +150,178 @@ impl UserStack {
     }
 }
 
-/// A user stack from [`UserStackSet::intern`]: one allocation per distinct stack, so it is
-/// compared and hashed by address, not by its frames (callsite tables hash their keys often).
-#[derive(Clone, Debug)]
-pub struct SharedStack(Arc<UserStack>);
+/// A resolved user stack kept in a [`StackTree`]: a small id, compared and hashed as one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StackId(u32);
 
-impl SharedStack {
-    /// A stack outside the set, for a report's one-off use: equal only to its own clones.
-    pub fn standalone(stack: UserStack) -> Self {
-        Self(Arc::new(stack))
+/// What a tree node's frame is in: an index into the tree's modules, or one of these.
+const UNMAPPED: u32 = u32::MAX;
+/// The outermost node of a truncated stack.
+const TRUNCATED: u32 = u32::MAX - 1;
+
+/// One frame of a resolved stack and the node of the frames outside it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Node {
+    parent: u32,
+    module: u32,
+    offset: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Module {
+    File(Arc<str>),
+    Anon(Arc<str>),
+}
+
+/// Nodes a [`StackTree`] holds at most (~40 bytes each).
+pub const MAX_TREE_NODES: usize = 1 << 20;
+
+/// Resolved user stacks of the whole run, as a tree from the outermost frame in: stacks
+/// that share their outer frames (every stack of a program shares `main` and what calls
+/// it) share those nodes, so thousands of exited processes, or 100,000 distinct deep stacks
+/// of one, cost a node per distinct frame, not a vector per stack.
+#[derive(Debug)]
+pub struct StackTree {
+    /// Node 0 is the root, the empty stack.
+    nodes: Vec<Node>,
+    index: HashMap<Node, u32>,
+    modules: Vec<Module>,
+    module_ids: HashMap<Module, u32>,
+    limit: usize,
+}
+
+impl Default for StackTree {
+    fn default() -> Self {
+        Self::with_limit(MAX_TREE_NODES)
     }
 }
 
-impl PartialEq for SharedStack {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
-impl Eq for SharedStack {}
-
-impl std::hash::Hash for SharedStack {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        std::ptr::hash(Arc::as_ptr(&self.0), state);
-    }
-}
-
-impl std::ops::Deref for SharedStack {
-    type Target = UserStack;
-    fn deref(&self) -> &UserStack {
-        &self.0
-    }
-}
-
-/// Interns resolved user stacks for the whole run: thousands of exited processes of one
-/// program share their stacks.
-#[derive(Debug, Default)]
-pub struct UserStackSet(HashSet<Arc<UserStack>>);
-
-impl UserStackSet {
-    pub fn intern(&mut self, stack: UserStack) -> SharedStack {
-        if let Some(s) = self.0.get(&stack) {
-            return SharedStack(s.clone());
+impl StackTree {
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            nodes: vec![Node {
+                parent: 0,
+                module: UNMAPPED,
+                offset: 0,
+            }],
+            index: HashMap::default(),
+            modules: Vec::new(),
+            module_ids: HashMap::default(),
+            limit,
         }
-        let s = Arc::new(stack);
-        self.0.insert(s.clone());
-        SharedStack(s)
     }
 
-    /// Drops stacks nothing else refers to any more.
-    pub fn prune(&mut self) {
-        self.0.retain(|s| Arc::strong_count(s) > 1);
+    fn module_id(&mut self, module: &Module) -> u32 {
+        if let Some(&id) = self.module_ids.get(module) {
+            return id;
+        }
+        let id = self.modules.len() as u32;
+        self.modules.push(module.clone());
+        self.module_ids.insert(module.clone(), id);
+        id
+    }
+
+    fn child(&mut self, parent: u32, module: u32, offset: u64) -> Option<u32> {
+        let node = Node {
+            parent,
+            module,
+            offset,
+        };
+        if let Some(&id) = self.index.get(&node) {
+            return Some(id);
+        }
+        if self.nodes.len() >= self.limit {
+            return None;
+        }
+        let id = u32::try_from(self.nodes.len()).ok()?;
+        self.nodes.push(node);
+        self.index.insert(node, id);
+        Some(id)
+    }
+
+    /// The id of `stack`, added if new; `None` when the tree is full.
+    pub fn intern(&mut self, stack: &UserStack) -> Option<StackId> {
+        let mut node = 0;
+        if stack.truncated {
+            node = self.child(node, TRUNCATED, 0)?;
+        }
+        for frame in stack.frames.iter().rev() {
+            let (module, offset) = match frame {
+                UserFrame::File { path, offset } => {
+                    (self.module_id(&Module::File(path.clone())), *offset)
+                }
+                UserFrame::Anon { name, offset } => {
+                    (self.module_id(&Module::Anon(name.clone())), *offset)
+                }
+                UserFrame::Unmapped => (UNMAPPED, 0),
+            };
+            node = self.child(node, module, offset)?;
+        }
+        Some(StackId(node))
+    }
+
+    /// The stack `id` names, innermost frame first.
+    pub fn get(&self, id: StackId) -> UserStack {
+        let mut stack = UserStack {
+            frames: Vec::with_capacity(32),
+            truncated: false,
+        };
+        let mut node = id.0 as usize;
+        while node != 0 {
+            let Some(n) = self.nodes.get(node) else {
+                break;
+            };
+            match n.module {
+                TRUNCATED => stack.truncated = true,
+                UNMAPPED => stack.frames.push(UserFrame::Unmapped),
+                m => stack.frames.push(match &self.modules[m as usize] {
+                    Module::File(path) => UserFrame::File {
+                        path: path.clone(),
+                        offset: n.offset,
+                    },
+                    Module::Anon(name) => UserFrame::Anon {
+                        name: name.clone(),
+                        offset: n.offset,
+                    },
+                }),
+            }
+            node = n.parent as usize;
+        }
+        stack
+    }
+
+    /// Nodes held, the root included.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.nodes.len() <= 1
+    }
+
+    /// Whether the tree has used most of its room, and is worth rebuilding from the stacks
+    /// still referred to.
+    pub fn crowded(&self) -> bool {
+        self.nodes.len() > self.limit / 4 * 3
+    }
+
+    /// A new tree with only the stacks `keep` names, and each kept id's new id. Stacks the
+    /// callsites no longer refer to (compacted away) take no room afterwards.
+    pub fn rebuilt(
+        &self,
+        keep: impl IntoIterator<Item = StackId>,
+    ) -> (Self, HashMap<StackId, StackId>) {
+        let mut tree = Self::with_limit(self.limit);
+        let mut ids = HashMap::default();
+        for id in keep {
+            if ids.contains_key(&id) {
+                continue;
+            }
+            if let Some(new) = tree.intern(&self.get(id)) {
+                ids.insert(id, new);
+            }
+        }
+        (tree, ids)
     }
 }
 
@@ -217,13 +340,29 @@ mod tests {
 
     #[test]
     fn interns_stacks_up_to_a_limit() {
+        let mut budget = 100;
         let mut t = StackTable::with_limit(2);
-        assert_eq!(t.intern(&[1, 2, 3]), Some(0));
-        assert_eq!(t.intern(&[1, 2]), Some(1));
-        assert_eq!(t.intern(&[1, 2, 3]), Some(0));
-        assert_eq!(t.intern(&[9]), None, "full");
+        assert_eq!(t.intern(&[1, 2, 3], &mut budget), Some(0));
+        assert_eq!(t.intern(&[1, 2], &mut budget), Some(1));
+        assert_eq!(t.intern(&[1, 2, 3], &mut budget), Some(0));
+        assert_eq!(t.intern(&[9], &mut budget), None, "full");
         assert_eq!(t.get(1), Some(&[1u64, 2][..]));
-        assert_eq!(t.len(), 2);
+        assert_eq!((t.len(), t.frames(), budget), (2, 5, 95));
+    }
+
+    #[test]
+    fn tables_sharing_a_frame_budget_stop_where_it_ends() {
+        let mut budget = 5;
+        let (mut a, mut b) = (StackTable::with_limit(10), StackTable::with_limit(10));
+        assert_eq!(a.intern(&[1, 2, 3], &mut budget), Some(0));
+        assert_eq!(b.intern(&[4, 5, 6], &mut budget), None, "3 frames, 2 left");
+        assert_eq!(b.intern(&[4, 5], &mut budget), Some(0));
+        assert_eq!(
+            a.intern(&[1, 2, 3], &mut budget),
+            Some(0),
+            "known stacks still resolve"
+        );
+        assert_eq!(budget, 0);
     }
 
     #[test]
@@ -281,19 +420,43 @@ mod tests {
     }
 
     #[test]
-    fn equal_stacks_of_different_processes_share_one_copy() {
-        let mut set = UserStackSet::default();
-        let a = set.intern(UserStack::default());
-        let b = set.intern(UserStack::default());
-        assert_eq!(a, b, "one copy, equal by address");
-        let c = set.intern(UserStack {
-            frames: vec![UserFrame::Unmapped],
-            truncated: false,
-        });
-        assert_ne!(a, c);
-        drop(c);
-        drop((a, b));
-        set.prune();
-        assert!(set.is_empty());
+    fn stacks_share_their_outer_frames_and_come_back_whole() {
+        let file = |offset| UserFrame::File {
+            path: Arc::from("/bin/app"),
+            offset,
+        };
+        let stack = |frames: Vec<UserFrame>, truncated| UserStack { frames, truncated };
+        let mut tree = StackTree::with_limit(8);
+        // Innermost first: both end in main (0x10) <- start (0x1).
+        let a = stack(vec![file(0x30), file(0x10), file(0x1)], false);
+        let b = stack(vec![file(0x40), file(0x10), file(0x1)], false);
+        let ia = tree.intern(&a).unwrap();
+        let ib = tree.intern(&b).unwrap();
+        assert_ne!(ia, ib);
+        assert_eq!(tree.intern(&a), Some(ia), "equal stacks, one id");
+        assert_eq!(tree.len(), 1 + 4, "root, start, main and the two leaves");
+        assert_eq!((tree.get(ia), tree.get(ib)), (a.clone(), b.clone()));
+        // Truncated and unmapped frames keep their meaning.
+        let c = stack(
+            vec![
+                UserFrame::Unmapped,
+                UserFrame::Anon {
+                    name: Arc::from("[vdso]"),
+                    offset: 0x5,
+                },
+            ],
+            true,
+        );
+        let ic = tree.intern(&c).unwrap();
+        assert_eq!(tree.get(ic), c);
+        assert_eq!(tree.get(StackId(0)), UserStack::default());
+        // Full: a new stack is refused, known ones still resolve.
+        assert_eq!(tree.len(), 8);
+        assert_eq!(tree.intern(&stack(vec![file(0x99)], false)), None);
+        assert_eq!(tree.intern(&b), Some(ib));
+        // Rebuilt with only b: a's leaf and c's nodes are gone.
+        let (small, ids) = tree.rebuilt([ib]);
+        assert_eq!(small.len(), 4);
+        assert_eq!(small.get(ids[&ib]), b);
     }
 }

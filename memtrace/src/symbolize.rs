@@ -3,7 +3,7 @@
 //! User frames are resolved through the agent's own model of the process's mappings (file and
 //! file offset), not through `/proc/PID`, so stacks of processes that have exited still
 //! symbolize. Results are cached per (file, offset) and per kernel address.
-use foldhash::{HashMap, HashMapExt};
+use foldhash::{HashMap, HashMapExt, HashSet};
 use std::{path::PathBuf, sync::Arc};
 
 use blazesym::{
@@ -67,14 +67,50 @@ impl Frame {
 /// memory than a tracer left running on a busy host may take (+45 MiB for a 66 MiB binary).
 pub const DWARF_MAX_FILE_BYTES: u64 = 32 << 20;
 
+/// Symbolized (file, offset) and kernel addresses kept between reports, at most: past this,
+/// what the last report did not use is dropped.
+pub const MAX_CACHED: usize = 200_000;
+
+/// One address, symbolized: its frames (more than one with inlined functions) and what each
+/// means when callsites merge.
+#[derive(Debug)]
+struct Symbol {
+    frames: Box<[Frame]>,
+    ids: Box<[u32]>,
+    /// The report that last used it.
+    used: u32,
+}
+
+/// Symbolizes stacks for reports, keeping the agent's memory bounded on a host full of big
+/// binaries: blazesym's parsed symbol tables and DWARF (and the files it maps) live only
+/// while one file's addresses are symbolized, in a batch; what outlives a report is the
+/// compact per-address result, and only while reports still use it.
 pub struct Symbolizer {
-    blaze: Blaze,
     /// Per file: symbolize with its DWARF (small enough) or its symbol tables only.
     use_dwarf: HashMap<Arc<str>, bool>,
-    user_cache: HashMap<(Arc<str>, u64), Vec<Frame>>,
-    kernel_cache: HashMap<u64, Vec<Frame>>,
-    /// Small ids for what a frame means when merging callsites (see [`Symbolizer::merge_ids`]).
-    merge_names: HashMap<String, u32>,
+    user_cache: HashMap<(Arc<str>, u64), Symbol>,
+    kernel_cache: HashMap<u64, Symbol>,
+    /// Small ids for what a frame means when merging callsites (see [`Symbolizer::user_ids`]).
+    merge_names: HashMap<Box<str>, u32>,
+    /// The current report, to tell which cached results are still used.
+    generation: u32,
+    /// Addresses the current report needs and the caches lack, by file.
+    wanted: HashMap<Arc<str>, HashSet<u64>>,
+    wanted_kernel: Vec<u64>,
+    /// Sequences of merge ids as a tree: (parent node, id) -> node; node 0 is the empty one.
+    merge_tree: HashMap<(u32, u32), u32>,
+    /// Bumped when the merge tree starts over, so old paths never equal new ones.
+    merge_epoch: u32,
+}
+
+/// Merge-tree nodes kept, at most (~24 bytes each).
+const MAX_MERGE_NODES: usize = 2 << 20;
+
+/// A sequence of merge ids, as one node of the symbolizer's merge tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MergePath {
+    epoch: u32,
+    node: u32,
 }
 
 impl Default for Symbolizer {
@@ -83,7 +119,7 @@ impl Default for Symbolizer {
     }
 }
 
-fn frames_from(sym: Symbolized<'_>, address: u64, module: &str, offset: u64) -> Vec<Frame> {
+fn frames_from(sym: &Symbolized<'_>, address: u64, module: &str, offset: u64) -> Vec<Frame> {
     let Symbolized::Sym(sym) = sym else {
         return vec![Frame::unknown(address, module, offset)];
     };
@@ -131,17 +167,37 @@ fn frames_from(sym: Symbolized<'_>, address: u64, module: &str, offset: u64) -> 
     frames
 }
 
+fn blazesym() -> Blaze {
+    Blaze::builder()
+        .enable_code_info(true)
+        .enable_inlined_fns(true)
+        .build()
+}
+
+fn kernel_source() -> Source<'static> {
+    Source::Kernel(Kernel {
+        vmlinux: MaybeDefault::None,
+        ..Kernel::default()
+    })
+}
+
+/// The stand-in for a frame outside every known mapping.
+fn unmapped_frame() -> Frame {
+    Frame::unknown(0, "[unmapped]", 0)
+}
+
 impl Symbolizer {
     pub fn new() -> Self {
         Self {
-            blaze: Blaze::builder()
-                .enable_code_info(true)
-                .enable_inlined_fns(true)
-                .build(),
             use_dwarf: HashMap::new(),
             user_cache: HashMap::new(),
             kernel_cache: HashMap::new(),
             merge_names: HashMap::new(),
+            generation: 0,
+            wanted: HashMap::new(),
+            wanted_kernel: Vec::new(),
+            merge_tree: HashMap::new(),
+            merge_epoch: 0,
         }
     }
 
@@ -154,76 +210,239 @@ impl Symbolizer {
         Source::Elf(elf)
     }
 
+    /// The merge id of a frame: the function (and module) for named frames, the module and
+    /// offset for frames no symbol names (so two unknown functions of one module stay apart).
+    fn merge_id(&mut self, f: &Frame) -> u32 {
+        let name = if f.function == "[unknown]" {
+            format!("{}+0x{:x}", f.module, f.offset)
+        } else {
+            format!("{}@{}", f.function, f.module)
+        };
+        let next = self.merge_names.len() as u32;
+        *self
+            .merge_names
+            .entry(name.into_boxed_str())
+            .or_insert(next)
+    }
+
+    fn symbol(&mut self, frames: Vec<Frame>) -> Symbol {
+        let ids = frames.iter().map(|f| self.merge_id(f)).collect();
+        Symbol {
+            frames: frames.into_boxed_slice(),
+            ids,
+            used: self.generation,
+        }
+    }
+
+    /// Starts a report: addresses [`Symbolizer::want_user`] and [`Symbolizer::want_kernel`]
+    /// name from now on are symbolized together by [`Symbolizer::symbolize_wanted`].
+    pub fn begin_report(&mut self) {
+        self.generation = self.generation.wrapping_add(1);
+        self.wanted.clear();
+        self.wanted_kernel.clear();
+        // Interval baselines key on merge paths: keep them unless the tree has grown huge,
+        // then start over (one interval report then shows some callsites as new).
+        if self.merge_tree.len() > MAX_MERGE_NODES {
+            self.merge_tree = HashMap::new();
+            self.merge_epoch += 1;
+        }
+    }
+
+    /// Marks a stack's addresses for this report, keeping cached ones.
+    pub fn want_user(&mut self, stack: &UserStack) {
+        for frame in &stack.frames {
+            if let UserFrame::File { path, offset } = frame {
+                match self.user_cache.get_mut(&(path.clone(), *offset)) {
+                    Some(sym) => sym.used = self.generation,
+                    None => {
+                        self.wanted.entry(path.clone()).or_default().insert(*offset);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Symbolizer::want_user`] for a kernel stack.
+    pub fn want_kernel(&mut self, ips: &[u64]) {
+        for &ip in ips {
+            match self.kernel_cache.get_mut(&ip) {
+                Some(sym) => sym.used = self.generation,
+                None => self.wanted_kernel.push(ip),
+            }
+        }
+    }
+
+    /// Symbolizes what was wanted and is not cached, one file at a time, each with a
+    /// blazesym instance dropped right after, so at most one file's symbol tables (and
+    /// DWARF) are held at once.
+    pub fn symbolize_wanted(&mut self) {
+        for (path, offsets) in std::mem::take(&mut self.wanted) {
+            let mut offsets: Vec<u64> = offsets.into_iter().collect();
+            offsets.sort_unstable();
+            let src = self.elf_source(&path);
+            let blaze = blazesym();
+            let results = blaze
+                .symbolize(&src, Input::FileOffset(&offsets))
+                .unwrap_or_default();
+            for (i, &offset) in offsets.iter().enumerate() {
+                let frames = match results.get(i) {
+                    Some(sym) => frames_from(sym, offset, &path, offset),
+                    None => vec![Frame::unknown(offset, &path, offset)],
+                };
+                let sym = self.symbol(frames);
+                self.user_cache.insert((path.clone(), offset), sym);
+            }
+        }
+        let mut ips = std::mem::take(&mut self.wanted_kernel);
+        if ips.is_empty() {
+            return;
+        }
+        ips.sort_unstable();
+        ips.dedup();
+        let blaze = blazesym();
+        let results = blaze
+            .symbolize(&kernel_source(), Input::AbsAddr(&ips))
+            .unwrap_or_default();
+        for (i, &ip) in ips.iter().enumerate() {
+            let frames = match results.get(i) {
+                Some(sym) => frames_from(sym, ip, "[kernel]", ip),
+                None => vec![Frame::unknown(ip, "[kernel]", ip)],
+            };
+            let sym = self.symbol(frames);
+            self.kernel_cache.insert(ip, sym);
+        }
+    }
+
+    /// One small id for a whole sequence of merge ids: the node of that sequence in a tree
+    /// of them. Callsites merge on it; sequences sharing their start share nodes, so a
+    /// report over 100,000 deep stacks does not hold 100,000 id vectors.
+    pub fn merge_path(&mut self, ids: &[u32]) -> MergePath {
+        let mut node = 0u32;
+        for &id in ids {
+            let next = self.merge_tree.len() as u32 + 1;
+            node = *self.merge_tree.entry((node, id)).or_insert(next);
+        }
+        MergePath {
+            epoch: self.merge_epoch,
+            node,
+        }
+    }
+
+    /// Ends a report: past [`MAX_CACHED`], drops what it did not use, and hands freed heap
+    /// back to the system.
+    pub fn finish(&mut self) {
+        let generation = self.generation;
+        if self.user_cache.len() + self.kernel_cache.len() > MAX_CACHED {
+            self.user_cache.retain(|_, s| s.used == generation);
+            self.kernel_cache.retain(|_, s| s.used == generation);
+            self.user_cache.shrink_to_fit();
+            self.kernel_cache.shrink_to_fit();
+        }
+        release_free_heap();
+    }
+
+    /// The cached result for a user frame, symbolizing it now if [`Symbolizer::prepare`] did
+    /// not see it.
+    fn user_symbol(&mut self, path: &Arc<str>, offset: u64) -> &Symbol {
+        let key = (path.clone(), offset);
+        if !self.user_cache.contains_key(&key) {
+            let src = self.elf_source(path);
+            let frames = match blazesym().symbolize_single(&src, Input::FileOffset(offset)) {
+                Ok(sym) => frames_from(&sym, offset, path, offset),
+                Err(_) => vec![Frame::unknown(offset, path, offset)],
+            };
+            let sym = self.symbol(frames);
+            self.user_cache.insert(key.clone(), sym);
+        }
+        &self.user_cache[&key]
+    }
+
+    fn kernel_symbol(&mut self, ip: u64) -> &Symbol {
+        if !self.kernel_cache.contains_key(&ip) {
+            let frames = match blazesym().symbolize_single(&kernel_source(), Input::AbsAddr(ip)) {
+                Ok(sym) => frames_from(&sym, ip, "[kernel]", ip),
+                Err(_) => vec![Frame::unknown(ip, "[kernel]", ip)],
+            };
+            let sym = self.symbol(frames);
+            self.kernel_cache.insert(ip, sym);
+        }
+        &self.kernel_cache[&ip]
+    }
+
     /// Symbolizes a resolved user stack (innermost first).
     pub fn user_frames(&mut self, stack: &UserStack) -> Vec<Frame> {
         let mut out = Vec::with_capacity(stack.frames.len());
         for frame in &stack.frames {
-            let (path, offset) = match frame {
-                UserFrame::File { path, offset } => (path, *offset),
+            match frame {
+                UserFrame::File { path, offset } => {
+                    out.extend(self.user_symbol(path, *offset).frames.iter().cloned())
+                }
                 UserFrame::Anon { name, offset } => {
-                    out.push(Frame::unknown(*offset, name, *offset));
-                    continue;
+                    out.push(Frame::unknown(*offset, name, *offset))
                 }
-                UserFrame::Unmapped => {
-                    out.push(Frame::unknown(0, "[unmapped]", 0));
-                    continue;
-                }
-            };
-            let key = (path.clone(), offset);
-            if let Some(frames) = self.user_cache.get(&key) {
-                out.extend(frames.iter().cloned());
-                continue;
+                UserFrame::Unmapped => out.push(unmapped_frame()),
             }
-            let src = self.elf_source(path);
-            let frames = match self.blaze.symbolize_single(&src, Input::FileOffset(offset)) {
-                Ok(sym) => frames_from(sym, offset, path, offset),
-                Err(_) => vec![Frame::unknown(offset, path, offset)],
-            };
-            out.extend(frames.iter().cloned());
-            self.user_cache.insert(key, frames);
         }
         out
     }
 
-    /// What each frame means when callsites merge, as small ids: the function (and module)
-    /// for named frames, the module and offset for frames no symbol names (so two unknown
-    /// functions of one module stay apart).
-    pub fn merge_ids(&mut self, frames: &[Frame]) -> Vec<u32> {
-        frames
-            .iter()
-            .map(|f| {
-                let name = if f.function == "[unknown]" {
-                    format!("{}+0x{:x}", f.module, f.offset)
-                } else {
-                    format!("{}@{}", f.function, f.module)
-                };
-                let next = self.merge_names.len() as u32;
-                *self.merge_names.entry(name).or_insert(next)
-            })
-            .collect()
+    /// What a user stack's frames mean when callsites merge, as small ids appended to `out`:
+    /// the function (and module) for named frames, the module and offset for frames no
+    /// symbol names. No frame is built: this runs for every callsite of every report.
+    pub fn user_ids(&mut self, stack: &UserStack, out: &mut Vec<u32>) {
+        for frame in &stack.frames {
+            match frame {
+                UserFrame::File { path, offset } => {
+                    out.extend_from_slice(&self.user_symbol(path, *offset).ids)
+                }
+                UserFrame::Anon { name, offset } => {
+                    let id = self.merge_id(&Frame::unknown(*offset, name, *offset));
+                    out.push(id);
+                }
+                UserFrame::Unmapped => {
+                    let id = self.merge_id(&unmapped_frame());
+                    out.push(id);
+                }
+            }
+        }
     }
 
     /// Symbolizes a kernel stack (innermost first) with /proc/kallsyms.
     pub fn kernel_stack(&mut self, ips: &[u64]) -> Vec<Frame> {
         let mut out = Vec::with_capacity(ips.len());
         for &ip in ips {
-            if let Some(frames) = self.kernel_cache.get(&ip) {
-                out.extend(frames.iter().cloned());
-                continue;
-            }
-            let kernel = Kernel {
-                vmlinux: MaybeDefault::None,
-                ..Kernel::default()
-            };
-            let src = Source::Kernel(kernel);
-            let frames = match self.blaze.symbolize_single(&src, Input::AbsAddr(ip)) {
-                Ok(sym) => frames_from(sym, ip, "[kernel]", ip),
-                Err(_) => vec![Frame::unknown(ip, "[kernel]", ip)],
-            };
-            out.extend(frames.iter().cloned());
-            self.kernel_cache.insert(ip, frames);
+            out.extend(self.kernel_symbol(ip).frames.iter().cloned());
         }
         out
+    }
+
+    /// [`Symbolizer::user_ids`] for a kernel stack.
+    pub fn kernel_ids(&mut self, ips: &[u64], out: &mut Vec<u32>) {
+        for &ip in ips {
+            out.extend_from_slice(&self.kernel_symbol(ip).ids);
+        }
+    }
+
+    /// Cache sizes, for finding where the agent's memory goes.
+    pub fn footprint(&self) -> String {
+        let frames: usize = self.user_cache.values().map(|v| v.frames.len()).sum();
+        format!(
+            "user_cache {} ({} frames) kernel_cache {} merge_names {}",
+            self.user_cache.len(),
+            frames,
+            self.kernel_cache.len(),
+            self.merge_names.len()
+        )
+    }
+}
+
+/// Returns the heap's free memory to the system: a report's transient tables (and a parsed
+/// symbol table) would otherwise stay resident as free heap.
+pub fn release_free_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

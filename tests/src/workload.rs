@@ -420,11 +420,58 @@ fn leaf_touch(_pages: usize) -> Result<()> {
     bail!("leaf-touch is x86_64 only")
 }
 
+/// One step down a call chain: `left` or `right` by the path's lowest bit, the fault at the
+/// end. A macro, so each level of the chain is one frame in debug builds too.
+macro_rules! step {
+    ($base:expr, $page:expr, $path:expr, $levels:expr) => {
+        if $levels == 0 {
+            touch_one($base, $page, 1);
+        } else if $path & 1 == 0 {
+            go_left($base, $page, $path >> 1, $levels - 1);
+        } else {
+            go_right($base, $page, $path >> 1, $levels - 1);
+        }
+    };
+}
+
+#[inline(never)]
+fn go_left(base: *mut u8, page: usize, path: usize, levels: u32) {
+    step!(base, page, path, levels);
+    // Work after the call, so it is not a tail call that would drop this frame.
+    std::hint::black_box(0x1u8);
+}
+
+#[inline(never)]
+fn go_right(base: *mut u8, page: usize, path: usize, levels: u32) {
+    step!(base, page, path, levels);
+    std::hint::black_box(0x2u8);
+}
+
+/// `paths` faults, each at the end of its own call chain (its index spelled in `go_left` and
+/// `go_right` frames): `paths` distinct user stacks. Pages are recycled, so it can run long.
+fn distinct_stacks(paths: usize) -> Result<()> {
+    const WINDOW: usize = 16 * 1024;
+    let base = map_anon(WINDOW * PAGE, false)?;
+    let levels = usize::BITS - paths.saturating_sub(1).leading_zeros();
+    for path in 0..paths {
+        let page = path % WINDOW;
+        // SAFETY: drops the contents of our own private anonymous mapping; nothing borrows it.
+        if page == 0
+            && path > 0
+            && unsafe { libc::madvise(base.cast(), WINDOW * PAGE, libc::MADV_DONTNEED) } != 0
+        {
+            bail!("madvise: {}", std::io::Error::last_os_error());
+        }
+        step!(std::hint::black_box(base), page, path, levels);
+    }
+    report(&format!("paths={paths} levels={levels}"))
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: memtrace-workload anon PAGES | anon-recycle PAGES |\n\
          \x20      kernel-touch PAGES | two-callers PAGES | interleaved-callers PAGES |\n\
-         \x20      leaf-touch PAGES |\n\
+         \x20      leaf-touch PAGES | distinct-stacks PATHS |\n\
          \x20      heap PAGES | file PATH PAGES | cow PATH PAGES |\n\
          \x20      threads N PAGES | forks N PAGES | wait-then-anon PAGES | sleep MS | demo DIR"
     );
@@ -447,6 +494,7 @@ fn main() -> Result<()> {
         "two-callers" => two_callers(num(1)?),
         "interleaved-callers" => interleaved_callers(num(1)?),
         "leaf-touch" => leaf_touch(num(1)?),
+        "distinct-stacks" => distinct_stacks(num(1)?),
         "heap" => heap(num(1)?),
         "file" => file(s(1), num(2)?),
         "cow" => cow(s(1), num(2)?),

@@ -128,6 +128,19 @@ impl Analysis for FaultsAnalysis {
             ReportKind::Interval => Some(&mut self.baseline),
             ReportKind::Final => None,
         };
-        report::build(&input, &mut self.symbolizer, &self.opts, since)
+        let started = std::time::Instant::now();
+        let r = report::build(&input, &mut self.symbolizer, &self.opts, since);
+        // A diagnostic for developers: where the agent's memory and report time go.
+        if std::env::var_os("MEMTRACE_FOOTPRINT").is_some() {
+            eprintln!(
+                "footprint: {} | {} | rss {} MiB, peak {} MiB, report built in {} ms",
+                self.collector.footprint(),
+                self.symbolizer.footprint(),
+                r.agent.rss_bytes >> 20,
+                r.agent.peak_rss_bytes >> 20,
+                started.elapsed().as_millis()
+            );
+        }
+        r
     }
 }
