@@ -770,17 +770,26 @@ pub fn build(
                 (key.clone(), ((*comm).clone(), *n, (*faults).clone()))
             })
             .collect();
-        // The new baseline is the totals; the report gets what changed since the old one.
-        let mut earlier = std::mem::take(&mut baseline.callsites);
+        // The baseline becomes the totals, updated in place (no second copy of it); the
+        // report gets what changed, and a callsite that did not change costs no copy.
         for (key, (i, sum)) in merged.iter_mut() {
             let total = sum.as_deref().unwrap_or(sites[*i].faults);
-            let mut delta = total.clone();
-            if let Some(e) = earlier.remove(key) {
-                delta.subtract(&e);
+            match baseline.callsites.get_mut(key) {
+                Some(earlier) if earlier.count == total.count => *sum = None,
+                Some(earlier) => {
+                    let mut delta = total.clone();
+                    delta.subtract(earlier);
+                    earlier.clone_from(total);
+                    *sum = Some(Box::new(delta));
+                }
+                None => {
+                    baseline.callsites.insert(key.clone(), total.clone());
+                    *sum = Some(Box::new(total.clone()));
+                }
             }
-            baseline.callsites.insert(key.clone(), total.clone());
-            *sum = Some(Box::new(delta));
         }
+        baseline.callsites.retain(|key, _| merged.contains_key(key));
+        // Unchanged callsites (no delta) have nothing to show.
         merged.retain(|_, (_, f)| f.as_ref().is_some_and(|f| f.count > 0));
     }
     // A merged callsite's faults: its sum (or interval delta), else its only site's.
