@@ -34,7 +34,7 @@ pub const EXITED_ROWS_PER_NAME: usize = 8;
 /// totals and go to a callsite without stacks.
 pub const MAX_CALLSITES: usize = 150_000;
 /// Callsites kept for exited processes: past this, the smaller half lose their stacks
-/// (see [`Collector::compact_exited`]). Above [`MAX_CALLSITES`], so one process that used
+/// (see [`Collector::compact_exited`]). At least [`MAX_CALLSITES`], so one process that used
 /// them all keeps them when it exits.
 pub const MAX_EXITED_CALLSITES: usize = 150_000;
 /// Distinct user stacks kept per live process.
@@ -216,6 +216,8 @@ pub struct Collector<S: ProcSource = Procfs> {
     pub unwind: UnwindCache,
     live_callsites: usize,
     exited_callsites: usize,
+    /// Exited callsites past which [`Collector::compact_exited`] runs.
+    compact_exited_at: usize,
     last_sweep: Instant,
     pub stats: CollectorStats,
     /// Forked or exec'd pids that have not exited, for following a traced command's descendants.
@@ -284,6 +286,7 @@ impl<S: ProcSource> Collector<S> {
             unwind: UnwindCache::default(),
             live_callsites: 0,
             exited_callsites: 0,
+            compact_exited_at: MAX_EXITED_CALLSITES,
             last_sweep: Instant::now(),
             stats: CollectorStats::default(),
             spawned: HashSet::new(),
@@ -740,7 +743,7 @@ impl<S: ProcSource> Collector<S> {
                     .merge(&site);
             }
         }
-        if self.exited_callsites > MAX_EXITED_CALLSITES {
+        if self.exited_callsites > self.compact_exited_at {
             self.compact_exited();
         }
     }
@@ -757,6 +760,9 @@ impl<S: ProcSource> Collector<S> {
             .chain(self.folded.values())
             .flat_map(|row| row.callsites.values().map(|c| c.count))
             .collect();
+        if counts.is_empty() {
+            return;
+        }
         let middle = counts.len() / 2;
         let (_, &mut threshold, _) = counts.select_nth_unstable(middle);
         drop(counts);
@@ -778,6 +784,9 @@ impl<S: ProcSource> Collector<S> {
             kept += row.callsites.len();
         }
         self.exited_callsites = kept;
+        // Stackless callsites cannot be compacted further: if they alone are many, the next
+        // compaction waits until there is something to gain, not the next exit.
+        self.compact_exited_at = MAX_EXITED_CALLSITES.max(kept + MAX_EXITED_CALLSITES / 4);
         self.rebuild_stack_tree();
     }
 

@@ -359,15 +359,19 @@ enum SiteStack<'a> {
 }
 
 impl SiteStack<'_> {
-    /// The stack in position-independent frames, built now for a live process's stack: one
-    /// at a time, so a report over 100,000 stacks does not hold them all resolved at once.
-    fn resolve(&self) -> Option<std::borrow::Cow<'_, UserStack>> {
+    /// The stack in position-independent frames, into `out` (reused: a report over 100,000
+    /// stacks resolves them one at a time, allocating none); `false` for no stack.
+    fn resolve_into(&self, out: &mut UserStack) -> bool {
         match self {
-            SiteStack::None => None,
+            SiteStack::None => false,
             SiteStack::Live(space, ips) => {
-                Some(std::borrow::Cow::Owned(UserStack::resolve(space, ips)))
+                out.resolve_into(space, ips);
+                true
             }
-            SiteStack::Resolved(tree, id) => Some(std::borrow::Cow::Owned(tree.get(*id))),
+            SiteStack::Resolved(tree, id) => {
+                tree.get_into(*id, out);
+                true
+            }
         }
     }
 }
@@ -700,8 +704,9 @@ pub fn build(
     // 100,000 symbolized stacks at once.
     let sites = all_callsites(collector);
     symbolizer.begin_report();
+    let mut stack = UserStack::default();
     for site in &sites {
-        if let Some(stack) = site.user.resolve() {
+        if site.user.resolve_into(&mut stack) {
             symbolizer.want_user(&stack);
         }
         if let Some(ips) = site
@@ -718,7 +723,7 @@ pub fn build(
     let mut ids = Vec::new();
     for (i, site) in sites.iter().enumerate() {
         ids.clear();
-        if let Some(stack) = site.user.resolve() {
+        if site.user.resolve_into(&mut stack) {
             symbolizer.user_ids(&stack, &mut ids);
         }
         ids.push(u32::MAX); // user and kernel frames apart
@@ -818,11 +823,12 @@ pub fn build(
         .map(|entry| {
             let faults = faults_of(&sites, entry);
             let site = &sites[entry.0];
-            let user = site.user.resolve();
-            let frames = user
-                .as_deref()
-                .map(|u| symbolizer.user_frames(u))
-                .unwrap_or_default();
+            let has_user = site.user.resolve_into(&mut stack);
+            let frames = if has_user {
+                symbolizer.user_frames(&stack)
+            } else {
+                Vec::new()
+            };
             let kernel_frames = site
                 .kernel_stack
                 .and_then(|i| collector.kernel_stacks.get(i))
@@ -841,7 +847,7 @@ pub fn build(
                 latency_ns: faults.latency.summary(),
                 frames,
                 kernel_frames,
-                truncated: user.is_some_and(|u| u.truncated),
+                truncated: has_user && stack.truncated,
             }
         })
         .collect();

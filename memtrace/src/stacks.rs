@@ -119,7 +119,18 @@ impl UserStack {
     /// address outside executable memory is garbage from code without frame pointers (ASCII
     /// bytes, stack data); the stack is cut there and marked truncated.
     pub fn resolve(space: &AddressSpace, ips: &[u64]) -> Self {
-        let mut frames = Vec::with_capacity(ips.len());
+        let mut stack = Self {
+            frames: Vec::with_capacity(ips.len()),
+            truncated: false,
+        };
+        stack.resolve_into(space, ips);
+        stack
+    }
+
+    /// [`UserStack::resolve`] into this stack, reusing its allocation.
+    pub fn resolve_into(&mut self, space: &AddressSpace, ips: &[u64]) {
+        self.frames.clear();
+        self.truncated = false;
         for (i, &ip) in ips.iter().enumerate() {
             let lookup = if i == 0 { ip } else { ip.saturating_sub(1) };
             let frame = match space.find(lookup).filter(|v| v.exec) {
@@ -135,17 +146,11 @@ impl UserStack {
                 },
                 None if i == 0 => UserFrame::Unmapped,
                 None => {
-                    return Self {
-                        frames,
-                        truncated: true,
-                    }
+                    self.truncated = true;
+                    return;
                 }
             };
-            frames.push(frame);
-        }
-        Self {
-            frames,
-            truncated: false,
+            self.frames.push(frame);
         }
     }
 }
@@ -188,6 +193,8 @@ pub struct StackTree {
     modules: Vec<Module>,
     module_ids: HashMap<Module, u32>,
     limit: usize,
+    /// Nodes right after the last rebuild: all of them were in use then.
+    rebuilt_with: usize,
 }
 
 impl Default for StackTree {
@@ -208,6 +215,7 @@ impl StackTree {
             modules: Vec::new(),
             module_ids: HashMap::default(),
             limit,
+            rebuilt_with: 0,
         }
     }
 
@@ -262,10 +270,15 @@ impl StackTree {
 
     /// The stack `id` names, innermost frame first.
     pub fn get(&self, id: StackId) -> UserStack {
-        let mut stack = UserStack {
-            frames: Vec::with_capacity(32),
-            truncated: false,
-        };
+        let mut stack = UserStack::default();
+        self.get_into(id, &mut stack);
+        stack
+    }
+
+    /// [`StackTree::get`] into `stack`, reusing its allocation.
+    pub fn get_into(&self, id: StackId, stack: &mut UserStack) {
+        stack.frames.clear();
+        stack.truncated = false;
         let mut node = id.0 as usize;
         while node != 0 {
             let Some(n) = self.nodes.get(node) else {
@@ -287,7 +300,6 @@ impl StackTree {
             }
             node = n.parent as usize;
         }
-        stack
     }
 
     /// Nodes held, the root included.
@@ -299,10 +311,12 @@ impl StackTree {
         self.nodes.len() <= 1
     }
 
-    /// Whether the tree has used most of its room, and is worth rebuilding from the stacks
-    /// still referred to.
+    /// Whether the tree has used most of its room, and has grown enough since it was last
+    /// rebuilt for a rebuild (from the stacks still referred to) to be worth its cost: a tree
+    /// full of stacks in use is not rebuilt again and again.
     pub fn crowded(&self) -> bool {
         self.nodes.len() > self.limit / 4 * 3
+            && self.nodes.len() - self.rebuilt_with > self.limit / 8
     }
 
     /// A new tree with only the stacks `keep` names, and each kept id's new id. Stacks the
@@ -313,14 +327,17 @@ impl StackTree {
     ) -> (Self, HashMap<StackId, StackId>) {
         let mut tree = Self::with_limit(self.limit);
         let mut ids = HashMap::default();
+        let mut stack = UserStack::default();
         for id in keep {
             if ids.contains_key(&id) {
                 continue;
             }
-            if let Some(new) = tree.intern(&self.get(id)) {
+            self.get_into(id, &mut stack);
+            if let Some(new) = tree.intern(&stack) {
                 ids.insert(id, new);
             }
         }
+        tree.rebuilt_with = tree.nodes.len();
         (tree, ids)
     }
 }
@@ -455,8 +472,14 @@ mod tests {
         assert_eq!(tree.intern(&stack(vec![file(0x99)], false)), None);
         assert_eq!(tree.intern(&b), Some(ib));
         // Rebuilt with only b: a's leaf and c's nodes are gone.
+        assert!(tree.crowded());
         let (small, ids) = tree.rebuilt([ib]);
         assert_eq!(small.len(), 4);
         assert_eq!(small.get(ids[&ib]), b);
+        // Rebuilt with every stack still in use: as full as before, and not crowded again
+        // until it grows (no rebuild at every sweep).
+        let (same, _) = tree.rebuilt([ia, ib, ic]);
+        assert_eq!(same.len(), 8);
+        assert!(!same.crowded());
     }
 }

@@ -328,8 +328,8 @@ impl Symbolizer {
         }
     }
 
-    /// Ends a report: past [`MAX_CACHED`], drops what it did not use, and hands freed heap
-    /// back to the system.
+    /// Ends a report: past [`MAX_CACHED`], drops what it did not use (the run loop hands
+    /// the freed heap back to the system once the report is written).
     pub fn finish(&mut self) {
         let generation = self.generation;
         if self.user_cache.len() + self.kernel_cache.len() > MAX_CACHED {
@@ -338,11 +338,10 @@ impl Symbolizer {
             self.user_cache.shrink_to_fit();
             self.kernel_cache.shrink_to_fit();
         }
-        release_free_heap();
     }
 
-    /// The cached result for a user frame, symbolizing it now if [`Symbolizer::prepare`] did
-    /// not see it.
+    /// The cached result for a user frame, symbolizing it now if
+    /// [`Symbolizer::symbolize_wanted`] did not see it.
     fn user_symbol(&mut self, path: &Arc<str>, offset: u64) -> &Symbol {
         let key = (path.clone(), offset);
         if !self.user_cache.contains_key(&key) {
@@ -433,16 +432,6 @@ impl Symbolizer {
             self.kernel_cache.len(),
             self.merge_names.len()
         )
-    }
-}
-
-/// Returns the heap's free memory to the system: a report's transient tables (and a parsed
-/// symbol table) would otherwise stay resident as free heap.
-pub fn release_free_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

@@ -37,8 +37,14 @@ fn run_json(args: &[&str]) -> (Value, Output) {
 
 /// Runs the workload with `args` under `memtrace faults --format json`.
 fn trace_workload(args: &[&str]) -> (Value, Output) {
+    trace_workload_with(&[], args)
+}
+
+/// [`trace_workload`] with memtrace flags `flags`.
+fn trace_workload_with(flags: &[&str], args: &[&str]) -> (Value, Output) {
     let workload = workload();
-    let mut all = vec!["--", workload.to_str().expect("UTF-8 path")];
+    let mut all = flags.to_vec();
+    all.extend(["--", workload.to_str().expect("UTF-8 path")]);
     all.extend_from_slice(args);
     run_json(&all)
 }
@@ -226,16 +232,10 @@ fn a_hundred_thousand_distinct_stacks_are_all_kept() {
     // at the same registers, so it would serve most faults a sampled stack (the test above
     // checks that sample); here every stack must be walked, kept and reported as its own.
     let paths = 100_000u64;
-    let workload = workload();
-    let (r, out) = run_json(&[
-        "--no-stack-cache",
-        "--top",
-        "300",
-        "--",
-        workload.to_str().expect("UTF-8 path"),
-        "distinct-stacks",
-        &paths.to_string(),
-    ]);
+    let (r, out) = trace_workload_with(
+        &["--no-stack-cache", "--top", "300"],
+        &["distinct-stacks", &paths.to_string()],
+    );
     let w = workload_fields(&out);
     for id in [
         "stack_table_full",
