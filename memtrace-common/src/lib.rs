@@ -185,17 +185,20 @@ pub struct FaultEntry {
 ///
 /// Registers cannot tell apart two call chains whose frames sit at the same stack addresses
 /// (two functions with equal frame sizes calling the same helper from the same depth), and no
-/// cheaper check than the walk itself sees every caller. So a hit walks anyway with
-/// probability 1/[`STACK_REWALK_ONE_IN`], chosen at random: a fault then carries the stack of
-/// the last walk at its registers, a walk taken at a random earlier fault, so the stacks
-/// attributed to a group of faults are an unbiased sample of the group's real stacks, whatever
-/// the pattern of callers (a fixed period would alias with a periodic pattern: every 32nd of
-/// an A, A, A, B sequence is always the same caller).
+/// cheaper check than the walk itself sees every caller. So each walk serves a random number
+/// of hits, uniform in 0..[`STACK_REWALK_MEAN`]*2, drawn when it is cached: a fault then
+/// carries the stack of the last walk at its registers, taken at a random earlier fault, so
+/// the stacks attributed to a group of faults are an unbiased sample of the group's real
+/// stacks, whatever the pattern of callers (a fixed period would alias with a periodic
+/// pattern: every 32nd of an A, A, A, B sequence is always the same caller; a random run
+/// length shifts the pattern's phase uniformly). A uniform run length has a third less variance
+/// than a coin toss per hit (a geometric run), and the hit path needs no random number.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StackCacheSlot {
     pub pid: u32,
-    pub _pad: u32,
+    /// Hits this walk may still serve before the next fault at its registers walks again.
+    pub hits_left: u32,
     /// The walk's token; 0 for an empty slot.
     pub token: u64,
     pub ip: u64,
@@ -203,27 +206,35 @@ pub struct StackCacheSlot {
     pub sp: u64,
 }
 
-/// A cache hit walks the stack anyway with probability 1 in this (a power of two).
-pub const STACK_REWALK_ONE_IN: u32 = 32;
+/// A walk serves this many faults (itself and its hits) on average (a power of two).
+pub const STACK_REWALK_MEAN: u32 = 32;
 
 impl StackCacheSlot {
     /// The token of the cached walk for a fault with these registers, or `None` when the
-    /// stack must be walked (another fault, an empty slot, or the random re-walk, decided by
-    /// `random`); then call [`Self::fill`].
+    /// stack must be walked (another fault, an empty slot, or this walk's hits used up);
+    /// then call [`Self::fill`].
     #[inline(always)]
-    pub fn lookup(&self, pid: u32, ip: u64, bp: u64, sp: u64, random: u32) -> Option<u64> {
-        if self.pid != pid || self.ip != ip || self.bp != bp || self.sp != sp || self.token == 0 {
+    pub fn lookup(&mut self, pid: u32, ip: u64, bp: u64, sp: u64) -> Option<u64> {
+        if self.pid != pid
+            || self.ip != ip
+            || self.bp != bp
+            || self.sp != sp
+            || self.token == 0
+            || self.hits_left == 0
+        {
             return None;
         }
-        (random & (STACK_REWALK_ONE_IN - 1) != 0).then_some(self.token)
+        self.hits_left -= 1;
+        Some(self.token)
     }
 
-    /// Remembers a fresh walk (token 0: the walk failed, nothing to reuse).
+    /// Remembers a fresh walk (token 0: the walk failed, nothing to reuse); `random` draws
+    /// how many hits it serves.
     #[inline(always)]
-    pub fn fill(&mut self, pid: u32, ip: u64, bp: u64, sp: u64, token: u64) {
+    pub fn fill(&mut self, pid: u32, ip: u64, bp: u64, sp: u64, token: u64, random: u32) {
         *self = StackCacheSlot {
             pid,
-            _pad: 0,
+            hits_left: random & (2 * STACK_REWALK_MEAN - 1),
             token,
             ip,
             bp,
@@ -429,21 +440,25 @@ mod tests {
     fn stack_cache_walks_again_at_random() {
         let (pid, ip, bp, sp) = (7, 0x1000, 0x7ff0, 0x7fe0);
         let mut slot = StackCacheSlot::default();
-        assert_eq!(slot.lookup(pid, ip, bp, sp, 1), None, "empty slot");
-        slot.fill(pid, ip, bp, sp, 42);
-        assert_eq!(slot.lookup(pid, ip, bp, sp, 1), Some(42));
-        // One random value in STACK_REWALK_ONE_IN asks for a walk.
-        let walks = (0..STACK_REWALK_ONE_IN * 100)
-            .filter(|&r| slot.lookup(pid, ip, bp, sp, r).is_none())
-            .count();
-        assert_eq!(walks, 100);
+        assert_eq!(slot.lookup(pid, ip, bp, sp), None, "empty slot");
+        // Each walk serves as many hits as its random draw says, 0..2*mean.
+        let mut served = 0;
+        for random in 0..2 * STACK_REWALK_MEAN {
+            slot.fill(pid, ip, bp, sp, 42, random + 0x1234_5600);
+            let hits = core::iter::from_fn(|| slot.lookup(pid, ip, bp, sp)).count();
+            assert_eq!(hits as u32, random, "hits of draw {random}");
+            served += hits as u32 + 1;
+        }
+        assert_eq!(served / (2 * STACK_REWALK_MEAN), STACK_REWALK_MEAN);
         // Any register differing, another process, or a failed walk: walk.
-        assert_eq!(slot.lookup(pid, ip, bp, sp + 8, 1), None);
-        assert_eq!(slot.lookup(pid, ip, bp + 8, sp, 1), None);
-        assert_eq!(slot.lookup(pid, ip + 1, bp, sp, 1), None);
-        assert_eq!(slot.lookup(pid + 1, ip, bp, sp, 1), None);
-        slot.fill(pid, ip, bp, sp, 0);
-        assert_eq!(slot.lookup(pid, ip, bp, sp, 1), None);
+        slot.fill(pid, ip, bp, sp, 42, 5);
+        assert_eq!(slot.lookup(pid, ip, bp, sp + 8), None);
+        assert_eq!(slot.lookup(pid, ip, bp + 8, sp), None);
+        assert_eq!(slot.lookup(pid, ip + 1, bp, sp), None);
+        assert_eq!(slot.lookup(pid + 1, ip, bp, sp), None);
+        assert_eq!(slot.lookup(pid, ip, bp, sp), Some(42));
+        slot.fill(pid, ip, bp, sp, 0, 5);
+        assert_eq!(slot.lookup(pid, ip, bp, sp), None);
     }
 
     #[test]

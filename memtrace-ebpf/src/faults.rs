@@ -344,9 +344,7 @@ fn emit_user_cached(ctx: &PerfEventContext, mut header: FaultRecord, bp: u64, sp
     };
     // SAFETY: per-CPU slot from a successful lookup; BPF programs are not preempted.
     let cache = unsafe { &mut *slot };
-    // SAFETY: no preconditions.
-    let random = unsafe { bpf_get_prandom_u32() };
-    if let Some(token) = cache.lookup(pid, ip, bp, sp, random) {
+    if let Some(token) = cache.lookup(pid, ip, bp, sp) {
         bump(counter::STACK_CACHE_HITS);
         header.flags |= FAULT_STACK_REUSED;
         header.stack_token = token;
@@ -364,5 +362,7 @@ fn emit_user_cached(ctx: &PerfEventContext, mut header: FaultRecord, bp: u64, sp
     header.stack_token = token;
     // A walk that found nothing, or whose record was dropped, leaves nothing to reuse.
     let sent = emit_walked(ctx, header, Some(sp));
-    cache.fill(pid, ip, bp, sp, if sent { token } else { 0 });
+    // SAFETY: no preconditions.
+    let random = unsafe { bpf_get_prandom_u32() };
+    cache.fill(pid, ip, bp, sp, if sent { token } else { 0 }, random);
 }
