@@ -231,6 +231,9 @@ pub struct Collector<S: ProcSource = Procfs> {
     /// Every process is traced (system-wide): a process first seen at its exec starts there,
     /// with nothing to read from /proc.
     pub follow_all: bool,
+    /// An interval report was made: callsites also count what came since the last one
+    /// (before the first, that is their totals).
+    pub intervals: bool,
 }
 
 impl Default for Collector<Procfs> {
@@ -293,6 +296,7 @@ impl<S: ProcSource> Collector<S> {
             side_pending: VecDeque::new(),
             sideband: false,
             follow_all: false,
+            intervals: false,
         }
     }
 
@@ -549,7 +553,10 @@ impl<S: ProcSource> Collector<S> {
                 user,
                 kernel_stack: fault.kernel_stack,
             };
-            info.earlier.entry(key).or_default().record(&fault);
+            info.earlier
+                .entry(key)
+                .or_default()
+                .record(&fault, self.intervals);
             return;
         }
         let (site, stripped) = capped_entry(
@@ -561,7 +568,7 @@ impl<S: ProcSource> Collector<S> {
                 k.kernel_stack = None;
             },
         );
-        site.record(&fault);
+        site.record(&fault, self.intervals);
         if stripped {
             self.stats.callsite_table_full += 1;
         }
@@ -676,7 +683,7 @@ impl<S: ProcSource> Collector<S> {
                 let stack = stack_ids.get(i as usize).copied().flatten();
                 if stack.is_none() {
                     // The tree is full: the faults keep their counts, not their stack.
-                    self.stats.stack_table_full += faults.count;
+                    self.stats.stack_table_full += faults.total.count;
                 }
                 stack
             });
@@ -758,7 +765,7 @@ impl<S: ProcSource> Collector<S> {
             .exited
             .iter()
             .chain(self.folded.values())
-            .flat_map(|row| row.callsites.values().map(|c| c.count))
+            .flat_map(|row| row.callsites.values().map(|c| c.total.count))
             .collect();
         if counts.is_empty() {
             return;
@@ -771,13 +778,13 @@ impl<S: ProcSource> Collector<S> {
             let small: Vec<(ResolvedKey, CallsiteFaults)> = row
                 .callsites
                 .extract_if(|k, c| {
-                    c.count <= threshold && (k.user.is_some() || k.kernel_stack.is_some())
+                    c.total.count <= threshold && (k.user.is_some() || k.kernel_stack.is_some())
                 })
                 .collect();
             for (mut key, site) in small {
                 key.user = None;
                 key.kernel_stack = None;
-                self.stats.callsite_table_full += site.count;
+                self.stats.callsite_table_full += site.total.count;
                 row.callsites.entry(key).or_default().merge(&site);
             }
             row.callsites.shrink_to_fit();
@@ -847,6 +854,24 @@ impl<S: ProcSource> Collector<S> {
             self.user_stacks.len(),
             self.kernel_stacks.len()
         )
+    }
+
+    /// Starts the next interval after an interval report: what every callsite saw since the
+    /// last one is dropped (the report has shown it), and from now on callsites count it.
+    pub fn end_interval(&mut self) {
+        self.intervals = true;
+        let live = self
+            .processes
+            .values_mut()
+            .flat_map(|p| p.callsites.values_mut().chain(p.earlier.values_mut()));
+        let exited = self
+            .exited
+            .iter_mut()
+            .chain(self.folded.values_mut())
+            .flat_map(|row| row.callsites.values_mut());
+        for site in live.chain(exited) {
+            site.interval = None;
+        }
     }
 
     fn sweep_now(&mut self) {
@@ -1109,7 +1134,7 @@ mod tests {
             .iter()
             .find(|(k, _)| k.user.is_some())
             .expect("exec fault");
-        assert_eq!(site.count, 1);
+        assert_eq!(site.total.count, 1);
         assert_eq!(key.path.as_deref(), Some("/bin/new"));
         assert_eq!(
             key.user.map(|u| c.user_stacks.get(u).frames),
@@ -1196,7 +1221,13 @@ mod tests {
         let sites: Vec<_> = child
             .callsites
             .iter()
-            .map(|(k, v)| (k.class, k.path.as_deref().map(str::to_string), v.count))
+            .map(|(k, v)| {
+                (
+                    k.class,
+                    k.path.as_deref().map(str::to_string),
+                    v.total.count,
+                )
+            })
             .collect();
         assert_eq!(
             sites,
@@ -1219,7 +1250,7 @@ mod tests {
         let with_stack: u64 = sites
             .iter()
             .filter(|(k, _)| k.user_stack == Some(0))
-            .map(|(_, v)| v.count)
+            .map(|(_, v)| v.total.count)
             .sum();
         assert_eq!(with_stack, 3);
         assert_eq!(c.stats.stack_unresolved, 1);
@@ -1283,7 +1314,7 @@ mod tests {
             info.callsites
                 .iter()
                 .filter(|(k, _)| k.user_stack == Some(i))
-                .map(|(_, v)| v.count)
+                .map(|(_, v)| v.total.count)
                 .sum::<u64>()
         };
         assert_eq!((count(0), count(1)), (2, 1));

@@ -136,20 +136,42 @@ impl Latency {
 }
 
 /// A small latency histogram for callsites, of which a long run has hundreds of thousands:
-/// log-linear buckets (8 per power of two, so a percentile is within 6.25%), stored sparsely
-/// as sorted (bucket, count) pairs. A callsite's faults fall in a handful of buckets, so this
-/// is tens of bytes where an HdrHistogram is kilobytes.
+/// log-linear buckets (8 per power of two, so a percentile is within 6.25%). Most callsites
+/// fault a few times, into one bucket: that bucket is held inline; past one, buckets are
+/// sorted (bucket, count) pairs. Tens of bytes where an HdrHistogram is kilobytes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompactLatency {
-    buckets: Vec<(u16, u64)>,
     count: u64,
     sum: u64,
     max: u64,
+    buckets: Buckets,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Buckets {
+    /// Every sample (all `count` of them) fell in this bucket.
+    One(u16),
+    /// Sorted by bucket; empty while there is no sample.
+    Many(Vec<(u16, u64)>),
+}
+
+impl Default for Buckets {
+    fn default() -> Self {
+        Self::Many(Vec::new())
+    }
 }
 
 /// Values below this are their own bucket.
 const EXACT_BELOW: u64 = 64;
 const SUB_BUCKET_BITS: u32 = 3;
+
+/// Adds `n` samples in `bucket` to sorted pairs.
+fn add_to_bucket(pairs: &mut Vec<(u16, u64)>, bucket: u16, n: u64) {
+    match pairs.binary_search_by_key(&bucket, |&(k, _)| k) {
+        Ok(i) => pairs[i].1 += n,
+        Err(i) => pairs.insert(i, (bucket, n)),
+    }
+}
 
 impl CompactLatency {
     fn bucket(ns: u64) -> u16 {
@@ -174,11 +196,33 @@ impl CompactLatency {
         ((1 << SUB_BUCKET_BITS) + sub) * width + width / 2
     }
 
+    /// The buckets as sorted (bucket, count) pairs, turning an inline bucket into a list.
+    fn pairs_mut(&mut self) -> &mut Vec<(u16, u64)> {
+        if let Buckets::One(b) = self.buckets {
+            self.buckets = Buckets::Many(vec![(b, self.count)]);
+        }
+        match &mut self.buckets {
+            Buckets::Many(pairs) => pairs,
+            Buckets::One(_) => unreachable!("turned into a list just above"),
+        }
+    }
+
+    /// Non-empty buckets, lowest first.
+    fn iter(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        let (one, many) = match &self.buckets {
+            Buckets::One(b) => (Some((*b, self.count)), &[][..]),
+            Buckets::Many(pairs) => (None, &pairs[..]),
+        };
+        one.into_iter().chain(many.iter().copied())
+    }
+
     pub fn record(&mut self, ns: u64) {
         let b = Self::bucket(ns);
-        match self.buckets.binary_search_by_key(&b, |&(k, _)| k) {
-            Ok(i) => self.buckets[i].1 += 1,
-            Err(i) => self.buckets.insert(i, (b, 1)),
+        match &mut self.buckets {
+            _ if self.count == 0 => self.buckets = Buckets::One(b),
+            Buckets::One(one) if *one == b => {}
+            Buckets::One(_) => add_to_bucket(self.pairs_mut(), b, 1),
+            Buckets::Many(pairs) => add_to_bucket(pairs, b, 1),
         }
         self.count += 1;
         self.sum = self.sum.saturating_add(ns);
@@ -186,10 +230,20 @@ impl CompactLatency {
     }
 
     pub fn merge(&mut self, other: &CompactLatency) {
-        for &(b, n) in &other.buckets {
-            match self.buckets.binary_search_by_key(&b, |&(k, _)| k) {
-                Ok(i) => self.buckets[i].1 += n,
-                Err(i) => self.buckets.insert(i, (b, n)),
+        if other.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            self.clone_from(other);
+            return;
+        }
+        match (&self.buckets, &other.buckets) {
+            (Buckets::One(a), Buckets::One(b)) if a == b => {}
+            _ => {
+                let pairs = self.pairs_mut();
+                for (b, n) in other.iter() {
+                    add_to_bucket(pairs, b, n);
+                }
             }
         }
         self.count += other.count;
@@ -197,28 +251,10 @@ impl CompactLatency {
         self.max = self.max.max(other.max);
     }
 
-    /// Takes away samples recorded earlier into `earlier` (a past state of this histogram),
-    /// leaving those recorded since. The maximum since is its highest bucket's value: the
-    /// exact one is not kept.
-    pub fn subtract(&mut self, earlier: &CompactLatency) {
-        for &(b, n) in &earlier.buckets {
-            if let Ok(i) = self.buckets.binary_search_by_key(&b, |&(k, _)| k) {
-                self.buckets[i].1 = self.buckets[i].1.saturating_sub(n);
-            }
-        }
-        self.buckets.retain(|&(_, n)| n > 0);
-        self.count = self.count.saturating_sub(earlier.count);
-        self.sum = self.sum.saturating_sub(earlier.sum);
-        self.max = self
-            .buckets
-            .last()
-            .map_or(0, |&(b, _)| Self::value(b).min(self.max));
-    }
-
     fn quantile(&self, q: f64) -> u64 {
         let rank = ((q * self.count as f64).ceil() as u64).max(1);
         let mut seen = 0;
-        for &(b, n) in &self.buckets {
+        for (b, n) in self.iter() {
             seen += n;
             if seen >= rank {
                 return Self::value(b).min(self.max);
@@ -461,33 +497,101 @@ impl CallsiteKey {
     }
 }
 
-#[derive(Clone, Debug, Default)]
-pub struct CallsiteFaults {
-    pub count: u64,
-    pub latency: CompactLatency,
-    pub access: AccessCounts,
+/// Faults by (access, cause) of one callsite. Nearly every callsite sees one kind of access
+/// only, held inline; the full table is boxed past that.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum SiteAccess {
+    /// Every fault of the callsite had this (access, cause) index; `None` before the first.
+    One(Option<u8>),
+    Many(Box<AccessCounts>),
 }
 
-impl CallsiteFaults {
+impl Default for SiteAccess {
+    fn default() -> Self {
+        Self::One(None)
+    }
+}
+
+/// What one callsite's faults were: how many, how long they took, what kind of access.
+#[derive(Clone, Debug, Default)]
+pub struct SiteStats {
+    pub count: u64,
+    pub latency: CompactLatency,
+    access: SiteAccess,
+}
+
+impl SiteStats {
     pub fn record(&mut self, f: &Fault) {
-        self.count += 1;
         if let Some(ns) = f.latency_ns {
             self.latency.record(ns);
         }
-        self.access.add(f.access, f.cause);
+        let index = AccessCounts::index(f.access, f.cause);
+        let this = Some(index as u8);
+        match &mut self.access {
+            SiteAccess::Many(counts) => counts.0[index] += 1,
+            SiteAccess::One(seen) if self.count == 0 || *seen == this => *seen = this,
+            SiteAccess::One(_) => {
+                let mut counts = self.access_counts();
+                counts.0[index] += 1;
+                self.access = SiteAccess::Many(Box::new(counts));
+            }
+        }
+        self.count += 1;
+    }
+
+    pub fn merge(&mut self, other: &SiteStats) {
+        match (&self.access, &other.access) {
+            _ if other.count == 0 => {}
+            (SiteAccess::One(_), SiteAccess::One(_)) if self.count == 0 => {
+                self.access = other.access.clone()
+            }
+            (SiteAccess::One(a), SiteAccess::One(b)) if a == b => {}
+            _ => {
+                let mut counts = self.access_counts();
+                counts.merge(&other.access_counts());
+                self.access = SiteAccess::Many(Box::new(counts));
+            }
+        }
+        self.count += other.count;
+        self.latency.merge(&other.latency);
+    }
+
+    /// Faults by (access, cause).
+    pub fn access_counts(&self) -> AccessCounts {
+        match &self.access {
+            SiteAccess::One(Some(index)) => {
+                let mut counts = AccessCounts::default();
+                counts.0[usize::from(*index)] = self.count;
+                counts
+            }
+            SiteAccess::One(None) => AccessCounts::default(),
+            SiteAccess::Many(counts) => **counts,
+        }
+    }
+}
+
+/// A callsite's faults over the run, and with interval reports those since the last one.
+#[derive(Clone, Debug, Default)]
+pub struct CallsiteFaults {
+    pub total: SiteStats,
+    /// Since the last interval report; only with interval reports, and only for callsites
+    /// that faulted since (so an interval costs memory in proportion to what it saw).
+    pub interval: Option<Box<SiteStats>>,
+}
+
+impl CallsiteFaults {
+    pub fn record(&mut self, f: &Fault, intervals: bool) {
+        self.total.record(f);
+        if intervals {
+            self.interval.get_or_insert_default().record(f);
+        }
     }
 
     pub fn merge(&mut self, other: &CallsiteFaults) {
-        self.count += other.count;
-        self.latency.merge(&other.latency);
-        self.access.merge(&other.access);
-    }
-
-    /// Takes away what was recorded into `earlier`, a past state of this callsite.
-    pub fn subtract(&mut self, earlier: &CallsiteFaults) {
-        self.count = self.count.saturating_sub(earlier.count);
-        self.latency.subtract(&earlier.latency);
-        self.access.subtract(&earlier.access);
+        self.total.merge(&other.total);
+        if let Some(since) = &other.interval {
+            self.interval.get_or_insert_default().merge(since);
+        }
     }
 }
 
@@ -575,6 +679,60 @@ mod tests {
     }
 
     #[test]
+    fn callsite_stats_stay_inline_until_they_differ_and_merge_exactly() {
+        let with = |access, cause, ns| Fault {
+            access,
+            cause,
+            latency_ns: Some(ns),
+            ..fault(1, 1, FaultKind::Minor, ns, 0)
+        };
+        let (read, write) = (
+            with(Access::Read, Cause::NotPresent, 1_000),
+            with(Access::Write, Cause::Protection, 50_000),
+        );
+        let mut one = SiteStats::default();
+        for _ in 0..3 {
+            one.record(&read);
+        }
+        assert!(matches!(one.access, SiteAccess::One(Some(_))));
+        assert!(matches!(one.latency.buckets, Buckets::One(_)));
+        let mut mixed = one.clone();
+        mixed.record(&write);
+        let counts: Vec<_> = mixed.access_counts().iter().collect();
+        assert_eq!(
+            counts,
+            [
+                (Access::Read, Cause::NotPresent, 3),
+                (Access::Write, Cause::Protection, 1)
+            ]
+        );
+        assert_eq!(mixed.latency.iter().map(|(_, n)| n).sum::<u64>(), 4);
+        assert_eq!(mixed.latency.summary().max, 50_000);
+        // Merging inline stats of another access equals recording them all in one.
+        let mut other = SiteStats::default();
+        other.record(&write);
+        let mut merged = one.clone();
+        merged.merge(&other);
+        assert_eq!(merged.count, 4);
+        assert_eq!(merged.access_counts(), mixed.access_counts());
+        assert_eq!(merged.latency, mixed.latency);
+        // Into empty stats: a copy.
+        let mut empty = SiteStats::default();
+        empty.merge(&one);
+        assert_eq!(empty.access_counts(), one.access_counts());
+        assert_eq!(empty.latency, one.latency);
+        // The interval part only counts once intervals are on.
+        let mut site = CallsiteFaults::default();
+        site.record(&read, false);
+        assert!(site.interval.is_none());
+        site.record(&write, true);
+        assert_eq!(
+            (site.total.count, site.interval.as_ref().map(|i| i.count)),
+            (2, Some(1))
+        );
+    }
+
+    #[test]
     fn compact_latency_percentiles_are_within_a_bucket() {
         let mut c = CompactLatency::default();
         let mut values: Vec<u64> = (0..10_000u64).map(|i| 500 + (i * 7919) % 100_000).collect();
@@ -591,7 +749,11 @@ mod tests {
             );
         }
         assert_eq!((s.count, s.max), (10_000, *values.last().unwrap()));
-        assert!(c.buckets.len() < 100, "sparse: {} buckets", c.buckets.len());
+        assert!(
+            c.iter().count() < 100,
+            "sparse: {} buckets",
+            c.iter().count()
+        );
         // Merging two halves equals recording everything in one.
         let (mut a, mut b) = (CompactLatency::default(), CompactLatency::default());
         for (i, &v) in values.iter().enumerate() {

@@ -11,7 +11,7 @@ use crate::{
     collector::{Collector, KernelFaults, ResolvedKey},
     fault::{
         Access, AccessCounts, CallsiteFaults, Cause, Counts, FaultKind, LatencySummary,
-        ProcessFaults,
+        ProcessFaults, SiteStats,
     },
     loader::KernelCounters,
     stacks::{StackId, UserStack},
@@ -385,7 +385,7 @@ struct SiteRef<'a> {
     path: &'a Option<Arc<str>>,
     user: SiteStack<'a>,
     kernel_stack: Option<u32>,
-    faults: &'a CallsiteFaults,
+    faults: &'a SiteStats,
 }
 
 impl<'a> SiteRef<'a> {
@@ -394,7 +394,7 @@ impl<'a> SiteRef<'a> {
         pid: u32,
         comm: &'a Arc<str>,
         k: &'a ResolvedKey,
-        f: &'a CallsiteFaults,
+        f: &'a SiteStats,
     ) -> Self {
         Self {
             pid,
@@ -411,8 +411,16 @@ impl<'a> SiteRef<'a> {
     }
 }
 
-/// Every callsite the collector holds.
-fn all_callsites(collector: &Collector) -> Vec<SiteRef<'_>> {
+/// Every callsite the collector holds, with its faults over the run, or with `interval` those
+/// since the last interval report (callsites without any are left out).
+fn all_callsites(collector: &Collector, interval: bool) -> Vec<SiteRef<'_>> {
+    fn stats(f: &CallsiteFaults, interval: bool) -> Option<&SiteStats> {
+        if interval {
+            f.interval.as_deref()
+        } else {
+            Some(&f.total)
+        }
+    }
     let live: usize = collector
         .processes
         .values()
@@ -424,9 +432,12 @@ fn all_callsites(collector: &Collector) -> Vec<SiteRef<'_>> {
         .chain(collector.folded.values())
         .map(|r| r.callsites.len())
         .sum();
-    let mut sites = Vec::with_capacity(live + exited);
+    let mut sites = Vec::with_capacity(if interval { 0 } else { live + exited });
     for (&pid, info) in &collector.processes {
         for (k, faults) in &info.callsites {
+            let Some(faults) = stats(faults, interval) else {
+                continue;
+            };
             let user = match k.user_stack.and_then(|i| info.stacks.get(i)) {
                 Some(ips) => SiteStack::Live(&info.space, ips),
                 None => SiteStack::None,
@@ -443,14 +454,18 @@ fn all_callsites(collector: &Collector) -> Vec<SiteRef<'_>> {
             });
         }
         for (key, faults) in &info.earlier {
-            sites.push(SiteRef::resolved(collector, pid, &info.comm, key, faults));
+            if let Some(faults) = stats(faults, interval) {
+                sites.push(SiteRef::resolved(collector, pid, &info.comm, key, faults));
+            }
         }
     }
     for row in collector.exited.iter().chain(collector.folded.values()) {
         for (key, faults) in &row.callsites {
-            sites.push(SiteRef::resolved(
-                collector, row.pid, &row.comm, key, faults,
-            ));
+            if let Some(faults) = stats(faults, interval) {
+                sites.push(SiteRef::resolved(
+                    collector, row.pid, &row.comm, key, faults,
+                ));
+            }
         }
     }
     sites
@@ -560,7 +575,6 @@ type Row<'a> = (RowKey, u32, &'a Arc<str>, u64, bool, &'a ProcessFaults);
 pub struct IntervalBaseline {
     /// Each row's name, processes and totals.
     processes: HashMap<RowKey, (Arc<str>, u64, ProcessFaults)>,
-    callsites: HashMap<MergeKey, CallsiteFaults>,
     losses: Vec<u64>,
     stack_cache_hits: u64,
 }
@@ -578,8 +592,7 @@ impl IntervalBaseline {
                 RowKey::Folded(_) => None,
             })
             .collect();
-        let mut names: HashMap<u32, Arc<str>> = HashMap::new();
-        for (pid, comm, faults) in vanished {
+        for (_, comm, faults) in vanished {
             let folded = self
                 .processes
                 .entry(RowKey::Folded(comm.clone()))
@@ -587,20 +600,12 @@ impl IntervalBaseline {
             // Its faults were counted before; as a process it joins the folded row now, so
             // it counts among the processes of this interval.
             folded.2.merge(&faults);
-            names.insert(pid, comm);
-        }
-        let gone: Vec<(MergeKey, CallsiteFaults)> = self
-            .callsites
-            .extract_if(|k, _| names.contains_key(&k.0))
-            .collect();
-        for ((pid, _, kind, class, path, ids), faults) in gone {
-            let comm = names.get(&pid).cloned();
-            let folded = (0, comm, kind, class, path, ids);
-            self.callsites.entry(folded).or_default().merge(&faults);
         }
     }
 }
 
+/// Builds a report from what the collector holds. With `since` (interval reports), each
+/// figure is what came since the previous report; call [`Collector::end_interval`] after.
 pub fn build(
     input: &ReportInput<'_>,
     symbolizer: &mut Symbolizer,
@@ -702,7 +707,8 @@ pub fn build(
     // function", not "which instruction". Merging works on small frame ids; frames are built
     // only for the callsites the report shows, so a run with 100,000 callsites does not hold
     // 100,000 symbolized stacks at once.
-    let sites = all_callsites(collector);
+    // Before the first interval report, a callsite's interval is its total.
+    let sites = all_callsites(collector, since.is_some() && collector.intervals);
     symbolizer.begin_report();
     let mut stack = UserStack::default();
     for site in &sites {
@@ -719,7 +725,7 @@ pub fn build(
     symbolizer.symbolize_wanted();
     // Per merged callsite: its first site, and the sum once a second one merges into it (most
     // stand alone, and are not copied).
-    let mut merged: HashMap<MergeKey, (usize, Option<Box<CallsiteFaults>>)> = HashMap::new();
+    let mut merged: HashMap<MergeKey, (usize, Option<Box<SiteStats>>)> = HashMap::new();
     let mut ids = Vec::new();
     for (i, site) in sites.iter().enumerate() {
         ids.clear();
@@ -775,36 +781,15 @@ pub fn build(
                 (key.clone(), ((*comm).clone(), *n, (*faults).clone()))
             })
             .collect();
-        // The baseline becomes the totals, updated in place (no second copy of it); the
-        // report gets what changed, and a callsite that did not change costs no copy.
-        for (key, (i, sum)) in merged.iter_mut() {
-            let total = sum.as_deref().unwrap_or(sites[*i].faults);
-            match baseline.callsites.get_mut(key) {
-                Some(earlier) if earlier.count == total.count => *sum = None,
-                Some(earlier) => {
-                    let mut delta = total.clone();
-                    delta.subtract(earlier);
-                    earlier.clone_from(total);
-                    *sum = Some(Box::new(delta));
-                }
-                None => {
-                    baseline.callsites.insert(key.clone(), total.clone());
-                    *sum = Some(Box::new(total.clone()));
-                }
-            }
-        }
-        baseline.callsites.retain(|key, _| merged.contains_key(key));
-        // Unchanged callsites (no delta) have nothing to show.
-        merged.retain(|_, (_, f)| f.as_ref().is_some_and(|f| f.count > 0));
     }
-    // A merged callsite's faults: its sum (or interval delta), else its only site's.
+    // A merged callsite's faults: its sum, else its only site's.
     fn faults_of<'s>(
         sites: &[SiteRef<'s>],
-        (i, sum): &'s (usize, Option<Box<CallsiteFaults>>),
-    ) -> &'s CallsiteFaults {
+        (i, sum): &'s (usize, Option<Box<SiteStats>>),
+    ) -> &'s SiteStats {
         sum.as_deref().unwrap_or(sites[*i].faults)
     }
-    let mut ranked: Vec<(usize, Option<Box<CallsiteFaults>>)> = merged.into_values().collect();
+    let mut ranked: Vec<(usize, Option<Box<SiteStats>>)> = merged.into_values().collect();
     ranked.sort_by(|a, b| {
         let (ia, ib) = (a.0, b.0);
         faults_of(&sites, b)
@@ -843,7 +828,7 @@ pub fn build(
                     class: site.class,
                     path: site.path.as_deref().map(str::to_string),
                 },
-                access: access_list(&faults.access),
+                access: access_list(&faults.access_counts()),
                 latency_ns: faults.latency.summary(),
                 frames,
                 kernel_frames,
@@ -1187,7 +1172,7 @@ mod tests {
         info.callsites
             .entry(crate::fault::CallsiteKey::of(&fault))
             .or_default()
-            .record(&fault);
+            .record(&fault, false);
         let input = ReportInput {
             collector: &collector,
             counters: KernelCounters {
@@ -1244,6 +1229,7 @@ mod tests {
     }
 
     fn record(collector: &mut Collector, pid: u32, n: u64, latency_ns: u64) {
+        let intervals = collector.intervals;
         let info = collector.observe(pid);
         info.comm = "worker".into();
         for _ in 0..n {
@@ -1252,15 +1238,16 @@ mod tests {
             info.callsites
                 .entry(crate::fault::CallsiteKey::of(&f))
                 .or_default()
-                .record(&f);
+                .record(&f, intervals);
         }
     }
 
     fn report_of(
-        collector: &Collector,
+        collector: &mut Collector,
         counters: KernelCounters,
         since: Option<&mut IntervalBaseline>,
     ) -> FaultReport {
+        let interval = since.is_some();
         let input = ReportInput {
             collector,
             counters,
@@ -1274,7 +1261,11 @@ mod tests {
             threads: true,
             hist: false,
         };
-        build(&input, &mut Symbolizer::new(), &opts, since)
+        let report = build(&input, &mut Symbolizer::new(), &opts, since);
+        if interval {
+            collector.end_interval();
+        }
+        report
     }
 
     #[test]
@@ -1286,12 +1277,12 @@ mod tests {
             ..Default::default()
         };
         record(&mut collector, 4_000_000_042, 100, 2_000);
-        let first = report_of(&collector, lost(5), Some(&mut baseline));
+        let first = report_of(&mut collector, lost(5), Some(&mut baseline));
         assert_eq!(first.scope, Scope::Interval);
         assert_eq!((first.minor, first.lost.events), (100, 5));
         // Slower faults in the second interval: its percentiles are its own.
         record(&mut collector, 4_000_000_042, 30, 90_000);
-        let second = report_of(&collector, lost(7), Some(&mut baseline));
+        let second = report_of(&mut collector, lost(7), Some(&mut baseline));
         assert_eq!((second.minor, second.lost.events), (30, 2));
         assert_eq!(second.processes[0].minor, 30);
         assert_eq!(second.processes[0].threads[0].minor, 30);
@@ -1301,12 +1292,12 @@ mod tests {
         let site_p50 = second.callsites[0].latency_ns.p50;
         assert!((84_000..=96_000).contains(&site_p50), "{site_p50}");
         // Nothing new: an interval with no faults.
-        let idle = report_of(&collector, lost(7), Some(&mut baseline));
+        let idle = report_of(&mut collector, lost(7), Some(&mut baseline));
         assert_eq!(
             (idle.minor, idle.callsites.len(), idle.lost.events),
             (0, 0, 0)
         );
-        let total = report_of(&collector, lost(7), None);
+        let total = report_of(&mut collector, lost(7), None);
         assert_eq!(total.scope, Scope::Total);
         assert_eq!((total.minor, total.lost.events), (130, 7));
         assert_eq!(total.callsites[0].count, 130);
@@ -1317,7 +1308,11 @@ mod tests {
         let mut collector = Collector::default();
         let mut baseline = IntervalBaseline::default();
         record(&mut collector, 4_000_000_042, 100, 2_000);
-        let first = report_of(&collector, KernelCounters::default(), Some(&mut baseline));
+        let first = report_of(
+            &mut collector,
+            KernelCounters::default(),
+            Some(&mut baseline),
+        );
         assert_eq!(first.minor, 100);
         // It faults 10 more times, exits, and folds into the row of its name, with its
         // callsites resolved.
@@ -1341,7 +1336,11 @@ mod tests {
             row.callsites.entry(key).or_default().merge(f);
         }
         collector.folded.insert(info.comm.clone(), row);
-        let second = report_of(&collector, KernelCounters::default(), Some(&mut baseline));
+        let second = report_of(
+            &mut collector,
+            KernelCounters::default(),
+            Some(&mut baseline),
+        );
         assert_eq!(second.minor, 10, "{:?}", second.processes);
         assert_eq!(second.processes[0].pid, 0);
         assert_eq!(second.processes[0].processes, 1);

@@ -98,20 +98,14 @@ pub struct Symbolizer {
     wanted: HashMap<Arc<str>, HashSet<u64>>,
     wanted_kernel: Vec<u64>,
     /// Sequences of merge ids as a tree: (parent node, id) -> node; node 0 is the empty one.
+    /// It lives for one report.
     merge_tree: HashMap<(u32, u32), u32>,
-    /// Bumped when the merge tree starts over, so old paths never equal new ones.
-    merge_epoch: u32,
 }
 
-/// Merge-tree nodes kept, at most (~24 bytes each).
-const MAX_MERGE_NODES: usize = 2 << 20;
-
-/// A sequence of merge ids, as one node of the symbolizer's merge tree.
+/// A sequence of merge ids, as one node of the symbolizer's merge tree: valid within the
+/// report that made it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct MergePath {
-    epoch: u32,
-    node: u32,
-}
+pub struct MergePath(u32);
 
 impl Default for Symbolizer {
     fn default() -> Self {
@@ -197,7 +191,6 @@ impl Symbolizer {
             wanted: HashMap::new(),
             wanted_kernel: Vec::new(),
             merge_tree: HashMap::new(),
-            merge_epoch: 0,
         }
     }
 
@@ -240,12 +233,8 @@ impl Symbolizer {
         self.generation = self.generation.wrapping_add(1);
         self.wanted.clear();
         self.wanted_kernel.clear();
-        // Interval baselines key on merge paths: keep them unless the tree has grown huge,
-        // then start over (one interval report then shows some callsites as new).
-        if self.merge_tree.len() > MAX_MERGE_NODES {
-            self.merge_tree = HashMap::new();
-            self.merge_epoch += 1;
-        }
+        // Merge paths are compared within one report only.
+        self.merge_tree = HashMap::new();
     }
 
     /// Marks a stack's addresses for this report, keeping cached ones.
@@ -322,15 +311,13 @@ impl Symbolizer {
             let next = self.merge_tree.len() as u32 + 1;
             node = *self.merge_tree.entry((node, id)).or_insert(next);
         }
-        MergePath {
-            epoch: self.merge_epoch,
-            node,
-        }
+        MergePath(node)
     }
 
     /// Ends a report: past [`MAX_CACHED`], drops what it did not use (the run loop hands
     /// the freed heap back to the system once the report is written).
     pub fn finish(&mut self) {
+        self.merge_tree = HashMap::new();
         let generation = self.generation;
         if self.user_cache.len() + self.kernel_cache.len() > MAX_CACHED {
             self.user_cache.retain(|_, s| s.used == generation);

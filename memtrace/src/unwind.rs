@@ -29,9 +29,9 @@ pub const MAX_MEMO: usize = 1 << 16;
 /// Parsed files kept (least recently used evicted).
 pub const MAX_FILES: usize = 256;
 /// Bytes of CFI (sections and index) kept for all parsed files together.
-pub const MAX_CACHE_BYTES: usize = 24 << 20;
+pub const MAX_CACHE_BYTES: usize = 16 << 20;
 /// A file whose CFI is larger than this is not parsed (its leaves keep their walked stacks).
-pub const MAX_FILE_BYTES: usize = 16 << 20;
+pub const MAX_FILE_BYTES: usize = 8 << 20;
 
 type Slice<'a> = EndianSlice<'a, LittleEndian>;
 /// A section's bytes and its address.
@@ -136,6 +136,7 @@ fn index_fdes<'a, S: UnwindSection<Slice<'a>>>(
         }
     }
     fdes.sort_unstable_by_key(|f| f.start);
+    fdes.shrink_to_fit();
     Ok(fdes)
 }
 

@@ -129,7 +129,11 @@ impl Analysis for FaultsAnalysis {
             ReportKind::Final => None,
         };
         let started = std::time::Instant::now();
+        let interval = since.is_some();
         let r = report::build(&input, &mut self.symbolizer, &self.opts, since);
+        if interval {
+            self.collector.end_interval();
+        }
         // A diagnostic for developers: where the agent's memory and report time go.
         if std::env::var_os("MEMTRACE_FOOTPRINT").is_some() {
             eprintln!(

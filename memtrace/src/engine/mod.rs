@@ -164,6 +164,7 @@ pub async fn run<A: Analysis>(
     mut on_report: impl FnMut(&A::Report, ReportKind) -> ControlFlow<()>,
 ) -> Result<RunOutcome, Error> {
     install_stop_signals();
+    tune_allocator();
     // Refuse what cannot be traced before loading anything.
     let watched = match &opts.target {
         Target::Pids(pids) => watch_pids(pids)?,
@@ -333,6 +334,19 @@ pub async fn run<A: Analysis>(
         ended_by,
         command_status,
     })
+}
+
+/// Large blocks (hash tables, stack and symbol tables) get their own mappings, returned to the
+/// system as soon as they are freed: with glibc's default the threshold rises after each
+/// large free, so a table outgrown by a rehash stays in the heap, resident, for the rest of a
+/// long run. Two arenas: the agent allocates on one thread, a few helpers seldom.
+fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets glibc's allocator parameters; it has no preconditions.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 /// Hands memory freed after a report back to the system: a report's transient peak (frames,
