@@ -68,6 +68,8 @@ pub struct ProcessInfo {
     /// execve. The kernel-mode faults exec takes meanwhile (loading the new image, writing
     /// its stack) carry that image's user stack.
     before_exec: Option<AddressSpace>,
+    /// Stacks in `stacks` already handed to the symbolizer ahead of a report.
+    pub stacks_seen: usize,
     /// The kernel's counts when tracing of this process began (zero for a process forked
     /// while traced); `None` where that moment was not caught (first seen by a record).
     pub kernel_baseline: Option<KernelFaults>,
@@ -85,6 +87,7 @@ impl ProcessInfo {
             callsites: HashMap::new(),
             earlier: HashMap::new(),
             before_exec: None,
+            stacks_seen: 0,
             kernel_baseline: None,
         }
     }

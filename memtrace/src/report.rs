@@ -1,7 +1,6 @@
 //! Fault reports: a plain data structure built from the aggregates, rendered as a table, one
 //! JSON document, or folded stacks for flame graphs.
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-use std::collections::hash_map::Entry;
 use std::{fmt::Write as _, sync::Arc, time::Duration};
 
 use serde::Serialize;
@@ -557,15 +556,18 @@ enum RowKey {
 }
 
 /// Callsites merge on what a user asks ("which function", not "which instruction"): the row
-/// (pid; the name only for folded rows, pid 0), kind, mapping and the frames' merge ids.
-type MergeKey = (
-    u32,
-    Option<Arc<str>>,
-    FaultKind,
-    MappingClass,
-    Option<Arc<str>>,
-    MergePath,
-);
+/// (pid; for folded rows, pid 0, the row's own name), kind, mapping (class and path, as an id
+/// within the report) and the frames' merge ids. Small and `Copy`, so merging is a sort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct MergeKey {
+    pid: u32,
+    /// The folded row's name, by address (each folded row holds one); 0 for other rows.
+    folded_row: usize,
+    kind: FaultKind,
+    class: MappingClass,
+    path: u32,
+    frames: MergePath,
+}
 
 /// A row's key, pid (0 when folded), name, processes it holds, whether they exited, totals.
 type Row<'a> = (RowKey, u32, &'a Arc<str>, u64, bool, &'a ProcessFaults);
@@ -723,9 +725,10 @@ pub fn build(
         }
     }
     symbolizer.symbolize_wanted();
-    // Per merged callsite: its first site, and the sum once a second one merges into it (most
-    // stand alone, and are not copied).
-    let mut merged: HashMap<MergeKey, (usize, Option<Box<SiteStats>>)> = HashMap::new();
+    // Each site's merge key, sorted: a merged callsite is a run of equal keys. Its faults
+    // are summed only if the report shows it.
+    let mut paths: HashMap<&str, u32> = HashMap::new();
+    let mut keyed: Vec<(MergeKey, u32)> = Vec::with_capacity(sites.len());
     let mut ids = Vec::new();
     for (i, site) in sites.iter().enumerate() {
         ids.clear();
@@ -739,24 +742,36 @@ pub fn build(
         {
             symbolizer.kernel_ids(ips, &mut ids);
         }
-        let comm = (site.pid == 0).then(|| site.comm.clone());
-        let key = (
-            site.pid,
-            comm,
-            site.kind,
-            site.class,
-            site.path.clone(),
-            symbolizer.merge_path(&ids),
-        );
-        match merged.entry(key) {
-            Entry::Vacant(e) => {
-                e.insert((i, None));
+        let path = site.path.as_deref().map_or(0, |p| {
+            let next = paths.len() as u32 + 1;
+            *paths.entry(p).or_insert(next)
+        });
+        let key = MergeKey {
+            pid: site.pid,
+            folded_row: if site.pid == 0 {
+                Arc::as_ptr(site.comm).cast::<u8>() as usize
+            } else {
+                0
+            },
+            kind: site.kind,
+            class: site.class,
+            path,
+            frames: symbolizer.merge_path(&ids),
+        };
+        keyed.push((key, i as u32));
+    }
+    drop(paths);
+    keyed.sort_unstable();
+    // Per merged callsite: its sites in `keyed`, and their total count.
+    let mut merged: Vec<(std::ops::Range<usize>, u64)> = Vec::new();
+    for (i, (key, site)) in keyed.iter().enumerate() {
+        let count = sites[*site as usize].faults.count;
+        match merged.last_mut() {
+            Some((range, total)) if keyed[range.start].0 == *key => {
+                range.end = i + 1;
+                *total += count;
             }
-            Entry::Occupied(mut e) => {
-                let (first, sum) = e.get_mut();
-                sum.get_or_insert_with(|| Box::new(sites[*first].faults.clone()))
-                    .merge(site.faults);
-            }
+            _ => merged.push((i..i + 1, count)),
         }
     }
     let c = input.counters;
@@ -782,22 +797,15 @@ pub fn build(
             })
             .collect();
     }
-    // A merged callsite's faults: its sum, else its only site's.
-    fn faults_of<'s>(
-        sites: &[SiteRef<'s>],
-        (i, sum): &'s (usize, Option<Box<SiteStats>>),
-    ) -> &'s SiteStats {
-        sum.as_deref().unwrap_or(sites[*i].faults)
-    }
-    let mut ranked: Vec<(usize, Option<Box<SiteStats>>)> = merged.into_values().collect();
-    ranked.sort_by(|a, b| {
-        let (ia, ib) = (a.0, b.0);
-        faults_of(&sites, b)
-            .count
-            .cmp(&faults_of(&sites, a).count)
-            .then(sites[ia].pid.cmp(&sites[ib].pid))
-            .then(sites[ia].kind.cmp(&sites[ib].kind))
+    // Most faults first; among equals, by pid and kind (then by key, for a stable order).
+    let first_site = |range: &std::ops::Range<usize>| &sites[keyed[range.start].1 as usize];
+    merged.sort_unstable_by(|(ra, a), (rb, b)| {
+        b.cmp(a)
+            .then(first_site(ra).pid.cmp(&first_site(rb).pid))
+            .then(first_site(ra).kind.cmp(&first_site(rb).kind))
+            .then(keyed[ra.start].0.cmp(&keyed[rb.start].0))
     });
+    let mut ranked = merged;
     let callsites_total = ranked.len();
     // Folded output feeds flame graphs: every callsite. Tables and JSON honour --top.
     if opts.format != Format::Folded {
@@ -805,9 +813,20 @@ pub fn build(
     }
     let callsites: Vec<CallsiteReport> = ranked
         .iter()
-        .map(|entry| {
-            let faults = faults_of(&sites, entry);
-            let site = &sites[entry.0];
+        .map(|(range, _)| {
+            let site = first_site(range);
+            // A merged callsite's faults: its only site's, or the sum of its sites'.
+            let summed;
+            let faults = if range.len() == 1 {
+                site.faults
+            } else {
+                let mut sum = SiteStats::default();
+                for (_, i) in &keyed[range.clone()] {
+                    sum.merge(sites[*i as usize].faults);
+                }
+                summed = sum;
+                &summed
+            };
             let has_user = site.user.resolve_into(&mut stack);
             let frames = if has_user {
                 symbolizer.user_frames(&stack)
@@ -1266,6 +1285,46 @@ mod tests {
             collector.end_interval();
         }
         report
+    }
+
+    #[test]
+    fn callsites_whose_stacks_mean_the_same_merge_and_others_stay_apart() {
+        let mut collector = Collector::default();
+        let pid = 4_000_000_042;
+        let info = collector.observe(pid);
+        info.comm = "worker".into();
+        // Two raw stacks outside every mapping: both resolve to one unmapped frame, so
+        // they are one callsite; a third fault hits another mapping class.
+        let mut budget = 100;
+        let a = info.stacks.intern(&[0x1000], &mut budget);
+        let b = info.stacks.intern(&[0x2000], &mut budget);
+        assert_ne!(a, b);
+        for (stack, n, ns, class) in [
+            (a, 3, 1_000, MappingClass::Heap),
+            (b, 4, 9_000, MappingClass::Heap),
+            (a, 2, 5_000, MappingClass::AnonPrivate),
+        ] {
+            for _ in 0..n {
+                let f = crate::fault::Fault {
+                    user_stack: stack,
+                    class,
+                    ..minor_fault(pid, ns)
+                };
+                info.faults.record(&f);
+                info.callsites
+                    .entry(crate::fault::CallsiteKey::of(&f))
+                    .or_default()
+                    .record(&f, false);
+            }
+        }
+        let r = report_of(&mut collector, KernelCounters::default(), None);
+        assert_eq!(r.callsites_total, 2);
+        let heap = &r.callsites[0];
+        assert_eq!((heap.count, heap.latency_ns.count), (7, 7));
+        assert_eq!(heap.mapping.class, MappingClass::Heap);
+        assert!((8_000..=10_000).contains(&heap.latency_ns.max), "{heap:?}");
+        assert_eq!(r.callsites[1].count, 2);
+        assert_eq!(r.callsites[1].mapping.class, MappingClass::AnonPrivate);
     }
 
     #[test]

@@ -302,6 +302,19 @@ impl StackTree {
         }
     }
 
+    /// The file frames of the nodes from `from` on: nodes are only ever appended (until the
+    /// tree is rebuilt), so a caller can follow the frames new since it last looked.
+    pub fn file_frames_from(&self, from: usize) -> impl Iterator<Item = (&Arc<str>, u64)> {
+        self.nodes
+            .get(from..)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|n| match self.modules.get(n.module as usize) {
+                Some(Module::File(path)) => Some((path, n.offset)),
+                _ => None,
+            })
+    }
+
     /// Nodes held, the root included.
     pub fn len(&self) -> usize {
         self.nodes.len()

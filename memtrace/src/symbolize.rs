@@ -4,7 +4,11 @@
 //! file offset), not through `/proc/PID`, so stacks of processes that have exited still
 //! symbolize. Results are cached per (file, offset) and per kernel address.
 use foldhash::{HashMap, HashMapExt, HashSet};
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use blazesym::{
     symbolize::{
@@ -104,7 +108,7 @@ pub struct Symbolizer {
 
 /// A sequence of merge ids, as one node of the symbolizer's merge tree: valid within the
 /// report that made it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MergePath(u32);
 
 impl Default for Symbolizer {
@@ -228,10 +232,10 @@ impl Symbolizer {
     }
 
     /// Starts a report: addresses [`Symbolizer::want_user`] and [`Symbolizer::want_kernel`]
-    /// name from now on are symbolized together by [`Symbolizer::symbolize_wanted`].
+    /// name from now on are symbolized together by [`Symbolizer::symbolize_wanted`], with
+    /// those wanted ahead and not symbolized yet.
     pub fn begin_report(&mut self) {
         self.generation = self.generation.wrapping_add(1);
-        self.wanted.clear();
         self.wanted_kernel.clear();
         // Merge paths are compared within one report only.
         self.merge_tree = HashMap::new();
@@ -261,26 +265,52 @@ impl Symbolizer {
         }
     }
 
-    /// Symbolizes what was wanted and is not cached, one file at a time, each with a
-    /// blazesym instance dropped right after, so at most one file's symbol tables (and
-    /// DWARF) are held at once.
+    /// Marks a frame's address to be symbolized ahead of the next report, by
+    /// [`Symbolizer::symbolize_some`] between reports or by that report at the latest.
+    pub fn want_ahead(&mut self, path: &Arc<str>, offset: u64) {
+        if !self.user_cache.contains_key(&(path.clone(), offset)) {
+            self.wanted.entry(path.clone()).or_default().insert(offset);
+        }
+    }
+
+    /// Symbolizes wanted addresses a file at a time until `budget` is spent (a file is not
+    /// split: its symbol tables are parsed once for all its addresses).
+    pub fn symbolize_some(&mut self, budget: Duration) {
+        let started = Instant::now();
+        while started.elapsed() < budget {
+            let Some(path) = self.wanted.keys().next().cloned() else {
+                break;
+            };
+            if let Some(offsets) = self.wanted.remove(&path) {
+                self.symbolize_file(&path, offsets);
+            }
+        }
+    }
+
+    /// Symbolizes a file's addresses with a blazesym instance dropped right after, so at
+    /// most one file's symbol tables (and DWARF) are held at once.
+    fn symbolize_file(&mut self, path: &Arc<str>, offsets: HashSet<u64>) {
+        let mut offsets: Vec<u64> = offsets.into_iter().collect();
+        offsets.sort_unstable();
+        let src = self.elf_source(path);
+        let blaze = blazesym();
+        let results = blaze
+            .symbolize(&src, Input::FileOffset(&offsets))
+            .unwrap_or_default();
+        for (i, &offset) in offsets.iter().enumerate() {
+            let frames = match results.get(i) {
+                Some(sym) => frames_from(sym, offset, path, offset),
+                None => vec![Frame::unknown(offset, path, offset)],
+            };
+            let sym = self.symbol(frames);
+            self.user_cache.insert((path.clone(), offset), sym);
+        }
+    }
+
+    /// Symbolizes what was wanted and is not cached, one file at a time.
     pub fn symbolize_wanted(&mut self) {
         for (path, offsets) in std::mem::take(&mut self.wanted) {
-            let mut offsets: Vec<u64> = offsets.into_iter().collect();
-            offsets.sort_unstable();
-            let src = self.elf_source(&path);
-            let blaze = blazesym();
-            let results = blaze
-                .symbolize(&src, Input::FileOffset(&offsets))
-                .unwrap_or_default();
-            for (i, &offset) in offsets.iter().enumerate() {
-                let frames = match results.get(i) {
-                    Some(sym) => frames_from(sym, offset, &path, offset),
-                    None => vec![Frame::unknown(offset, &path, offset)],
-                };
-                let sym = self.symbol(frames);
-                self.user_cache.insert((path.clone(), offset), sym);
-            }
+            self.symbolize_file(&path, offsets);
         }
         let mut ips = std::mem::take(&mut self.wanted_kernel);
         if ips.is_empty() {

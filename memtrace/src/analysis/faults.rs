@@ -1,4 +1,6 @@
 //! `memtrace faults`: major and minor page faults per process, thread and callsite.
+use std::time::{Duration, Instant};
+
 use aya::maps::{MapData, RingBuf};
 
 use crate::{
@@ -8,6 +10,7 @@ use crate::{
     loader::Tracer,
     report::{self, FaultReport, IntervalBaseline, ReportInput, ReportOptions},
     sideband::{self, Sideband},
+    stacks::{UserFrame, UserStack},
     symbolize::Symbolizer,
     Error,
 };
@@ -21,7 +24,16 @@ pub struct FaultsAnalysis {
     opts: ReportOptions,
     /// The totals as of the previous interval report: interval reports show what changed.
     baseline: IntervalBaseline,
+    /// Nodes of the collector's stack tree already handed to the symbolizer.
+    tree_seen: usize,
+    last_ahead: Instant,
 }
+
+/// How often, when the ring is empty, new stacks are symbolized ahead of the report, and for
+/// how long at most: a report then symbolizes only what came since, and takes well under a
+/// second even when a busy host ran thousands of programs since the last one.
+const AHEAD_EVERY: Duration = Duration::from_secs(5);
+const AHEAD_BUDGET: Duration = Duration::from_millis(100);
 
 impl FaultsAnalysis {
     pub fn new(opts: ReportOptions) -> Self {
@@ -31,7 +43,38 @@ impl FaultsAnalysis {
             symbolizer: Symbolizer::new(),
             opts,
             baseline: IntervalBaseline::default(),
+            tree_seen: 0,
+            last_ahead: Instant::now(),
         }
+    }
+
+    /// Hands the frames of stacks new since the last call to the symbolizer, and symbolizes
+    /// some of them.
+    fn symbolize_ahead(&mut self) {
+        self.last_ahead = Instant::now();
+        let tree = &self.collector.user_stacks;
+        // A rebuilt tree may be smaller: its frames were seen before it was rebuilt.
+        let from = self.tree_seen.min(tree.len());
+        for (path, offset) in tree.file_frames_from(from) {
+            self.symbolizer.want_ahead(path, offset);
+        }
+        self.tree_seen = tree.len();
+        let mut stack = UserStack::default();
+        for info in self.collector.processes.values_mut() {
+            let from = info.stacks_seen.min(info.stacks.len());
+            for i in from..info.stacks.len() {
+                if let Some(ips) = info.stacks.get(i as u32) {
+                    stack.resolve_into(&info.space, ips);
+                    for frame in &stack.frames {
+                        if let UserFrame::File { path, offset } = frame {
+                            self.symbolizer.want_ahead(path, *offset);
+                        }
+                    }
+                }
+            }
+            info.stacks_seen = info.stacks.len();
+        }
+        self.symbolizer.symbolize_some(AHEAD_BUDGET);
     }
 }
 
@@ -104,6 +147,9 @@ impl Analysis for FaultsAnalysis {
             collector.settle(cutoff);
         }
         collector.sweep();
+        if !more && self.last_ahead.elapsed() >= AHEAD_EVERY {
+            self.symbolize_ahead();
+        }
         more
     }
 
