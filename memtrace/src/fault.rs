@@ -501,14 +501,15 @@ impl CallsiteKey {
 /// only, held inline; the full table is boxed past that.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum SiteAccess {
-    /// Every fault of the callsite had this (access, cause) index; `None` before the first.
-    One(Option<u8>),
+    /// Every fault of the callsite (all `count` of them, maybe none) had this (access, cause)
+    /// index.
+    One(u8),
     Many(Box<AccessCounts>),
 }
 
 impl Default for SiteAccess {
     fn default() -> Self {
-        Self::One(None)
+        Self::One(0)
     }
 }
 
@@ -526,10 +527,11 @@ impl SiteStats {
             self.latency.record(ns);
         }
         let index = AccessCounts::index(f.access, f.cause);
-        let this = Some(index as u8);
         match &mut self.access {
             SiteAccess::Many(counts) => counts.0[index] += 1,
-            SiteAccess::One(seen) if self.count == 0 || *seen == this => *seen = this,
+            SiteAccess::One(seen) if self.count == 0 || usize::from(*seen) == index => {
+                *seen = index as u8
+            }
             SiteAccess::One(_) => {
                 let mut counts = self.access_counts();
                 counts.0[index] += 1;
@@ -542,9 +544,7 @@ impl SiteStats {
     pub fn merge(&mut self, other: &SiteStats) {
         match (&self.access, &other.access) {
             _ if other.count == 0 => {}
-            (SiteAccess::One(_), SiteAccess::One(_)) if self.count == 0 => {
-                self.access = other.access.clone()
-            }
+            _ if self.count == 0 => self.access = other.access.clone(),
             (SiteAccess::One(a), SiteAccess::One(b)) if a == b => {}
             _ => {
                 let mut counts = self.access_counts();
@@ -559,12 +559,11 @@ impl SiteStats {
     /// Faults by (access, cause).
     pub fn access_counts(&self) -> AccessCounts {
         match &self.access {
-            SiteAccess::One(Some(index)) => {
+            SiteAccess::One(index) => {
                 let mut counts = AccessCounts::default();
                 counts.0[usize::from(*index)] = self.count;
                 counts
             }
-            SiteAccess::One(None) => AccessCounts::default(),
             SiteAccess::Many(counts) => **counts,
         }
     }
@@ -694,7 +693,7 @@ mod tests {
         for _ in 0..3 {
             one.record(&read);
         }
-        assert!(matches!(one.access, SiteAccess::One(Some(_))));
+        assert!(matches!(one.access, SiteAccess::One(_)));
         assert!(matches!(one.latency.buckets, Buckets::One(_)));
         let mut mixed = one.clone();
         mixed.record(&write);

@@ -805,13 +805,12 @@ pub fn build(
             .then(first_site(ra).kind.cmp(&first_site(rb).kind))
             .then(keyed[ra.start].0.cmp(&keyed[rb.start].0))
     });
-    let mut ranked = merged;
-    let callsites_total = ranked.len();
+    let callsites_total = merged.len();
     // Folded output feeds flame graphs: every callsite. Tables and JSON honour --top.
     if opts.format != Format::Folded {
-        ranked.truncate(opts.top);
+        merged.truncate(opts.top);
     }
-    let callsites: Vec<CallsiteReport> = ranked
+    let callsites: Vec<CallsiteReport> = merged
         .iter()
         .map(|(range, _)| {
             let site = first_site(range);

@@ -245,12 +245,18 @@ impl Symbolizer {
     pub fn want_user(&mut self, stack: &UserStack) {
         for frame in &stack.frames {
             if let UserFrame::File { path, offset } = frame {
-                match self.user_cache.get_mut(&(path.clone(), *offset)) {
-                    Some(sym) => sym.used = self.generation,
-                    None => {
-                        self.wanted.entry(path.clone()).or_default().insert(*offset);
-                    }
-                }
+                self.want_frame(path, *offset);
+            }
+        }
+    }
+
+    /// [`Symbolizer::want_user`] for one frame. Between reports, it marks the address to be
+    /// symbolized ahead, by [`Symbolizer::symbolize_some`] or by the next report at the latest.
+    pub fn want_frame(&mut self, path: &Arc<str>, offset: u64) {
+        match self.user_cache.get_mut(&(path.clone(), offset)) {
+            Some(sym) => sym.used = self.generation,
+            None => {
+                self.wanted.entry(path.clone()).or_default().insert(offset);
             }
         }
     }
@@ -262,14 +268,6 @@ impl Symbolizer {
                 Some(sym) => sym.used = self.generation,
                 None => self.wanted_kernel.push(ip),
             }
-        }
-    }
-
-    /// Marks a frame's address to be symbolized ahead of the next report, by
-    /// [`Symbolizer::symbolize_some`] between reports or by that report at the latest.
-    pub fn want_ahead(&mut self, path: &Arc<str>, offset: u64) {
-        if !self.user_cache.contains_key(&(path.clone(), offset)) {
-            self.wanted.entry(path.clone()).or_default().insert(offset);
         }
     }
 

@@ -10,7 +10,7 @@ use crate::{
     loader::Tracer,
     report::{self, FaultReport, IntervalBaseline, ReportInput, ReportOptions},
     sideband::{self, Sideband},
-    stacks::{UserFrame, UserStack},
+    stacks::UserStack,
     symbolize::Symbolizer,
     Error,
 };
@@ -58,7 +58,7 @@ impl FaultsAnalysis {
         // A rebuilt tree may be smaller: its frames were seen before it was rebuilt.
         let from = self.tree_seen.min(tree.len());
         for (path, offset) in tree.file_frames_from(from) {
-            self.symbolizer.want_ahead(path, offset);
+            self.symbolizer.want_frame(path, offset);
         }
         self.tree_seen = tree.len();
         let mut stack = UserStack::default();
@@ -67,11 +67,7 @@ impl FaultsAnalysis {
             for i in from..info.stacks.len() {
                 if let Some(ips) = info.stacks.get(i as u32) {
                     stack.resolve_into(&info.space, ips);
-                    for frame in &stack.frames {
-                        if let UserFrame::File { path, offset } = frame {
-                            self.symbolizer.want_ahead(path, *offset);
-                        }
-                    }
+                    self.symbolizer.want_user(&stack);
                 }
             }
             info.stacks_seen = info.stacks.len();
