@@ -670,10 +670,11 @@ impl<S: ProcSource> Collector<S> {
         // Each stack once (several callsites share one), then the raw stacks go before the
         // callsites are copied: both tables are never held beside the new one.
         let mut stack_ids: Vec<Option<StackId>> = Vec::with_capacity(info.stacks.len());
+        let mut resolved = UserStack::default();
         for i in 0..info.stacks.len() as u32 {
             let stack = info.stacks.get(i).and_then(|ips| {
-                self.user_stacks
-                    .intern(&UserStack::resolve(&info.space, ips))
+                resolved.resolve_into(&info.space, ips);
+                self.user_stacks.intern(&resolved)
             });
             stack_ids.push(stack);
         }

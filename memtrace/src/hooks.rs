@@ -49,16 +49,6 @@ pub struct HookGroup {
     pub hooks: &'static [Hook],
 }
 
-impl HookGroup {
-    /// The tracepoints of this group, as (category, name).
-    pub fn tracepoints(&self) -> impl Iterator<Item = (&'static str, &'static str)> + '_ {
-        self.hooks.iter().filter_map(|h| match h.point {
-            HookPoint::Tracepoint { category, name, .. } => Some((category, name)),
-            HookPoint::PerfSoftware { .. } => None,
-        })
-    }
-}
-
 const fn tracepoint(
     program: &'static str,
     category: &'static str,

@@ -125,14 +125,6 @@ pub fn read_format(tracefs: &Path, category: &str, name: &str) -> Result<Vec<For
     Ok(parse_format(&text))
 }
 
-/// Checks every (tracepoint, field) the kernel programs read against this kernel's formats.
-pub fn check_layout(tracefs: &Path) -> Result<(), Error> {
-    for (category, name, _) in memtrace_common::layout::CHECKED {
-        check_tracepoint_layout(tracefs, category, name)?;
-    }
-    Ok(())
-}
-
 /// Checks the fields a classic-tracepoint program reads from this tracepoint's record against
 /// this kernel's format file: a wrong offset would read another field silently.
 pub fn check_tracepoint_layout(tracefs: &Path, category: &str, name: &str) -> Result<(), Error> {
