@@ -138,7 +138,8 @@ impl Latency {
 /// A small latency histogram for callsites, of which a long run has hundreds of thousands:
 /// log-linear buckets (8 per power of two, so a percentile is within 6.25%). Most callsites
 /// fault a few times, into one bucket: that bucket is held inline; past one, buckets are
-/// sorted (bucket, count) pairs. Tens of bytes where an HdrHistogram is kilobytes.
+/// sorted (bucket, count) pairs packed in one word each. Tens of bytes where an HdrHistogram
+/// is kilobytes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompactLatency {
     count: u64,
@@ -151,8 +152,9 @@ pub struct CompactLatency {
 enum Buckets {
     /// Every sample (all `count` of them) fell in this bucket.
     One(u16),
-    /// Sorted by bucket; empty while there is no sample.
-    Many(Vec<(u16, u64)>),
+    /// Sorted by bucket; empty while there is no sample. Each pair is one word (see
+    /// [`pack`]): a long run holds hundreds of thousands of these lists.
+    Many(Vec<u64>),
 }
 
 impl Default for Buckets {
@@ -165,11 +167,25 @@ impl Default for Buckets {
 const EXACT_BELOW: u64 = 64;
 const SUB_BUCKET_BITS: u32 = 3;
 
-/// Adds `n` samples in `bucket` to sorted pairs.
-fn add_to_bucket(pairs: &mut Vec<(u16, u64)>, bucket: u16, n: u64) {
-    match pairs.binary_search_by_key(&bucket, |&(k, _)| k) {
-        Ok(i) => pairs[i].1 += n,
-        Err(i) => pairs.insert(i, (bucket, n)),
+/// Bits of a packed pair that hold the count; the bucket is above them, so packed pairs sort
+/// by bucket.
+const COUNT_BITS: u32 = 48;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+
+/// A (bucket, count) pair as one word; counts past 2^48 saturate.
+fn pack(bucket: u16, count: u64) -> u64 {
+    (u64::from(bucket) << COUNT_BITS) | count.min(COUNT_MASK)
+}
+
+fn unpack(pair: u64) -> (u16, u64) {
+    ((pair >> COUNT_BITS) as u16, pair & COUNT_MASK)
+}
+
+/// Adds `n` samples in `bucket` to sorted packed pairs.
+fn add_to_bucket(pairs: &mut Vec<u64>, bucket: u16, n: u64) {
+    match pairs.binary_search_by_key(&bucket, |&p| unpack(p).0) {
+        Ok(i) => pairs[i] = pack(bucket, unpack(pairs[i]).1.saturating_add(n)),
+        Err(i) => pairs.insert(i, pack(bucket, n)),
     }
 }
 
@@ -197,9 +213,9 @@ impl CompactLatency {
     }
 
     /// The buckets as sorted (bucket, count) pairs, turning an inline bucket into a list.
-    fn pairs_mut(&mut self) -> &mut Vec<(u16, u64)> {
+    fn pairs_mut(&mut self) -> &mut Vec<u64> {
         if let Buckets::One(b) = self.buckets {
-            self.buckets = Buckets::Many(vec![(b, self.count)]);
+            self.buckets = Buckets::Many(vec![pack(b, self.count)]);
         }
         match &mut self.buckets {
             Buckets::Many(pairs) => pairs,
@@ -213,7 +229,7 @@ impl CompactLatency {
             Buckets::One(b) => (Some((*b, self.count)), &[][..]),
             Buckets::Many(pairs) => (None, &pairs[..]),
         };
-        one.into_iter().chain(many.iter().copied())
+        one.into_iter().chain(many.iter().map(|&p| unpack(p)))
     }
 
     pub fn record(&mut self, ns: u64) {

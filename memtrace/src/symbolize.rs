@@ -75,12 +75,62 @@ pub const DWARF_MAX_FILE_BYTES: u64 = 32 << 20;
 /// what the last report did not use is dropped.
 pub const MAX_CACHED: usize = 200_000;
 
-/// One address, symbolized: its frames (more than one with inlined functions) and what each
-/// means when callsites merge.
+/// Strings of symbolized frames (function names, modules, source files), each held once: a
+/// busy host's cache names the same few thousand functions and files over and over.
+#[derive(Debug, Default)]
+struct Strings {
+    ids: HashMap<Arc<str>, u32>,
+    all: Vec<Arc<str>>,
+}
+
+impl Strings {
+    fn id(&mut self, s: &str) -> u32 {
+        if let Some(&id) = self.ids.get(s) {
+            return id;
+        }
+        let id = self.all.len() as u32;
+        let s: Arc<str> = Arc::from(s);
+        self.all.push(s.clone());
+        self.ids.insert(s, id);
+        id
+    }
+
+    fn get(&self, id: u32) -> &str {
+        self.all.get(id as usize).map_or("", |s| s)
+    }
+}
+
+/// What a frame means when callsites merge: the function (and module) for named frames, the
+/// module and offset for frames no symbol names (so two unknown functions of one module stay
+/// apart).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum MergeName {
+    Function { function: u32, module: u32 },
+    Unknown { module: u32, offset: u64 },
+}
+
+/// No source file.
+const NO_FILE: u32 = u32::MAX;
+
+/// A symbolized frame as the cache keeps it: strings by id, 32 bytes.
+#[derive(Clone, Copy, Debug)]
+struct CachedFrame {
+    offset: u64,
+    /// The function's name; `None` for a frame no symbol names.
+    function: Option<u32>,
+    module: u32,
+    file: u32,
+    /// 0 where unknown.
+    line: u32,
+    /// The merge id (see [`Symbolizer::merge_id`]).
+    merge: u32,
+    inlined: bool,
+}
+
+/// One address, symbolized: its frames (more than one with inlined functions).
 #[derive(Debug)]
 struct Symbol {
-    frames: Box<[Frame]>,
-    ids: Box<[u32]>,
+    frames: Box<[CachedFrame]>,
     /// The report that last used it.
     used: u32,
 }
@@ -94,8 +144,9 @@ pub struct Symbolizer {
     use_dwarf: HashMap<Arc<str>, bool>,
     user_cache: HashMap<(Arc<str>, u64), Symbol>,
     kernel_cache: HashMap<u64, Symbol>,
+    strings: Strings,
     /// Small ids for what a frame means when merging callsites (see [`Symbolizer::user_ids`]).
-    merge_names: HashMap<Box<str>, u32>,
+    merge_names: HashMap<MergeName, u32>,
     /// The current report, to tell which cached results are still used.
     generation: u32,
     /// Addresses the current report needs and the caches lack, by file.
@@ -104,6 +155,9 @@ pub struct Symbolizer {
     /// Sequences of merge ids as a tree: (parent node, id) -> node; node 0 is the empty one.
     /// It lives for one report.
     merge_tree: HashMap<(u32, u32), u32>,
+    /// What the last report symbolized itself (files, addresses, time): the work symbolizing
+    /// ahead did not take off it.
+    last_report_work: (usize, usize, Duration),
 }
 
 /// A sequence of merge ids, as one node of the symbolizer's merge tree: valid within the
@@ -115,54 +169,6 @@ impl Default for Symbolizer {
     fn default() -> Self {
         Self::new()
     }
-}
-
-fn frames_from(sym: &Symbolized<'_>, address: u64, module: &str, offset: u64) -> Vec<Frame> {
-    let Symbolized::Sym(sym) = sym else {
-        return vec![Frame::unknown(address, module, offset)];
-    };
-    // The mapped file names the module; blazesym's module is where the symbol was found, which
-    // for a stripped library is its separate debug file (`<build-id>.debug`).
-    let module = if module.starts_with('/') {
-        module.to_string()
-    } else {
-        sym.module
-            .as_deref()
-            .map(|m| m.to_string_lossy().into_owned())
-            .unwrap_or_else(|| module.to_string())
-    };
-    let (file, line) = match &sym.code_info {
-        Some(ci) => (Some(ci.to_path().display().to_string()), ci.line),
-        None => (None, None),
-    };
-    // blazesym lists inlined functions outermost first; a stack reads innermost first.
-    let mut frames: Vec<Frame> = sym
-        .inlined
-        .iter()
-        .rev()
-        .map(|inl| Frame {
-            function: inl.name.to_string(),
-            offset: 0,
-            module: module.clone(),
-            file: inl
-                .code_info
-                .as_ref()
-                .map(|c| c.to_path().display().to_string()),
-            line: inl.code_info.as_ref().and_then(|c| c.line),
-            inlined: true,
-            address,
-        })
-        .collect();
-    frames.push(Frame {
-        function: sym.name.to_string(),
-        offset: sym.offset as u64,
-        module,
-        file,
-        line,
-        inlined: false,
-        address,
-    });
-    frames
 }
 
 fn blazesym() -> Blaze {
@@ -190,11 +196,13 @@ impl Symbolizer {
             use_dwarf: HashMap::new(),
             user_cache: HashMap::new(),
             kernel_cache: HashMap::new(),
+            strings: Strings::default(),
             merge_names: HashMap::new(),
             generation: 0,
             wanted: HashMap::new(),
             wanted_kernel: Vec::new(),
             merge_tree: HashMap::new(),
+            last_report_work: (0, 0, Duration::ZERO),
         }
     }
 
@@ -207,27 +215,100 @@ impl Symbolizer {
         Source::Elf(elf)
     }
 
-    /// The merge id of a frame: the function (and module) for named frames, the module and
-    /// offset for frames no symbol names (so two unknown functions of one module stay apart).
-    fn merge_id(&mut self, f: &Frame) -> u32 {
-        let name = if f.function == "[unknown]" {
-            format!("{}+0x{:x}", f.module, f.offset)
-        } else {
-            format!("{}@{}", f.function, f.module)
-        };
-        let next = self.merge_names.len() as u32;
-        *self
-            .merge_names
-            .entry(name.into_boxed_str())
-            .or_insert(next)
+    /// The merge id of a frame no symbol names.
+    fn unknown_merge_id(&mut self, module: &str, offset: u64) -> u32 {
+        let module = self.strings.id(module);
+        self.merge_id(MergeName::Unknown { module, offset })
     }
 
-    fn symbol(&mut self, frames: Vec<Frame>) -> Symbol {
-        let ids = frames.iter().map(|f| self.merge_id(f)).collect();
+    fn merge_id(&mut self, name: MergeName) -> u32 {
+        let next = self.merge_names.len() as u32;
+        *self.merge_names.entry(name).or_insert(next)
+    }
+
+    /// A frame for the cache; `function` `None` for a frame no symbol names.
+    fn cached_frame(
+        &mut self,
+        function: Option<&str>,
+        offset: u64,
+        module: &str,
+        code: Option<(String, Option<u32>)>,
+        inlined: bool,
+    ) -> CachedFrame {
+        let module = self.strings.id(module);
+        let function = function.map(|f| self.strings.id(f));
+        let merge = self.merge_id(match function {
+            Some(function) => MergeName::Function { function, module },
+            None => MergeName::Unknown { module, offset },
+        });
+        let (file, line) = match code {
+            Some((file, line)) => (self.strings.id(&file), line.unwrap_or(0)),
+            None => (NO_FILE, 0),
+        };
+        CachedFrame {
+            offset,
+            function,
+            module,
+            file,
+            line,
+            merge,
+            inlined,
+        }
+    }
+
+    /// The cache entry for what blazesym made of an address; `offset` is the file offset
+    /// (user frames) or the address (kernel frames) of `module`.
+    fn symbol(&mut self, sym: Option<&Symbolized<'_>>, module: &str, offset: u64) -> Symbol {
+        let Some(Symbolized::Sym(sym)) = sym else {
+            let frame = self.cached_frame(None, offset, module, None, false);
+            return Symbol {
+                frames: Box::new([frame]),
+                used: self.generation,
+            };
+        };
+        // The mapped file names the module; blazesym's module is where the symbol was found,
+        // which for a stripped library is its separate debug file (`<build-id>.debug`).
+        let blaze_module;
+        let module = match &sym.module {
+            Some(m) if !module.starts_with('/') => {
+                blaze_module = m.to_string_lossy();
+                &*blaze_module
+            }
+            _ => module,
+        };
+        // blazesym lists inlined functions outermost first; a stack reads innermost first.
+        let mut frames = Vec::with_capacity(sym.inlined.len() + 1);
+        for inl in sym.inlined.iter().rev() {
+            let code = inl
+                .code_info
+                .as_ref()
+                .map(|c| (c.to_path().display().to_string(), c.line));
+            frames.push(self.cached_frame(Some(&inl.name), 0, module, code, true));
+        }
+        let code = sym
+            .code_info
+            .as_ref()
+            .map(|c| (c.to_path().display().to_string(), c.line));
+        frames.push(self.cached_frame(Some(&sym.name), sym.offset as u64, module, code, false));
         Symbol {
             frames: frames.into_boxed_slice(),
-            ids,
             used: self.generation,
+        }
+    }
+
+    /// A cached frame for a report.
+    fn frame(&self, f: &CachedFrame, address: u64) -> Frame {
+        Frame {
+            function: f
+                .function
+                .map_or("[unknown]", |id| self.strings.get(id))
+                .to_string(),
+            offset: f.offset,
+            module: self.strings.get(f.module).to_string(),
+            file: (f.file != NO_FILE).then(|| self.strings.get(f.file).to_string()),
+            line: (f.line != 0).then_some(f.line),
+            inlined: f.inlined,
+            address,
         }
     }
 
@@ -296,38 +377,35 @@ impl Symbolizer {
             .symbolize(&src, Input::FileOffset(&offsets))
             .unwrap_or_default();
         for (i, &offset) in offsets.iter().enumerate() {
-            let frames = match results.get(i) {
-                Some(sym) => frames_from(sym, offset, path, offset),
-                None => vec![Frame::unknown(offset, path, offset)],
-            };
-            let sym = self.symbol(frames);
+            let sym = self.symbol(results.get(i), path, offset);
             self.user_cache.insert((path.clone(), offset), sym);
         }
     }
 
     /// Symbolizes what was wanted and is not cached, one file at a time.
     pub fn symbolize_wanted(&mut self) {
-        for (path, offsets) in std::mem::take(&mut self.wanted) {
+        let started = Instant::now();
+        let wanted = std::mem::take(&mut self.wanted);
+        let files = wanted.len();
+        let mut addresses: usize = wanted.values().map(HashSet::len).sum();
+        for (path, offsets) in wanted {
             self.symbolize_file(&path, offsets);
         }
         let mut ips = std::mem::take(&mut self.wanted_kernel);
-        if ips.is_empty() {
-            return;
-        }
         ips.sort_unstable();
         ips.dedup();
-        let blaze = blazesym();
-        let results = blaze
-            .symbolize(&kernel_source(), Input::AbsAddr(&ips))
-            .unwrap_or_default();
-        for (i, &ip) in ips.iter().enumerate() {
-            let frames = match results.get(i) {
-                Some(sym) => frames_from(sym, ip, "[kernel]", ip),
-                None => vec![Frame::unknown(ip, "[kernel]", ip)],
-            };
-            let sym = self.symbol(frames);
-            self.kernel_cache.insert(ip, sym);
+        addresses += ips.len();
+        if !ips.is_empty() {
+            let blaze = blazesym();
+            let results = blaze
+                .symbolize(&kernel_source(), Input::AbsAddr(&ips))
+                .unwrap_or_default();
+            for (i, &ip) in ips.iter().enumerate() {
+                let sym = self.symbol(results.get(i), "[kernel]", ip);
+                self.kernel_cache.insert(ip, sym);
+            }
         }
+        self.last_report_work = (files, addresses, started.elapsed());
     }
 
     /// One small id for a whole sequence of merge ids: the node of that sequence in a tree
@@ -342,45 +420,75 @@ impl Symbolizer {
         MergePath(node)
     }
 
-    /// Ends a report: past [`MAX_CACHED`], drops what it did not use (the run loop hands
-    /// the freed heap back to the system once the report is written).
+    /// Ends a report: past [`MAX_CACHED`], drops what it did not use, and the strings and
+    /// merge names only it held (the run loop hands the freed heap back to the system once
+    /// the report is written).
     pub fn finish(&mut self) {
         self.merge_tree = HashMap::new();
-        let generation = self.generation;
         if self.user_cache.len() + self.kernel_cache.len() > MAX_CACHED {
-            self.user_cache.retain(|_, s| s.used == generation);
-            self.kernel_cache.retain(|_, s| s.used == generation);
-            self.user_cache.shrink_to_fit();
-            self.kernel_cache.shrink_to_fit();
+            self.prune();
         }
     }
 
-    /// The cached result for a user frame, symbolizing it now if
-    /// [`Symbolizer::symbolize_wanted`] did not see it.
-    fn user_symbol(&mut self, path: &Arc<str>, offset: u64) -> &Symbol {
+    /// Drops the cached results the current report did not use, and the strings and merge
+    /// names only they held.
+    fn prune(&mut self) {
+        let generation = self.generation;
+        self.user_cache.retain(|_, s| s.used == generation);
+        self.kernel_cache.retain(|_, s| s.used == generation);
+        self.user_cache.shrink_to_fit();
+        self.kernel_cache.shrink_to_fit();
+        let old = std::mem::take(&mut self.strings);
+        self.merge_names = HashMap::new();
+        let symbols = self
+            .user_cache
+            .values_mut()
+            .chain(self.kernel_cache.values_mut());
+        for sym in symbols {
+            for f in sym.frames.iter_mut() {
+                let strings = &mut self.strings;
+                f.module = strings.id(old.get(f.module));
+                f.function = f.function.map(|id| strings.id(old.get(id)));
+                if f.file != NO_FILE {
+                    f.file = strings.id(old.get(f.file));
+                }
+                let name = match f.function {
+                    Some(function) => MergeName::Function {
+                        function,
+                        module: f.module,
+                    },
+                    None => MergeName::Unknown {
+                        module: f.module,
+                        offset: f.offset,
+                    },
+                };
+                let next = self.merge_names.len() as u32;
+                f.merge = *self.merge_names.entry(name).or_insert(next);
+            }
+        }
+    }
+
+    /// Symbolizes a user frame now if [`Symbolizer::symbolize_wanted`] did not see it.
+    fn ensure_user(&mut self, path: &Arc<str>, offset: u64) -> (Arc<str>, u64) {
         let key = (path.clone(), offset);
         if !self.user_cache.contains_key(&key) {
             let src = self.elf_source(path);
-            let frames = match blazesym().symbolize_single(&src, Input::FileOffset(offset)) {
-                Ok(sym) => frames_from(&sym, offset, path, offset),
-                Err(_) => vec![Frame::unknown(offset, path, offset)],
-            };
-            let sym = self.symbol(frames);
+            let blaze = blazesym();
+            let found = blaze.symbolize_single(&src, Input::FileOffset(offset));
+            let sym = self.symbol(found.as_ref().ok(), path, offset);
             self.user_cache.insert(key.clone(), sym);
         }
-        &self.user_cache[&key]
+        key
     }
 
-    fn kernel_symbol(&mut self, ip: u64) -> &Symbol {
+    /// [`Symbolizer::ensure_user`] for a kernel address.
+    fn ensure_kernel(&mut self, ip: u64) {
         if !self.kernel_cache.contains_key(&ip) {
-            let frames = match blazesym().symbolize_single(&kernel_source(), Input::AbsAddr(ip)) {
-                Ok(sym) => frames_from(&sym, ip, "[kernel]", ip),
-                Err(_) => vec![Frame::unknown(ip, "[kernel]", ip)],
-            };
-            let sym = self.symbol(frames);
+            let blaze = blazesym();
+            let found = blaze.symbolize_single(&kernel_source(), Input::AbsAddr(ip));
+            let sym = self.symbol(found.as_ref().ok(), "[kernel]", ip);
             self.kernel_cache.insert(ip, sym);
         }
-        &self.kernel_cache[&ip]
     }
 
     /// Symbolizes a resolved user stack (innermost first).
@@ -389,7 +497,9 @@ impl Symbolizer {
         for frame in &stack.frames {
             match frame {
                 UserFrame::File { path, offset } => {
-                    out.extend(self.user_symbol(path, *offset).frames.iter().cloned())
+                    let key = self.ensure_user(path, *offset);
+                    let frames = self.user_cache.get(&key).map_or(&[][..], |s| &s.frames);
+                    out.extend(frames.iter().map(|f| self.frame(f, *offset)));
                 }
                 UserFrame::Anon { name, offset } => {
                     out.push(Frame::unknown(*offset, name, *offset))
@@ -407,14 +517,17 @@ impl Symbolizer {
         for frame in &stack.frames {
             match frame {
                 UserFrame::File { path, offset } => {
-                    out.extend_from_slice(&self.user_symbol(path, *offset).ids)
+                    let key = self.ensure_user(path, *offset);
+                    if let Some(sym) = self.user_cache.get(&key) {
+                        out.extend(sym.frames.iter().map(|f| f.merge));
+                    }
                 }
                 UserFrame::Anon { name, offset } => {
-                    let id = self.merge_id(&Frame::unknown(*offset, name, *offset));
+                    let id = self.unknown_merge_id(name, *offset);
                     out.push(id);
                 }
                 UserFrame::Unmapped => {
-                    let id = self.merge_id(&unmapped_frame());
+                    let id = self.unknown_merge_id("[unmapped]", 0);
                     out.push(id);
                 }
             }
@@ -425,7 +538,9 @@ impl Symbolizer {
     pub fn kernel_stack(&mut self, ips: &[u64]) -> Vec<Frame> {
         let mut out = Vec::with_capacity(ips.len());
         for &ip in ips {
-            out.extend(self.kernel_symbol(ip).frames.iter().cloned());
+            self.ensure_kernel(ip);
+            let frames = self.kernel_cache.get(&ip).map_or(&[][..], |s| &s.frames);
+            out.extend(frames.iter().map(|f| self.frame(f, ip)));
         }
         out
     }
@@ -433,19 +548,26 @@ impl Symbolizer {
     /// [`Symbolizer::user_ids`] for a kernel stack.
     pub fn kernel_ids(&mut self, ips: &[u64], out: &mut Vec<u32>) {
         for &ip in ips {
-            out.extend_from_slice(&self.kernel_symbol(ip).ids);
+            self.ensure_kernel(ip);
+            if let Some(sym) = self.kernel_cache.get(&ip) {
+                out.extend(sym.frames.iter().map(|f| f.merge));
+            }
         }
     }
 
     /// Cache sizes, for finding where the agent's memory goes.
     pub fn footprint(&self) -> String {
         let frames: usize = self.user_cache.values().map(|v| v.frames.len()).sum();
+        let (files, addresses, took) = self.last_report_work;
         format!(
-            "user_cache {} ({} frames) kernel_cache {} merge_names {}",
+            "user_cache {} ({} frames) kernel_cache {} merge_names {} strings {} | report \
+             symbolized {addresses} addresses of {files} files in {} ms",
             self.user_cache.len(),
             frames,
             self.kernel_cache.len(),
-            self.merge_names.len()
+            self.merge_names.len(),
+            self.strings.all.len(),
+            took.as_millis()
         )
     }
 }
@@ -478,6 +600,26 @@ mod tests {
         // The second lookup is served from the cache.
         let again = s.user_frames(&stack);
         assert_eq!(again, frames);
+        // A report that no longer uses it drops it, and what it named.
+        let other = UserStack::resolve(&space, &[addr, addr + 3]);
+        s.begin_report();
+        s.want_user(&other);
+        s.symbolize_wanted();
+        let mut ids_before = Vec::new();
+        s.user_ids(&other, &mut ids_before);
+        let strings_before = s.strings.all.len();
+        s.prune();
+        assert_eq!(
+            s.user_cache.len(),
+            2,
+            "the frame only the last report used is gone"
+        );
+        assert!(s.strings.all.len() <= strings_before);
+        assert_eq!(s.user_frames(&other)[..1], frames[..1]);
+        let mut ids_after = Vec::new();
+        s.user_ids(&other, &mut ids_after);
+        assert_eq!(ids_after.len(), ids_before.len());
+        assert_eq!(ids_after[0] == ids_after[1], ids_before[0] == ids_before[1]);
         let unknown = s.user_frames(&UserStack::resolve(&Default::default(), &[addr]));
         assert_eq!(unknown[0].module, "[unmapped]");
         assert_eq!(unknown[0].display(), "[unknown] ([unmapped]+0x0)");
