@@ -161,6 +161,10 @@ pub struct FaultReport {
     /// Walked user stacks that got the caller of a frameless function back from the words at
     /// the stack pointer (run totals).
     pub leaf_callers_recovered: u64,
+    /// Frame addresses whose file the report had no time left to symbolize
+    /// ([`SYMBOLIZE_BUDGET`]): shown as module and file offset (what addr2line takes), and
+    /// symbolized for the next report.
+    pub unsymbolized_frames: u64,
     /// The kernel's own counts beside memtrace's, where they could be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_counts: Option<KernelCountsReport>,
@@ -608,6 +612,11 @@ impl IntervalBaseline {
 
 /// Builds a report from what the collector holds. With `since` (interval reports), each
 /// figure is what came since the previous report; call [`Collector::end_interval`] after.
+/// How long a report may spend symbolizing: a host that ran hundreds of big programs since
+/// the last report must not stall the ring for seconds. Files are taken most addresses
+/// first; those left are symbolized ahead for the next report.
+pub const SYMBOLIZE_BUDGET: Duration = Duration::from_millis(500);
+
 pub fn build(
     input: &ReportInput<'_>,
     symbolizer: &mut Symbolizer,
@@ -724,7 +733,8 @@ pub fn build(
             symbolizer.want_kernel(ips);
         }
     }
-    symbolizer.symbolize_wanted();
+    symbolizer.symbolize_wanted(SYMBOLIZE_BUDGET);
+    let unsymbolized_frames = symbolizer.unsymbolized() as u64;
     // Each site's merge key, sorted: a merged callsite is a run of equal keys. Its faults
     // are summed only if the report shows it.
     let mut paths: HashMap<&str, u32> = HashMap::new();
@@ -874,6 +884,7 @@ pub fn build(
         },
         stack_cache_hits,
         leaf_callers_recovered: collector.unwind.recovered,
+        unsymbolized_frames,
         kernel_counts,
         // Last, so the peak includes this report's own symbolization.
         agent: AgentStats::current(collector.stats.records),
@@ -1108,6 +1119,14 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
         r.agent.records,
         r.agent.cpu_ns_per_record
     );
+    if r.unsymbolized_frames > 0 {
+        let _ = writeln!(
+            out,
+            "\n{} frame addresses not symbolized within the report's time budget: shown as \
+             module+offset, symbolized for the next report.",
+            r.unsymbolized_frames
+        );
+    }
     let _ = writeln!(
         out,
         "\nLost: {}",

@@ -382,19 +382,34 @@ impl Symbolizer {
         }
     }
 
-    /// Symbolizes what was wanted and is not cached, one file at a time.
-    pub fn symbolize_wanted(&mut self) {
+    /// Symbolizes what was wanted and is not cached, one file at a time, the files with the
+    /// most addresses first, until `budget` is spent: files left wait for the next round
+    /// ahead or report, and their frames show as module and offset meanwhile (see
+    /// [`Symbolizer::unsymbolized`]). Kernel addresses are always symbolized (kallsyms is
+    /// one quick read).
+    pub fn symbolize_wanted(&mut self, budget: Duration) {
         let started = Instant::now();
-        let wanted = std::mem::take(&mut self.wanted);
-        let files = wanted.len();
-        let mut addresses: usize = wanted.values().map(HashSet::len).sum();
-        for (path, offsets) in wanted {
-            self.symbolize_file(&path, offsets);
+        let mut files: Vec<(Arc<str>, usize)> = self
+            .wanted
+            .iter()
+            .map(|(path, offsets)| (path.clone(), offsets.len()))
+            .collect();
+        files.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let (mut done_files, mut done_addresses) = (0, 0);
+        for (path, n) in files {
+            if started.elapsed() >= budget {
+                break;
+            }
+            if let Some(offsets) = self.wanted.remove(&path) {
+                self.symbolize_file(&path, offsets);
+                done_files += 1;
+                done_addresses += n;
+            }
         }
         let mut ips = std::mem::take(&mut self.wanted_kernel);
         ips.sort_unstable();
         ips.dedup();
-        addresses += ips.len();
+        done_addresses += ips.len();
         if !ips.is_empty() {
             let blaze = blazesym();
             let results = blaze
@@ -405,7 +420,12 @@ impl Symbolizer {
                 self.kernel_cache.insert(ip, sym);
             }
         }
-        self.last_report_work = (files, addresses, started.elapsed());
+        self.last_report_work = (done_files, done_addresses, started.elapsed());
+    }
+
+    /// Addresses wanted and not symbolized yet (the budget ran out before their file).
+    pub fn unsymbolized(&self) -> usize {
+        self.wanted.values().map(HashSet::len).sum()
     }
 
     /// One small id for a whole sequence of merge ids: the node of that sequence in a tree
@@ -468,10 +488,12 @@ impl Symbolizer {
         }
     }
 
-    /// Symbolizes a user frame now if [`Symbolizer::symbolize_wanted`] did not see it.
+    /// Symbolizes a user frame now if nothing wanted it before (a frame wanted and left by
+    /// [`Symbolizer::symbolize_wanted`] for lack of time stays unsymbolized).
     fn ensure_user(&mut self, path: &Arc<str>, offset: u64) -> (Arc<str>, u64) {
         let key = (path.clone(), offset);
-        if !self.user_cache.contains_key(&key) {
+        let pending = || self.wanted.get(path).is_some_and(|w| w.contains(&offset));
+        if !self.user_cache.contains_key(&key) && !pending() {
             let src = self.elf_source(path);
             let blaze = blazesym();
             let found = blaze.symbolize_single(&src, Input::FileOffset(offset));
@@ -498,8 +520,10 @@ impl Symbolizer {
             match frame {
                 UserFrame::File { path, offset } => {
                     let key = self.ensure_user(path, *offset);
-                    let frames = self.user_cache.get(&key).map_or(&[][..], |s| &s.frames);
-                    out.extend(frames.iter().map(|f| self.frame(f, *offset)));
+                    match self.user_cache.get(&key) {
+                        Some(sym) => out.extend(sym.frames.iter().map(|f| self.frame(f, *offset))),
+                        None => out.push(Frame::unknown(*offset, path, *offset)),
+                    }
                 }
                 UserFrame::Anon { name, offset } => {
                     out.push(Frame::unknown(*offset, name, *offset))
@@ -518,8 +542,12 @@ impl Symbolizer {
             match frame {
                 UserFrame::File { path, offset } => {
                     let key = self.ensure_user(path, *offset);
-                    if let Some(sym) = self.user_cache.get(&key) {
-                        out.extend(sym.frames.iter().map(|f| f.merge));
+                    match self.user_cache.get(&key) {
+                        Some(sym) => out.extend(sym.frames.iter().map(|f| f.merge)),
+                        None => {
+                            let id = self.unknown_merge_id(path, *offset);
+                            out.push(id);
+                        }
                     }
                 }
                 UserFrame::Anon { name, offset } => {
@@ -604,7 +632,7 @@ mod tests {
         let other = UserStack::resolve(&space, &[addr, addr + 3]);
         s.begin_report();
         s.want_user(&other);
-        s.symbolize_wanted();
+        s.symbolize_wanted(Duration::MAX);
         let mut ids_before = Vec::new();
         s.user_ids(&other, &mut ids_before);
         let strings_before = s.strings.all.len();

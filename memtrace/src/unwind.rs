@@ -10,15 +10,18 @@
 //! at the faulting instruction is `rsp + N`, and if so takes the return address from the word
 //! at `CFA - 8` (where the CFI says it is) when that word was read.
 //!
-//! Cost: one memo lookup per walked record, keyed by (file, file offset). A miss parses the
-//! file's CFI once (its sections copied, an FDE index sorted by address) and evaluates one FDE.
-//! Both the memo and the parsed files are bounded.
+//! Cost: one memo lookup per walked record, keyed by (file, file offset). A miss evaluates one
+//! FDE. A file's `.eh_frame` stays on disk: the agent keeps its `.eh_frame_hdr` search table
+//! (8 bytes a function) and an open descriptor, and reads the one FDE and its CIE with two
+//! `pread`s per miss, so a 7 MiB `.eh_frame` (libLLVM) costs ~1 MiB and a truncated file an
+//! error, never a SIGBUS. Only `.debug_frame`, or an `.eh_frame` without a search table, is
+//! copied and indexed. The memo and the parsed files are bounded.
 use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 use gimli::{
-    BaseAddresses, CfaRule, CieOrFde, DebugFrame, EhFrame, EndianSlice, LittleEndian, RegisterRule,
-    UnwindContext, UnwindSection, X86_64,
+    BaseAddresses, CfaRule, CieOrFde, DebugFrame, EhFrame, EhFrameHdr, EndianSlice, LittleEndian,
+    RegisterRule, UnwindContext, UnwindSection, X86_64,
 };
 use object::{Object, ObjectSection, ObjectSegment};
 
@@ -26,12 +29,14 @@ use crate::addrspace::AddressSpace;
 
 /// (file, file offset) decisions remembered; the memo is cleared when it reaches this.
 pub const MAX_MEMO: usize = 1 << 16;
-/// Parsed files kept (least recently used evicted).
-pub const MAX_FILES: usize = 256;
-/// Bytes of CFI (sections and index) kept for all parsed files together.
-pub const MAX_CACHE_BYTES: usize = 16 << 20;
-/// A file whose CFI is larger than this is not parsed (its leaves keep their walked stacks).
-pub const MAX_FILE_BYTES: usize = 8 << 20;
+/// Parsed files kept (least recently used evicted); each holds a descriptor open.
+pub const MAX_FILES: usize = 128;
+/// Bytes of CFI (search tables, copied sections and indexes) kept for all files together.
+pub const MAX_CACHE_BYTES: usize = 8 << 20;
+/// A file whose CFI takes more than this is not kept (its leaves keep their walked stacks).
+pub const MAX_FILE_BYTES: usize = 4 << 20;
+/// An FDE or CIE longer than this is not read (real ones are tens of bytes).
+const MAX_ENTRY_BYTES: usize = 64 << 10;
 
 type Slice<'a> = EndianSlice<'a, LittleEndian>;
 /// A section's bytes and its address.
@@ -51,6 +56,8 @@ enum LoadError {
     NoCfi,
     #[error("call-frame information of {0} bytes is over the limit")]
     TooLarge(usize),
+    #[error("unusable .eh_frame_hdr search table")]
+    BadTable,
 }
 
 /// One FDE: the code it covers and where it is in its section (16 bytes; a large binary has
@@ -93,10 +100,125 @@ struct Segment {
     vaddr: u64,
 }
 
+/// An `.eh_frame` read from the file on demand through its `.eh_frame_hdr` search table.
+#[derive(Debug)]
+struct IndexedEhFrame {
+    /// Where the section is in the file, and its address.
+    file_offset: u64,
+    size: u64,
+    address: u64,
+    text: u64,
+    got: u64,
+    /// The lowest function start; entries hold starts relative to it.
+    base: u64,
+    /// (start - base, FDE offset in the section), sorted by start.
+    table: Box<[(u32, u32)]>,
+}
+
+impl IndexedEhFrame {
+    /// The search table of `.eh_frame_hdr` (its bytes and address) for an `.eh_frame`.
+    fn new(
+        hdr: &[u8],
+        hdr_address: u64,
+        (file_offset, size, address): (u64, u64, u64),
+        (text, got): (u64, u64),
+    ) -> Result<Self, LoadError> {
+        let bases = BaseAddresses::default()
+            .set_eh_frame_hdr(hdr_address)
+            .set_eh_frame(address)
+            .set_text(text)
+            .set_got(got);
+        let parsed = EhFrameHdr::new(hdr, LittleEndian).parse(&bases, 8)?;
+        let eh_frame_ptr = parsed.eh_frame_ptr().direct()?;
+        let table = parsed.table().ok_or(LoadError::BadTable)?;
+        let mut entries = Vec::new();
+        let mut iter = table.iter(&bases);
+        while let Some((start, fde)) = iter.next()? {
+            entries.push((start.direct()?, fde.direct()?));
+        }
+        let base = entries.first().map_or(0, |e| e.0);
+        let table = entries
+            .iter()
+            .map(|&(start, fde)| {
+                let start = u32::try_from(start.checked_sub(base)?).ok()?;
+                let offset = u32::try_from(fde.checked_sub(eh_frame_ptr)?).ok()?;
+                Some((start, offset))
+            })
+            .collect::<Option<Box<[_]>>>()
+            .ok_or(LoadError::BadTable)?;
+        if !table.is_sorted_by_key(|e| e.0) {
+            return Err(LoadError::BadTable);
+        }
+        Ok(Self {
+            file_offset,
+            size,
+            address,
+            text,
+            got,
+            base,
+            table,
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.table)
+    }
+
+    /// Reads the entry (CIE or FDE) at `offset` in the section: its bytes, length included.
+    fn read_entry(&self, file: &std::fs::File, offset: u64) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut len = [0u8; 4];
+        file.read_exact_at(&mut len, self.file_offset.checked_add(offset)?)
+            .ok()?;
+        // 0xffffffff announces a 64-bit length: never needed for one function's FDE.
+        let len = u32::from_le_bytes(len) as usize;
+        if len == 0 || len > MAX_ENTRY_BYTES || offset + 4 + len as u64 > self.size {
+            return None;
+        }
+        let mut entry = vec![0u8; 4 + len];
+        file.read_exact_at(&mut entry, self.file_offset + offset)
+            .ok()?;
+        Some(entry)
+    }
+
+    /// Where the return address is at `vaddr` (see [`ra_word_in`]).
+    fn ra_word(
+        &self,
+        file: &std::fs::File,
+        vaddr: u64,
+        ctx: &mut UnwindContext<usize>,
+    ) -> Option<Option<usize>> {
+        let key = u32::try_from(vaddr.checked_sub(self.base)?).ok()?;
+        let i = self.table.partition_point(|e| e.0 <= key).checked_sub(1)?;
+        let fde_offset = u64::from(self.table.get(i)?.1);
+        let mut fde = self.read_entry(file, fde_offset)?;
+        let cie_pointer = u32::from_le_bytes(fde.get(4..8)?.try_into().ok()?);
+        // The CIE pointer counts back from its own field to the CIE.
+        let cie_offset = (fde_offset + 4).checked_sub(u64::from(cie_pointer))?;
+        let mut entries = self.read_entry(file, cie_offset)?;
+        // Lay the CIE and the FDE side by side, the FDE's pointer counting back to the CIE,
+        // and put the section where pc-relative addresses in the FDE still come out right.
+        let at = entries.len();
+        let pointer = u32::try_from(at + 4).ok()?;
+        fde.get_mut(4..8)?.copy_from_slice(&pointer.to_le_bytes());
+        entries.extend_from_slice(&fde);
+        let address = (self.address + fde_offset).checked_sub(at as u64)?;
+        let bases = BaseAddresses::default()
+            .set_eh_frame(address)
+            .set_text(self.text)
+            .set_got(self.got);
+        let mut section = EhFrame::new(&entries, LittleEndian);
+        section.set_address_size(8);
+        ra_word_in(&section, &bases, at, vaddr, ctx)
+    }
+}
+
 /// The CFI of one ELF file.
 #[derive(Debug)]
 struct FileCfi {
+    file: std::fs::File,
     segments: Vec<Segment>,
+    indexed: Option<IndexedEhFrame>,
     eh_frame: Option<CfiSection>,
     debug_frame: Option<CfiSection>,
 }
@@ -142,8 +264,14 @@ fn index_fdes<'a, S: UnwindSection<Slice<'a>>>(
 
 impl FileCfi {
     fn load(path: &str) -> Result<Self, LoadError> {
+        Self::load_with(path, true)
+    }
+
+    /// [`FileCfi::load`]; `search_table` false copies `.eh_frame` even when it has one.
+    fn load_with(path: &str, search_table: bool) -> Result<Self, LoadError> {
+        let file = std::fs::File::open(path)?;
         // Read through a cache: only the headers and the CFI sections are read, not the file.
-        let cache = object::ReadCache::new(std::fs::File::open(path)?);
+        let cache = object::ReadCache::new(file.try_clone()?);
         let obj = object::File::parse(&cache)?;
         if obj.architecture() != object::Architecture::X86_64 || !obj.is_little_endian() {
             return Err(LoadError::NotX86_64);
@@ -170,7 +298,30 @@ impl FileCfi {
             }
             Ok(Some((Box::from(s.data()?), s.address())))
         };
-        let eh_frame = match data_of(".eh_frame")? {
+        // An .eh_frame with a search table stays on disk.
+        let indexed = match (
+            obj.section_by_name(".eh_frame"),
+            obj.section_by_name(".eh_frame_hdr"),
+        ) {
+            (Some(eh), Some(hdr)) if search_table => match (eh.file_range(), hdr.data()) {
+                (Some((offset, size)), Ok(hdr_data)) => IndexedEhFrame::new(
+                    hdr_data,
+                    hdr.address(),
+                    (offset, size, eh.address()),
+                    (addr_of(".text"), addr_of(".got")),
+                )
+                .inspect_err(|e| log::debug!("{path}: {e}"))
+                .ok(),
+                _ => None,
+            },
+            _ => None,
+        };
+        let eh_frame = match indexed
+            .is_none()
+            .then(|| data_of(".eh_frame"))
+            .transpose()?
+            .flatten()
+        {
             Some((data, address)) => {
                 let bases = BaseAddresses::default()
                     .set_eh_frame(address)
@@ -193,12 +344,16 @@ impl FileCfi {
             }
             None => None,
         };
+        drop(obj);
+        drop(cache);
         let cfi = Self {
+            file,
             segments,
+            indexed,
             eh_frame: eh_frame.filter(|s| !s.fdes.is_empty()),
             debug_frame: debug_frame.filter(|s| !s.fdes.is_empty()),
         };
-        if cfi.eh_frame.is_none() && cfi.debug_frame.is_none() {
+        if cfi.indexed.is_none() && cfi.eh_frame.is_none() && cfi.debug_frame.is_none() {
             return Err(LoadError::NoCfi);
         }
         if cfi.bytes() > MAX_FILE_BYTES {
@@ -208,7 +363,8 @@ impl FileCfi {
     }
 
     fn bytes(&self) -> usize {
-        self.eh_frame.as_ref().map_or(0, CfiSection::bytes)
+        self.indexed.as_ref().map_or(0, IndexedEhFrame::bytes)
+            + self.eh_frame.as_ref().map_or(0, CfiSection::bytes)
             + self.debug_frame.as_ref().map_or(0, CfiSection::bytes)
             + self.segments.len() * std::mem::size_of::<Segment>()
     }
@@ -225,44 +381,54 @@ impl FileCfi {
     /// `None` when it is based on another register (a frame-pointer frame), an expression, or
     /// no CFI covers `vaddr`.
     fn ra_word(&self, vaddr: u64, ctx: &mut UnwindContext<usize>) -> Option<usize> {
+        if let Some(indexed) = &self.indexed {
+            if let Some(word) = indexed.ra_word(&self.file, vaddr, ctx) {
+                return word;
+            }
+        }
         if let Some(s) = &self.eh_frame {
             if let Some(offset) = s.fde_offset(vaddr) {
                 let mut section = EhFrame::new(&s.data, LittleEndian);
                 section.set_address_size(8);
-                return ra_word_in(&section, &s.bases, offset, vaddr, ctx);
+                return ra_word_in(&section, &s.bases, offset, vaddr, ctx).flatten();
             }
         }
         let s = self.debug_frame.as_ref()?;
         let offset = s.fde_offset(vaddr)?;
         let mut section = DebugFrame::new(&s.data, LittleEndian);
         section.set_address_size(8);
-        ra_word_in(&section, &s.bases, offset, vaddr, ctx)
+        ra_word_in(&section, &s.bases, offset, vaddr, ctx).flatten()
     }
 }
 
+/// Where the return address is at `vaddr` by the FDE at `fde_offset`: `None` when that FDE
+/// cannot be read or does not cover `vaddr`, `Some(None)` when the CFA is not rsp-based there.
 fn ra_word_in<'a, S: UnwindSection<Slice<'a>>>(
     section: &S,
     bases: &BaseAddresses,
     fde_offset: usize,
     vaddr: u64,
     ctx: &mut UnwindContext<usize>,
-) -> Option<usize> {
+) -> Option<Option<usize>> {
     let fde = section
         .fde_from_offset(bases, fde_offset.into(), |s, b, o| s.cie_from_offset(b, o))
         .ok()?;
-    let row = fde
-        .unwind_info_for_address(section, bases, ctx, vaddr)
-        .ok()?;
-    let CfaRule::RegisterAndOffset { register, offset } = *row.cfa() else {
-        return None;
-    };
-    if register != X86_64::RSP {
+    if !fde.contains(vaddr) {
         return None;
     }
-    let Some(RegisterRule::Offset(ra)) = row.register(X86_64::RA) else {
-        return None;
+    let Ok(row) = fde.unwind_info_for_address(section, bases, ctx, vaddr) else {
+        return Some(None);
     };
-    ra_word_of(offset, ra)
+    let CfaRule::RegisterAndOffset { register, offset } = *row.cfa() else {
+        return Some(None);
+    };
+    if register != X86_64::RSP {
+        return Some(None);
+    }
+    let Some(RegisterRule::Offset(ra)) = row.register(X86_64::RA) else {
+        return Some(None);
+    };
+    Some(ra_word_of(offset, ra))
 }
 
 /// The word index above rsp of a return address saved at `CFA + ra_offset` with
@@ -490,6 +656,31 @@ mod tests {
         let offset_outside_segments = u64::MAX / 2;
         let (_, path, _) = own_exe();
         assert_eq!(cache.ra_word(&path, offset_outside_segments), None);
+    }
+
+    #[test]
+    fn the_search_table_reads_the_same_cfi_as_a_copy() {
+        let (_, path, offset) = own_exe();
+        let on_disk = FileCfi::load(&path).expect("own CFI");
+        assert!(on_disk.indexed.is_some() && on_disk.eh_frame.is_none());
+        let copied = FileCfi::load_with(&path, false).expect("own CFI, copied");
+        assert!(copied.indexed.is_none() && copied.eh_frame.is_some());
+        assert!(on_disk.bytes() < copied.bytes() / 4);
+        let mut ctx = UnwindContext::new();
+        let (mut rsp_based, mut other) = (0, 0);
+        // Every 13th byte over 256 KiB of code around a known function.
+        for off in (offset.saturating_sub(128 << 10)..offset + (128 << 10)).step_by(13) {
+            let Some(vaddr) = on_disk.vaddr(off) else {
+                continue;
+            };
+            let word = on_disk.ra_word(vaddr, &mut ctx);
+            assert_eq!(word, copied.ra_word(vaddr, &mut ctx), "at {off:#x}");
+            match word {
+                Some(_) => rsp_based += 1,
+                None => other += 1,
+            }
+        }
+        assert!(rsp_based > 100 && other > 100, "{rsp_based} {other}");
     }
 
     #[test]
