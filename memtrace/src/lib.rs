@@ -15,6 +15,7 @@ pub mod hooks;
 pub mod loader;
 pub mod record;
 pub mod report;
+pub mod ring;
 pub mod sideband;
 pub mod stacks;
 pub mod symbolize;

@@ -2,7 +2,7 @@
 use std::path::Path;
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy},
         PerfEvent, RawTracePoint, TracePoint,
@@ -13,6 +13,7 @@ use memtrace_common::{counter, Config};
 
 use crate::{
     hooks::{Hook, HookGroup, HookPoint},
+    ring::Ring,
     tracefs, Error,
 };
 
@@ -61,7 +62,7 @@ pub struct KernelCounters {
 pub struct Tracer {
     // Keeps programs and links alive for as long as the tracer lives.
     _ebpf: Ebpf,
-    pub events: Option<RingBuf<MapData>>,
+    pub events: Option<Ring>,
     counters: PerCpuArray<MapData, u64>,
     targets: HashMap<MapData, u32, u8>,
     targets_generation: Array<MapData, u64>,
@@ -280,7 +281,10 @@ impl Tracer {
             }
         }
 
-        let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?).map_err(map_error)?;
+        let events = match take_map(&mut ebpf, "EVENTS")? {
+            Map::RingBuf(data) => Ring::new(data)?,
+            _ => return Err(Error::Map("map EVENTS is not a ring buffer".into())),
+        };
         let counters =
             PerCpuArray::try_from(take_map(&mut ebpf, "COUNTERS")?).map_err(map_error)?;
         let targets = HashMap::try_from(take_map(&mut ebpf, "TARGETS")?).map_err(map_error)?;

@@ -1,7 +1,11 @@
 //! Fault reports: a plain data structure built from the aggregates, rendered as a table, one
 //! JSON document, or folded stacks for flame graphs.
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-use std::{fmt::Write as _, sync::Arc, time::Duration};
+use std::{
+    fmt::Write as _,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use serde::Serialize;
 
@@ -13,7 +17,7 @@ use crate::{
         ProcessFaults, SiteStats,
     },
     loader::KernelCounters,
-    stacks::{StackId, UserStack},
+    stacks::{StackId, StackTree, UserFrame, UserStack},
     symbolize::{Frame, MergePath, Symbolizer},
 };
 
@@ -162,7 +166,7 @@ pub struct FaultReport {
     /// the stack pointer (run totals).
     pub leaf_callers_recovered: u64,
     /// Frame addresses whose file the report had no time left to symbolize
-    /// ([`SYMBOLIZE_BUDGET`]): shown as module and file offset (what addr2line takes), and
+    /// ([`SYMBOLIZE_UNTIL`]): shown as module and file offset (what addr2line takes), and
     /// symbolized for the next report.
     pub unsymbolized_frames: u64,
     /// The kernel's own counts beside memtrace's, where they could be read.
@@ -376,6 +380,80 @@ impl SiteStack<'_> {
                 true
             }
         }
+    }
+}
+
+/// The merge paths of a stack tree's nodes for one report, each computed once: stacks in the
+/// tree share their outer frames, and 100,000 distinct deep stacks of one program are a few
+/// hundred thousand nodes where they are millions of frames.
+struct TreePaths<'a> {
+    tree: &'a StackTree,
+    /// Nodes whose frames were handed to the symbolizer.
+    wanted: Vec<bool>,
+    /// Each node's merge path (of its frames, outermost first); `u32::MAX` until computed.
+    paths: Vec<u32>,
+    chain: Vec<(u32, Option<UserFrame>)>,
+    ids: Vec<u32>,
+}
+
+impl<'a> TreePaths<'a> {
+    const UNKNOWN: u32 = u32::MAX;
+
+    fn new(tree: &'a StackTree) -> Self {
+        Self {
+            tree,
+            wanted: vec![false; tree.len()],
+            paths: vec![Self::UNKNOWN; tree.len()],
+            chain: Vec::new(),
+            ids: Vec::new(),
+        }
+    }
+
+    /// Hands the frames of stack `id` not handed over yet to the symbolizer.
+    fn want(&mut self, id: StackId, symbolizer: &mut Symbolizer) {
+        let mut node = id.node();
+        while let Some(wanted) = self.wanted.get_mut(node as usize).filter(|w| !**w) {
+            *wanted = true;
+            let Some((parent, frame)) = self.tree.node(node) else {
+                break;
+            };
+            if let Some(UserFrame::File { path, offset }) = frame {
+                symbolizer.want_frame(&path, offset);
+            }
+            node = parent;
+        }
+    }
+
+    /// The merge path of stack `id`'s frames, outermost first.
+    fn path(&mut self, id: StackId, symbolizer: &mut Symbolizer) -> MergePath {
+        // Up to the nearest node already known (or the root), then down from there.
+        self.chain.clear();
+        let mut node = id.node();
+        let mut path = MergePath::EMPTY;
+        while let Some(&known) = self.paths.get(node as usize) {
+            if known != Self::UNKNOWN {
+                path = MergePath::from_node(known);
+                break;
+            }
+            let Some((parent, frame)) = self.tree.node(node) else {
+                break;
+            };
+            self.chain.push((node, frame));
+            node = parent;
+        }
+        while let Some((node, frame)) = self.chain.pop() {
+            if let Some(frame) = frame {
+                self.ids.clear();
+                symbolizer.frame_ids(&frame, &mut self.ids);
+                // A frame's ids run innermost (inlined) first.
+                self.ids.reverse();
+                path = symbolizer.merge_extend(path, &self.ids);
+            }
+            if let Some(p) = self.paths.get_mut(node as usize) {
+                *p = path.node();
+            }
+        }
+        path
     }
 }
 
@@ -612,10 +690,11 @@ impl IntervalBaseline {
 
 /// Builds a report from what the collector holds. With `since` (interval reports), each
 /// figure is what came since the previous report; call [`Collector::end_interval`] after.
-/// How long a report may spend symbolizing: a host that ran hundreds of big programs since
-/// the last report must not stall the ring for seconds. Files are taken most addresses
-/// first; those left are symbolized ahead for the next report.
-pub const SYMBOLIZE_BUDGET: Duration = Duration::from_millis(500);
+/// How long after a report starts its symbolizing stops: a host that ran hundreds of big
+/// programs since the last report must not stall the ring for seconds, and on a loaded host
+/// the wall time, not the agent's CPU time, is what the ring waits for. Files are taken most
+/// addresses first; those left are symbolized ahead for the next report.
+pub const SYMBOLIZE_UNTIL: Duration = Duration::from_millis(500);
 
 pub fn build(
     input: &ReportInput<'_>,
@@ -623,6 +702,7 @@ pub fn build(
     opts: &ReportOptions,
     mut since: Option<&mut IntervalBaseline>,
 ) -> FaultReport {
+    let started = Instant::now();
     let collector = input.collector;
     let scope = if since.is_some() {
         Scope::Interval
@@ -722,9 +802,15 @@ pub fn build(
     let sites = all_callsites(collector, since.is_some() && collector.intervals);
     symbolizer.begin_report();
     let mut stack = UserStack::default();
+    let mut tree_paths = TreePaths::new(&collector.user_stacks);
     for site in &sites {
-        if site.user.resolve_into(&mut stack) {
-            symbolizer.want_user(&stack);
+        match &site.user {
+            SiteStack::None => {}
+            SiteStack::Live(space, ips) => {
+                stack.resolve_into(space, ips);
+                symbolizer.want_user(&stack);
+            }
+            SiteStack::Resolved(_, id) => tree_paths.want(*id, symbolizer),
         }
         if let Some(ips) = site
             .kernel_stack
@@ -733,7 +819,7 @@ pub fn build(
             symbolizer.want_kernel(ips);
         }
     }
-    symbolizer.symbolize_wanted(SYMBOLIZE_BUDGET);
+    symbolizer.symbolize_wanted(Some(started + SYMBOLIZE_UNTIL));
     let unsymbolized_frames = symbolizer.unsymbolized() as u64;
     // Each site's merge key, sorted: a merged callsite is a run of equal keys. Its faults
     // are summed only if the report shows it.
@@ -741,10 +827,20 @@ pub fn build(
     let mut keyed: Vec<(MergeKey, u32)> = Vec::with_capacity(sites.len());
     let mut ids = Vec::new();
     for (i, site) in sites.iter().enumerate() {
+        // User frames outermost first (the order a stack tree shares them in), then the
+        // kernel's after a separator.
+        let user = match &site.user {
+            SiteStack::None => MergePath::EMPTY,
+            SiteStack::Live(space, ips) => {
+                stack.resolve_into(space, ips);
+                ids.clear();
+                symbolizer.user_ids(&stack, &mut ids);
+                ids.reverse();
+                symbolizer.merge_extend(MergePath::EMPTY, &ids)
+            }
+            SiteStack::Resolved(_, id) => tree_paths.path(*id, symbolizer),
+        };
         ids.clear();
-        if site.user.resolve_into(&mut stack) {
-            symbolizer.user_ids(&stack, &mut ids);
-        }
         ids.push(u32::MAX); // user and kernel frames apart
         if let Some(ips) = site
             .kernel_stack
@@ -766,11 +862,12 @@ pub fn build(
             kind: site.kind,
             class: site.class,
             path,
-            frames: symbolizer.merge_path(&ids),
+            frames: symbolizer.merge_extend(user, &ids),
         };
         keyed.push((key, i as u32));
     }
     drop(paths);
+    drop(tree_paths);
     keyed.sort_unstable();
     // Per merged callsite: its sites in `keyed`, and their total count.
     let mut merged: Vec<(std::ops::Range<usize>, u64)> = Vec::new();

@@ -159,6 +159,13 @@ impl UserStack {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StackId(u32);
 
+impl StackId {
+    /// Its node in the tree.
+    pub fn node(self) -> u32 {
+        self.0
+    }
+}
+
 /// What a tree node's frame is in: an index into the tree's modules, or one of these.
 const UNMAPPED: u32 = u32::MAX;
 /// The outermost node of a truncated stack.
@@ -300,6 +307,28 @@ impl StackTree {
             }
             node = n.parent as usize;
         }
+    }
+
+    /// Node `id`'s parent (the frames outside it) and its frame (`None` for the mark of a
+    /// truncated stack); `None` for the root or an id out of range. Parents have smaller ids
+    /// than their children.
+    pub fn node(&self, id: u32) -> Option<(u32, Option<UserFrame>)> {
+        let n = self.nodes.get(id as usize).filter(|_| id != 0)?;
+        let frame = match n.module {
+            TRUNCATED => None,
+            UNMAPPED => Some(UserFrame::Unmapped),
+            m => Some(match self.modules.get(m as usize)? {
+                Module::File(path) => UserFrame::File {
+                    path: path.clone(),
+                    offset: n.offset,
+                },
+                Module::Anon(name) => UserFrame::Anon {
+                    name: name.clone(),
+                    offset: n.offset,
+                },
+            }),
+        };
+        Some((n.parent, frame))
     }
 
     /// The file frames of the nodes from `from` on: nodes are only ever appended (until the

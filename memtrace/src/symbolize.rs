@@ -165,6 +165,20 @@ pub struct Symbolizer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MergePath(u32);
 
+impl MergePath {
+    /// The empty sequence.
+    pub const EMPTY: MergePath = MergePath(0);
+
+    /// Its node in the merge tree (for callers that keep paths in plain tables).
+    pub fn node(self) -> u32 {
+        self.0
+    }
+
+    pub fn from_node(node: u32) -> Self {
+        Self(node)
+    }
+}
+
 impl Default for Symbolizer {
     fn default() -> Self {
         Self::new()
@@ -383,11 +397,11 @@ impl Symbolizer {
     }
 
     /// Symbolizes what was wanted and is not cached, one file at a time, the files with the
-    /// most addresses first, until `budget` is spent: files left wait for the next round
+    /// most addresses first, until `deadline`: files left wait for the next round
     /// ahead or report, and their frames show as module and offset meanwhile (see
     /// [`Symbolizer::unsymbolized`]). Kernel addresses are always symbolized (kallsyms is
     /// one quick read).
-    pub fn symbolize_wanted(&mut self, budget: Duration) {
+    pub fn symbolize_wanted(&mut self, deadline: Option<Instant>) {
         let started = Instant::now();
         let mut files: Vec<(Arc<str>, usize)> = self
             .wanted
@@ -397,7 +411,7 @@ impl Symbolizer {
         files.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         let (mut done_files, mut done_addresses) = (0, 0);
         for (path, n) in files {
-            if started.elapsed() >= budget {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
             }
             if let Some(offsets) = self.wanted.remove(&path) {
@@ -423,7 +437,7 @@ impl Symbolizer {
         self.last_report_work = (done_files, done_addresses, started.elapsed());
     }
 
-    /// Addresses wanted and not symbolized yet (the budget ran out before their file).
+    /// Addresses wanted and not symbolized yet (the deadline came before their file).
     pub fn unsymbolized(&self) -> usize {
         self.wanted.values().map(HashSet::len).sum()
     }
@@ -432,7 +446,12 @@ impl Symbolizer {
     /// of them. Callsites merge on it; sequences sharing their start share nodes, so a
     /// report over 100,000 deep stacks does not hold 100,000 id vectors.
     pub fn merge_path(&mut self, ids: &[u32]) -> MergePath {
-        let mut node = 0u32;
+        self.merge_extend(MergePath::EMPTY, ids)
+    }
+
+    /// The merge path of `from`'s sequence followed by `ids`.
+    pub fn merge_extend(&mut self, from: MergePath, ids: &[u32]) -> MergePath {
+        let mut node = from.0;
         for &id in ids {
             let next = self.merge_tree.len() as u32 + 1;
             node = *self.merge_tree.entry((node, id)).or_insert(next);
@@ -539,25 +558,31 @@ impl Symbolizer {
     /// symbol names. No frame is built: this runs for every callsite of every report.
     pub fn user_ids(&mut self, stack: &UserStack, out: &mut Vec<u32>) {
         for frame in &stack.frames {
-            match frame {
-                UserFrame::File { path, offset } => {
-                    let key = self.ensure_user(path, *offset);
-                    match self.user_cache.get(&key) {
-                        Some(sym) => out.extend(sym.frames.iter().map(|f| f.merge)),
-                        None => {
-                            let id = self.unknown_merge_id(path, *offset);
-                            out.push(id);
-                        }
+            self.frame_ids(frame, out);
+        }
+    }
+
+    /// [`Symbolizer::user_ids`] for one frame (more than one id with inlined functions,
+    /// innermost first).
+    pub fn frame_ids(&mut self, frame: &UserFrame, out: &mut Vec<u32>) {
+        match frame {
+            UserFrame::File { path, offset } => {
+                let key = self.ensure_user(path, *offset);
+                match self.user_cache.get(&key) {
+                    Some(sym) => out.extend(sym.frames.iter().map(|f| f.merge)),
+                    None => {
+                        let id = self.unknown_merge_id(path, *offset);
+                        out.push(id);
                     }
                 }
-                UserFrame::Anon { name, offset } => {
-                    let id = self.unknown_merge_id(name, *offset);
-                    out.push(id);
-                }
-                UserFrame::Unmapped => {
-                    let id = self.unknown_merge_id("[unmapped]", 0);
-                    out.push(id);
-                }
+            }
+            UserFrame::Anon { name, offset } => {
+                let id = self.unknown_merge_id(name, *offset);
+                out.push(id);
+            }
+            UserFrame::Unmapped => {
+                let id = self.unknown_merge_id("[unmapped]", 0);
+                out.push(id);
             }
         }
     }
@@ -632,7 +657,7 @@ mod tests {
         let other = UserStack::resolve(&space, &[addr, addr + 3]);
         s.begin_report();
         s.want_user(&other);
-        s.symbolize_wanted(Duration::MAX);
+        s.symbolize_wanted(None);
         let mut ids_before = Vec::new();
         s.user_ids(&other, &mut ids_before);
         let strings_before = s.strings.all.len();
@@ -651,5 +676,38 @@ mod tests {
         let unknown = s.user_frames(&UserStack::resolve(&Default::default(), &[addr]));
         assert_eq!(unknown[0].module, "[unmapped]");
         assert_eq!(unknown[0].display(), "[unknown] ([unmapped]+0x0)");
+    }
+
+    #[test]
+    fn a_report_out_of_time_shows_module_and_offset_and_the_next_one_symbolizes() {
+        let addr = std::hint::black_box(marker_function_for_symbolizer_test());
+        let space = crate::addrspace::AddressSpace::read(std::process::id()).expect("own maps");
+        let stack = UserStack::resolve(&space, &[addr]);
+        let UserFrame::File { path, offset } = &stack.frames[0] else {
+            panic!("own code is file-backed: {stack:?}");
+        };
+        let mut s = Symbolizer::new();
+        s.begin_report();
+        s.want_user(&stack);
+        s.symbolize_wanted(Some(Instant::now()));
+        assert_eq!(s.unsymbolized(), 1);
+        let frames = s.user_frames(&stack);
+        assert_eq!(frames, vec![Frame::unknown(*offset, path, *offset)]);
+        let mut ids = Vec::new();
+        s.user_ids(&stack, &mut ids);
+        assert_eq!(ids.len(), 1);
+        s.finish();
+        // Still wanted: the next report symbolizes it.
+        s.begin_report();
+        s.want_user(&stack);
+        s.symbolize_wanted(None);
+        assert_eq!(s.unsymbolized(), 0);
+        let frames = s.user_frames(&stack);
+        assert!(
+            frames[0]
+                .function
+                .contains("marker_function_for_symbolizer_test"),
+            "{frames:?}"
+        );
     }
 }

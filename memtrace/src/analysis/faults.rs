@@ -1,14 +1,13 @@
 //! `memtrace faults`: major and minor page faults per process, thread and callsite.
 use std::time::{Duration, Instant};
 
-use aya::maps::{MapData, RingBuf};
-
 use crate::{
     collector::Collector,
     engine::{self, process_alive, Analysis, ReportContext, ReportKind, DRAIN_BATCH, DRAIN_BUDGET},
     hooks::{self, HookGroup},
     loader::Tracer,
     report::{self, FaultReport, IntervalBaseline, ReportInput, ReportOptions},
+    ring::Ring,
     sideband::{self, Sideband},
     stacks::UserStack,
     symbolize::Symbolizer,
@@ -114,7 +113,7 @@ impl Analysis for FaultsAnalysis {
 
     /// Hands waiting ring-buffer records to the collector, merged in time order with the
     /// side-band's records.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool {
+    fn drain(&mut self, ring: &mut Ring) -> bool {
         let started = std::time::Instant::now();
         let collector = &mut self.collector;
         let mut sideband = self.sideband.as_mut();

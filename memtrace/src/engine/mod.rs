@@ -12,7 +12,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, time::MissedTickBehavior};
 
 pub use signals::install_stop_signals;
@@ -46,7 +45,7 @@ pub trait Analysis {
 
     /// Handles waiting ring-buffer records, at most [`DRAIN_BATCH`] or [`DRAIN_BUDGET`] at a
     /// time. Returns whether it stopped with records possibly still waiting.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> bool;
+    fn drain(&mut self, ring: &mut crate::ring::Ring) -> bool;
 
     /// Is a process the command started (other than the command itself) still alive?
     fn descendants_alive(&self, command: u32) -> bool;
