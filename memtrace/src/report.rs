@@ -165,7 +165,7 @@ pub struct FaultReport {
     /// Walked user stacks that got the caller of a frameless function back from the words at
     /// the stack pointer (run totals).
     pub leaf_callers_recovered: u64,
-    /// Frame addresses whose file the report had no time left to symbolize
+    /// Frames of the callsites shown whose file the report had no time left to symbolize
     /// ([`SYMBOLIZE_UNTIL`]): shown as module and file offset (what addr2line takes), and
     /// symbolized for the next report.
     pub unsymbolized_frames: u64,
@@ -688,14 +688,14 @@ impl IntervalBaseline {
     }
 }
 
-/// Builds a report from what the collector holds. With `since` (interval reports), each
-/// figure is what came since the previous report; call [`Collector::end_interval`] after.
 /// How long after a report starts its symbolizing stops: a host that ran hundreds of big
 /// programs since the last report must not stall the ring for seconds, and on a loaded host
 /// the wall time, not the agent's CPU time, is what the ring waits for. Files are taken most
-/// addresses first; those left are symbolized ahead for the next report.
+/// addresses first, the first always; those left are symbolized ahead for the next report.
 pub const SYMBOLIZE_UNTIL: Duration = Duration::from_millis(500);
 
+/// Builds a report from what the collector holds. With `since` (interval reports), each
+/// figure is what came since the previous report; call [`Collector::end_interval`] after.
 pub fn build(
     input: &ReportInput<'_>,
     symbolizer: &mut Symbolizer,
@@ -820,7 +820,6 @@ pub fn build(
         }
     }
     symbolizer.symbolize_wanted(Some(started + SYMBOLIZE_UNTIL));
-    let unsymbolized_frames = symbolizer.unsymbolized() as u64;
     // Each site's merge key, sorted: a merged callsite is a run of equal keys. Its faults
     // are summed only if the report shows it.
     let mut paths: HashMap<&str, u32> = HashMap::new();
@@ -981,7 +980,7 @@ pub fn build(
         },
         stack_cache_hits,
         leaf_callers_recovered: collector.unwind.recovered,
-        unsymbolized_frames,
+        unsymbolized_frames: symbolizer.shown_unsymbolized(),
         kernel_counts,
         // Last, so the peak includes this report's own symbolization.
         agent: AgentStats::current(collector.stats.records),
@@ -1219,8 +1218,8 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
     if r.unsymbolized_frames > 0 {
         let _ = writeln!(
             out,
-            "\n{} frame addresses not symbolized within the report's time budget: shown as \
-             module+offset, symbolized for the next report.",
+            "\n{} frames shown as module+offset: the report ran out of time to symbolize their \
+             files (they are symbolized for the next report).",
             r.unsymbolized_frames
         );
     }

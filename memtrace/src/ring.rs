@@ -137,13 +137,22 @@ impl Ring {
         unsafe { self.producer.ptr.cast::<AtomicUsize>().as_ref() }
     }
 
-    /// The data pages.
-    fn data(&self) -> &[u8] {
+    /// The data pages' first byte. No slice covers them whole: the kernel writes into the
+    /// free part and into records not committed yet while we read.
+    fn data_ptr(&self) -> *const u8 {
         let page = self.producer.len - self.size;
-        // SAFETY: the mapping is `page + size` bytes long and lives as long as `self`; the
-        // kernel writes only to records the consumer position says are not ours yet, and the
-        // ones read are published (busy bit clear, acquire-loaded).
-        unsafe { std::slice::from_raw_parts(self.producer.ptr.as_ptr().add(page), self.size) }
+        // SAFETY: `page` is within the mapping (`page + size` bytes long).
+        unsafe { self.producer.ptr.as_ptr().add(page) }
+    }
+
+    /// `len` bytes of a committed record's data at `start` (`start + len <= size`).
+    fn committed(&self, start: usize, len: usize) -> &[u8] {
+        debug_assert!(start + len <= self.size);
+        // SAFETY: in bounds of the data pages (checked by the callers against `size`); the
+        // record's busy bit was seen clear with acquire ordering, so the kernel no longer
+        // writes these bytes until the consumer position passes them, which happens only
+        // after the borrow ends (the item holds `&mut Ring`).
+        unsafe { std::slice::from_raw_parts(self.data_ptr().add(start), len) }
     }
 
     fn consume(&mut self, len: usize) {
@@ -176,10 +185,11 @@ impl Ring {
             let offset = self.consumer_pos & mask;
             // Headers are 8-byte aligned and the size a multiple of the page: a header never
             // wraps.
-            let header_ptr = self.data()[offset..offset + 4].as_ptr().cast::<AtomicU32>();
-            // SAFETY: 4 in-bounds bytes at an 8-aligned offset of the mapping; the kernel commits
-            // a record by clearing the busy bit with a fully ordered xchg, paired with this load.
-            let header = unsafe { &*header_ptr }.load(Ordering::Acquire);
+            // SAFETY: 4 in-bounds bytes (offset <= size - 8) at an 8-aligned offset of the
+            // mapping, only ever accessed atomically; the kernel commits a record by clearing
+            // the busy bit with a fully ordered xchg, paired with this load.
+            let header = unsafe { &*self.data_ptr().add(offset).cast::<AtomicU32>() }
+                .load(Ordering::Acquire);
             if header & BUSY_BIT != 0 {
                 if !self.needs_fence {
                     return None;
@@ -194,11 +204,12 @@ impl Ring {
                 continue;
             }
             if len > self.size - HEADER_BYTES {
-                // Not a record the kernel could have written: skip the rest rather than read
-                // past the mapping.
+                // Not a record the kernel could have written: skip what is there rather than
+                // read past the mapping.
                 self.consumer_pos = self.producer_pos;
                 self.consumer_atomic()
                     .store(self.consumer_pos, Ordering::Release);
+                self.needs_fence = true;
                 return None;
             }
             let start = (offset + HEADER_BYTES) & mask;
@@ -207,8 +218,8 @@ impl Ring {
                 let first = self.size - start;
                 let mut wrapped = std::mem::take(&mut self.wrapped);
                 wrapped.clear();
-                wrapped.extend_from_slice(&self.data()[start..]);
-                wrapped.extend_from_slice(&self.data()[..len - first]);
+                wrapped.extend_from_slice(self.committed(start, first));
+                wrapped.extend_from_slice(self.committed(0, len - first));
                 self.wrapped = wrapped;
             }
             return Some(RingItem {
@@ -248,7 +259,7 @@ impl Deref for RingItem<'_> {
         if self.wraps {
             &self.ring.wrapped
         } else {
-            &self.ring.data()[self.start..self.start + self.len]
+            self.ring.committed(self.start, self.len)
         }
     }
 }

@@ -12,8 +12,8 @@
 //!
 //! Cost: one memo lookup per walked record, keyed by (file, file offset). A miss evaluates one
 //! FDE. A file's `.eh_frame` stays on disk: the agent keeps its `.eh_frame_hdr` search table
-//! (8 bytes a function) and an open descriptor, and reads the one FDE and its CIE with two
-//! `pread`s per miss, so a 7 MiB `.eh_frame` (libLLVM) costs ~1 MiB and a truncated file an
+//! (8 bytes a function) and an open descriptor, and reads the one FDE and its CIE with four
+//! small `pread`s per miss (length, then entry), so a 7 MiB `.eh_frame` (libLLVM) costs ~1 MiB and a truncated file an
 //! error, never a SIGBUS. Only `.debug_frame`, or an `.eh_frame` without a search table, is
 //! copied and indexed. The memo and the parsed files are bounded.
 use foldhash::{HashMap, HashMapExt};
@@ -130,6 +130,10 @@ impl IndexedEhFrame {
             .set_got(got);
         let parsed = EhFrameHdr::new(hdr, LittleEndian).parse(&bases, 8)?;
         let eh_frame_ptr = parsed.eh_frame_ptr().direct()?;
+        // FDE offsets are taken from the table, bytes from the section header's place.
+        if eh_frame_ptr != address {
+            return Err(LoadError::BadTable);
+        }
         let table = parsed.table().ok_or(LoadError::BadTable)?;
         let mut entries = Vec::new();
         let mut iter = table.iter(&bases);
@@ -197,7 +201,8 @@ impl IndexedEhFrame {
         let cie_offset = (fde_offset + 4).checked_sub(u64::from(cie_pointer))?;
         let mut entries = self.read_entry(file, cie_offset)?;
         // Lay the CIE and the FDE side by side, the FDE's pointer counting back to the CIE,
-        // and put the section where pc-relative addresses in the FDE still come out right.
+        // and put the section where pc-relative addresses in the FDE still come out right
+        // (the CIE's own, such as its personality routine, do not: nothing here uses them).
         let at = entries.len();
         let pointer = u32::try_from(at + 4).ok()?;
         fde.get_mut(4..8)?.copy_from_slice(&pointer.to_le_bytes());
