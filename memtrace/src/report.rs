@@ -409,8 +409,9 @@ impl<'a> TreePaths<'a> {
         }
     }
 
-    /// Hands the frames of stack `id` not handed over yet to the symbolizer.
-    fn want(&mut self, id: StackId, symbolizer: &mut Symbolizer) {
+    /// Hands the frames of stack `id` not handed over yet to the symbolizer, weighed by the
+    /// callsite's `faults`.
+    fn want(&mut self, id: StackId, faults: u64, symbolizer: &mut Symbolizer) {
         let mut node = id.node();
         while let Some(wanted) = self.wanted.get_mut(node as usize).filter(|w| !**w) {
             *wanted = true;
@@ -418,7 +419,7 @@ impl<'a> TreePaths<'a> {
                 break;
             };
             if let Some(UserFrame::File { path, offset }) = frame {
-                symbolizer.want_frame(&path, offset);
+                symbolizer.want_frame(&path, offset, faults);
             }
             node = parent;
         }
@@ -688,11 +689,15 @@ impl IntervalBaseline {
     }
 }
 
-/// How long after a report starts its symbolizing stops: a host that ran hundreds of big
-/// programs since the last report must not stall the ring for seconds, and on a loaded host
-/// the wall time, not the agent's CPU time, is what the ring waits for. Files are taken most
-/// addresses first, the first always; those left are symbolized ahead for the next report.
+/// How long after an interval report starts its symbolizing stops: a host that ran hundreds
+/// of big programs since the last report must not stall the ring for seconds, and on a loaded
+/// host the wall time, not the agent's CPU time, is what the ring waits for. Files are taken
+/// by the faults behind them, the first always; those left are symbolized ahead for the next
+/// report.
 pub const SYMBOLIZE_UNTIL: Duration = Duration::from_millis(500);
+/// [`SYMBOLIZE_UNTIL`] for the final report: nothing waits in the ring any more, and what is
+/// left now stays unsymbolized, but a stop signal must still end memtrace within 2 s.
+pub const SYMBOLIZE_UNTIL_FINAL: Duration = Duration::from_millis(1500);
 
 /// Builds a report from what the collector holds. With `since` (interval reports), each
 /// figure is what came since the previous report; call [`Collector::end_interval`] after.
@@ -808,9 +813,9 @@ pub fn build(
             SiteStack::None => {}
             SiteStack::Live(space, ips) => {
                 stack.resolve_into(space, ips);
-                symbolizer.want_user(&stack);
+                symbolizer.want_user(&stack, site.faults.count);
             }
-            SiteStack::Resolved(_, id) => tree_paths.want(*id, symbolizer),
+            SiteStack::Resolved(_, id) => tree_paths.want(*id, site.faults.count, symbolizer),
         }
         if let Some(ips) = site
             .kernel_stack
@@ -819,7 +824,12 @@ pub fn build(
             symbolizer.want_kernel(ips);
         }
     }
-    symbolizer.symbolize_wanted(Some(started + SYMBOLIZE_UNTIL));
+    let until = if since.is_some() {
+        SYMBOLIZE_UNTIL
+    } else {
+        SYMBOLIZE_UNTIL_FINAL
+    };
+    symbolizer.symbolize_wanted(Some(started + until));
     // Each site's merge key, sorted: a merged callsite is a run of equal keys. Its faults
     // are summed only if the report shows it.
     let mut paths: HashMap<&str, u32> = HashMap::new();

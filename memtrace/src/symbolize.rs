@@ -149,8 +149,9 @@ pub struct Symbolizer {
     merge_names: HashMap<MergeName, u32>,
     /// The current report, to tell which cached results are still used.
     generation: u32,
-    /// Addresses the current report needs and the caches lack, by file.
-    wanted: HashMap<Arc<str>, HashSet<u64>>,
+    /// Addresses the current report needs and the caches lack, by file, with the faults of
+    /// the callsites that need them.
+    wanted: HashMap<Arc<str>, (HashSet<u64>, u64)>,
     wanted_kernel: Vec<u64>,
     /// Sequences of merge ids as a tree: (parent node, id) -> node; node 0 is the empty one.
     /// It lives for one report.
@@ -340,22 +341,26 @@ impl Symbolizer {
         self.merge_tree = HashMap::new();
     }
 
-    /// Marks a stack's addresses for this report, keeping cached ones.
-    pub fn want_user(&mut self, stack: &UserStack) {
+    /// Marks a stack's addresses for this report, keeping cached ones; `faults` (of the
+    /// callsite) weighs the files that are not, so a report short of time symbolizes the
+    /// files behind most faults first.
+    pub fn want_user(&mut self, stack: &UserStack, faults: u64) {
         for frame in &stack.frames {
             if let UserFrame::File { path, offset } = frame {
-                self.want_frame(path, *offset);
+                self.want_frame(path, *offset, faults);
             }
         }
     }
 
     /// [`Symbolizer::want_user`] for one frame. Between reports, it marks the address to be
     /// symbolized ahead, by [`Symbolizer::symbolize_some`] or by the next report at the latest.
-    pub fn want_frame(&mut self, path: &Arc<str>, offset: u64) {
+    pub fn want_frame(&mut self, path: &Arc<str>, offset: u64, faults: u64) {
         match self.user_cache.get_mut(&(path.clone(), offset)) {
             Some(sym) => sym.used = self.generation,
             None => {
-                self.wanted.entry(path.clone()).or_default().insert(offset);
+                let (offsets, weight) = self.wanted.entry(path.clone()).or_default();
+                offsets.insert(offset);
+                *weight = weight.saturating_add(faults);
             }
         }
     }
@@ -378,7 +383,7 @@ impl Symbolizer {
             let Some(path) = self.wanted.keys().next().cloned() else {
                 break;
             };
-            if let Some(offsets) = self.wanted.remove(&path) {
+            if let Some((offsets, _)) = self.wanted.remove(&path) {
                 self.symbolize_file(&path, offsets);
             }
         }
@@ -400,26 +405,26 @@ impl Symbolizer {
         }
     }
 
-    /// Symbolizes what was wanted and is not cached, one file at a time, the files with the
-    /// most addresses first, until `deadline`: files left wait for the next round
+    /// Symbolizes what was wanted and is not cached, one file at a time, the files behind
+    /// most faults first (then those with most addresses), until `deadline`: files left wait for the next round
     /// ahead or report, and their frames show as module and offset meanwhile (see
     /// [`Symbolizer::unsymbolized`]). Kernel addresses are always symbolized (kallsyms is
     /// one quick read).
     pub fn symbolize_wanted(&mut self, deadline: Option<Instant>) {
         let started = Instant::now();
-        let mut files: Vec<(Arc<str>, usize)> = self
+        let mut files: Vec<(Arc<str>, u64, usize)> = self
             .wanted
             .iter()
-            .map(|(path, offsets)| (path.clone(), offsets.len()))
+            .map(|(path, (offsets, faults))| (path.clone(), *faults, offsets.len()))
             .collect();
-        files.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        files.sort_unstable_by(|a, b| (b.1, b.2).cmp(&(a.1, a.2)).then_with(|| a.0.cmp(&b.0)));
         let (mut done_files, mut done_addresses) = (0, 0);
-        for (path, n) in files {
+        for (path, _, n) in files {
             // The first file is always done: a report that symbolized nothing helps no one.
             if done_files > 0 && deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
             }
-            if let Some(offsets) = self.wanted.remove(&path) {
+            if let Some((offsets, _)) = self.wanted.remove(&path) {
                 self.symbolize_file(&path, offsets);
                 done_files += 1;
                 done_addresses += n;
@@ -444,7 +449,7 @@ impl Symbolizer {
 
     /// Addresses wanted and not symbolized yet (the deadline came before their file).
     pub fn unsymbolized(&self) -> usize {
-        self.wanted.values().map(HashSet::len).sum()
+        self.wanted.values().map(|(offsets, _)| offsets.len()).sum()
     }
 
     /// Frames this report built as module and offset because their file was left for lack
@@ -522,7 +527,7 @@ impl Symbolizer {
     /// [`Symbolizer::symbolize_wanted`] for lack of time stays unsymbolized).
     fn ensure_user(&mut self, path: &Arc<str>, offset: u64) -> (Arc<str>, u64) {
         let key = (path.clone(), offset);
-        let pending = || self.wanted.get(path).is_some_and(|w| w.contains(&offset));
+        let pending = || self.wanted.get(path).is_some_and(|w| w.0.contains(&offset));
         if !self.user_cache.contains_key(&key) && !pending() {
             let src = self.elf_source(path);
             let blaze = blazesym();
@@ -670,7 +675,7 @@ mod tests {
         // A report that no longer uses it drops it, and what it named.
         let other = UserStack::resolve(&space, &[addr, addr + 3]);
         s.begin_report();
-        s.want_user(&other);
+        s.want_user(&other, 1);
         s.symbolize_wanted(None);
         let mut ids_before = Vec::new();
         s.user_ids(&other, &mut ids_before);
@@ -705,7 +710,7 @@ mod tests {
         assert!(path.contains("libc"), "{path}");
         let mut s = Symbolizer::new();
         s.begin_report();
-        s.want_user(&stack);
+        s.want_user(&stack, 1);
         // Out of time from the start: the file with most addresses is still done, not libc.
         s.symbolize_wanted(Some(Instant::now()));
         assert_eq!(s.unsymbolized(), 1);
@@ -721,7 +726,7 @@ mod tests {
         s.finish();
         // Still wanted: the next report symbolizes it.
         s.begin_report();
-        s.want_user(&stack);
+        s.want_user(&stack, 1);
         s.symbolize_wanted(None);
         assert_eq!(s.unsymbolized(), 0);
         let frames = s.user_frames(&stack);

@@ -60,7 +60,7 @@ impl FaultsAnalysis {
         // A rebuilt tree may be smaller: its frames were seen before it was rebuilt.
         let from = self.tree_seen.min(tree.len());
         for (path, offset) in tree.file_frames_from(from) {
-            self.symbolizer.want_frame(path, offset);
+            self.symbolizer.want_frame(path, offset, 0);
         }
         self.tree_seen = tree.len();
         let mut stack = UserStack::default();
@@ -69,7 +69,7 @@ impl FaultsAnalysis {
             for i in from..info.stacks.len() {
                 if let Some(ips) = info.stacks.get(i as u32) {
                     stack.resolve_into(&info.space, ips);
-                    self.symbolizer.want_user(&stack);
+                    self.symbolizer.want_user(&stack, 0);
                 }
             }
             info.stacks_seen = info.stacks.len();
