@@ -286,26 +286,13 @@ impl StackTree {
     pub fn get_into(&self, id: StackId, stack: &mut UserStack) {
         stack.frames.clear();
         stack.truncated = false;
-        let mut node = id.0 as usize;
-        while node != 0 {
-            let Some(n) = self.nodes.get(node) else {
-                break;
-            };
-            match n.module {
-                TRUNCATED => stack.truncated = true,
-                UNMAPPED => stack.frames.push(UserFrame::Unmapped),
-                m => stack.frames.push(match &self.modules[m as usize] {
-                    Module::File(path) => UserFrame::File {
-                        path: path.clone(),
-                        offset: n.offset,
-                    },
-                    Module::Anon(name) => UserFrame::Anon {
-                        name: name.clone(),
-                        offset: n.offset,
-                    },
-                }),
+        let mut node = id.0;
+        while let Some((parent, frame)) = self.node(node) {
+            match frame {
+                Some(frame) => stack.frames.push(frame),
+                None => stack.truncated = true,
             }
-            node = n.parent as usize;
+            node = parent;
         }
     }
 

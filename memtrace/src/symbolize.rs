@@ -109,6 +109,16 @@ enum MergeName {
     Unknown { module: u32, offset: u64 },
 }
 
+impl MergeName {
+    /// The name of a frame of `module` at `offset`, named `function` or by no symbol.
+    fn of(function: Option<u32>, module: u32, offset: u64) -> Self {
+        match function {
+            Some(function) => Self::Function { function, module },
+            None => Self::Unknown { module, offset },
+        }
+    }
+}
+
 /// No source file.
 const NO_FILE: u32 = u32::MAX;
 
@@ -255,10 +265,7 @@ impl Symbolizer {
     ) -> CachedFrame {
         let module = self.strings.id(module);
         let function = function.map(|f| self.strings.id(f));
-        let merge = self.merge_id(match function {
-            Some(function) => MergeName::Function { function, module },
-            None => MergeName::Unknown { module, offset },
-        });
+        let merge = self.merge_id(MergeName::of(function, module, offset));
         let (file, line) = match code {
             Some((file, line)) => (self.strings.id(&file), line.unwrap_or(0)),
             None => (NO_FILE, 0),
@@ -406,10 +413,10 @@ impl Symbolizer {
     }
 
     /// Symbolizes what was wanted and is not cached, one file at a time, the files behind
-    /// most faults first (then those with most addresses), until `deadline`: files left wait for the next round
-    /// ahead or report, and their frames show as module and offset meanwhile (see
-    /// [`Symbolizer::unsymbolized`]). Kernel addresses are always symbolized (kallsyms is
-    /// one quick read).
+    /// most faults first (then those with most addresses), until `deadline`: files left wait
+    /// for the next round ahead or report, and their frames show as module and offset
+    /// meanwhile (see [`Symbolizer::shown_unsymbolized`]). Kernel addresses are always
+    /// symbolized (kallsyms is one quick read).
     pub fn symbolize_wanted(&mut self, deadline: Option<Instant>) {
         let started = Instant::now();
         let mut files: Vec<(Arc<str>, u64, usize)> = self
@@ -448,7 +455,8 @@ impl Symbolizer {
     }
 
     /// Addresses wanted and not symbolized yet (the deadline came before their file).
-    pub fn unsymbolized(&self) -> usize {
+    #[cfg(test)]
+    fn unsymbolized(&self) -> usize {
         self.wanted.values().map(|(offsets, _)| offsets.len()).sum()
     }
 
@@ -458,14 +466,10 @@ impl Symbolizer {
         self.shown_unsymbolized
     }
 
-    /// One small id for a whole sequence of merge ids: the node of that sequence in a tree
-    /// of them. Callsites merge on it; sequences sharing their start share nodes, so a
-    /// report over 100,000 deep stacks does not hold 100,000 id vectors.
-    pub fn merge_path(&mut self, ids: &[u32]) -> MergePath {
-        self.merge_extend(MergePath::EMPTY, ids)
-    }
-
-    /// The merge path of `from`'s sequence followed by `ids`.
+    /// One small id for a whole sequence of merge ids, `from`'s sequence followed by `ids`:
+    /// the node of that sequence in a tree of them. Callsites merge on it; sequences sharing
+    /// their start share nodes, so a report over 100,000 deep stacks does not hold 100,000 id
+    /// vectors.
     pub fn merge_extend(&mut self, from: MergePath, ids: &[u32]) -> MergePath {
         let mut node = from.0;
         for &id in ids {
@@ -507,16 +511,7 @@ impl Symbolizer {
                 if f.file != NO_FILE {
                     f.file = strings.id(old.get(f.file));
                 }
-                let name = match f.function {
-                    Some(function) => MergeName::Function {
-                        function,
-                        module: f.module,
-                    },
-                    None => MergeName::Unknown {
-                        module: f.module,
-                        offset: f.offset,
-                    },
-                };
+                let name = MergeName::of(f.function, f.module, f.offset);
                 let next = self.merge_names.len() as u32;
                 f.merge = *self.merge_names.entry(name).or_insert(next);
             }
