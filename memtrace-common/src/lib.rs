@@ -308,7 +308,26 @@ pub mod counter {
     pub const STACK_CACHE_HITS: u32 = 7;
     /// Syscall entries not stashed (map full).
     pub const SYSCALL_PENDING_FULL: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// Slab allocations by traced processes (tracked or not).
+    pub const SLAB_ALLOCS: u32 = 9;
+    /// Slab allocations not tracked: the outstanding-allocation map was full.
+    pub const SLAB_UNTRACKED: u32 = 10;
+    /// Allocations at an address still tracked: the old object was freed without an event
+    /// (kfree_rcu on sheaf caches, bulk frees); it counts as freed.
+    pub const SLAB_IMPLICIT_FREES: u32 = 11;
+    /// Frees that removed a tracked allocation.
+    pub const SLAB_FREES: u32 = 12;
+    /// Frees of objects not tracked (allocated before the run, or by processes not traced).
+    pub const SLAB_FREES_UNTRACKED: u32 = 13;
+    /// Allocations left out of the per-callsite allocation counts (that map was full).
+    pub const SLAB_GROUPS_FULL: u32 = 14;
+    /// Kernel stacks not captured (the walk failed).
+    pub const SLAB_STACK_LOST: u32 = 15;
+    /// Kernel stacks captured but not kept (the stack map was full).
+    pub const SLAB_STACKS_FULL: u32 = 16;
+    /// kmem_cache names not recorded (the cache map was full, or the name could not be read).
+    pub const SLAB_CACHE_UNNAMED: u32 = 17;
+    pub const COUNT: u32 = 18;
 }
 
 /// Configuration written into the kernel programs at load time.
@@ -324,7 +343,18 @@ pub struct Config {
     /// A process never traced (memtrace itself, so a system-wide run does not count its own
     /// faults); 0 for none.
     pub exclude_tgid: u32,
+    /// Non-zero: capture the kernel stack of each slab allocation (`memtrace slab --stacks`).
+    pub slab_kernel_stacks: u32,
+    /// Byte offsets in `struct kmem_cache` (from the kernel's BTF) of `name`, `object_size` and
+    /// `size`, read once per cache the first time one of its objects is allocated;
+    /// [`OFFSET_UNKNOWN`] when this kernel's BTF does not say.
+    pub kmem_cache_name_off: u32,
+    pub kmem_cache_object_size_off: u32,
+    pub kmem_cache_size_off: u32,
 }
+
+/// A `Config` offset the agent could not find.
+pub const OFFSET_UNKNOWN: u32 = u32::MAX;
 
 impl Config {
     pub const DEFAULT: Config = Config {
@@ -332,7 +362,119 @@ impl Config {
         capture_stacks: 1,
         stack_cache: 1,
         exclude_tgid: 0,
+        slab_kernel_stacks: 0,
+        kmem_cache_name_off: OFFSET_UNKNOWN,
+        kmem_cache_object_size_off: OFFSET_UNKNOWN,
+        kmem_cache_size_off: OFFSET_UNKNOWN,
     };
+}
+
+/// `gfp_t` bits that pick the kmalloc cache family (`__GFP_DMA`, `__GFP_RECLAIMABLE`,
+/// `__GFP_ACCOUNT`; include/linux/gfp_types.h).
+pub const GFP_DMA: u64 = 1 << 0;
+pub const GFP_RECLAIMABLE: u64 = 1 << 4;
+pub const GFP_ACCOUNT: u64 = 1 << 22;
+pub const GFP_KMALLOC_FAMILY: u64 = GFP_DMA | GFP_RECLAIMABLE | GFP_ACCOUNT;
+
+/// `SlabAlloc::cache` of a kmalloc object: no `struct kmem_cache` is named by the event, so the
+/// size class stands for it: the bytes allocated, with the gfp bits that choose the cache family
+/// in the upper half. Kernel pointers have their top bits set; these never do.
+#[inline(always)]
+pub const fn kmalloc_cache_id(bytes_alloc: u64, gfp: u64) -> u64 {
+    ((gfp & GFP_KMALLOC_FAMILY) << 32) | (bytes_alloc & 0xffff_ffff)
+}
+
+/// Is this `SlabAlloc::cache` a kmalloc size class (not a `struct kmem_cache` pointer)?
+#[inline(always)]
+pub const fn is_kmalloc_cache_id(cache: u64) -> bool {
+    cache >> 63 == 0
+}
+
+/// `SlabAlloc::flags`: the allocation is charged to a memory cgroup (`__GFP_ACCOUNT`).
+pub const SLAB_ACCOUNTED: u32 = 1 << 0;
+/// `SlabAlloc::flags`: allocated with `kmalloc` (else `kmem_cache_alloc`).
+pub const SLAB_KMALLOC: u32 = 1 << 1;
+
+/// An outstanding slab object, in `SLAB_OUTSTANDING` under its address until it is freed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlabAlloc {
+    /// When it was allocated (`CLOCK_MONOTONIC`, ns).
+    pub time_ns: u64,
+    /// The kernel address that asked for it.
+    pub call_site: u64,
+    /// The `struct kmem_cache` pointer, or a [`kmalloc_cache_id`].
+    pub cache: u64,
+    /// The allocating task's cgroup (v2) id.
+    pub cgroup: u64,
+    /// The allocation's kernel stack in `SLAB_STACKS` ([`stack_hash`]); 0 without one.
+    pub stack_id: u64,
+    pub pid: u32,
+    pub tid: u32,
+    /// kmalloc: bytes asked for and handed out. kmem_cache_alloc: 0 (the cache's sizes hold).
+    pub bytes_req: u32,
+    pub bytes_alloc: u32,
+    /// `SLAB_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// A kmem_cache, recorded the first time one of its objects is allocated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlabCacheInfo {
+    /// NUL-terminated (or full) name.
+    pub name: [u8; SLAB_CACHE_NAME_LEN],
+    pub object_size: u32,
+    pub size: u32,
+}
+
+pub const SLAB_CACHE_NAME_LEN: usize = 56;
+
+/// Per-CPU allocation counts are kept per (call site, cache).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SlabSiteKey {
+    pub call_site: u64,
+    pub cache: u64,
+}
+
+/// What a CPU counted for one (call site, cache).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlabSiteCounts {
+    pub allocs: u64,
+    /// Allocations at an address still tracked: the object there before was freed without an
+    /// event. A cache where these are common frees its objects out of the tracer's sight.
+    pub implicit_frees: u64,
+}
+
+/// Kernel frames kept per slab allocation stack.
+pub const SLAB_STACK_DEPTH: usize = 48;
+
+/// A kernel stack captured at an allocation, in `SLAB_STACKS` under its [`stack_hash`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SlabStack {
+    pub frames: [u64; SLAB_STACK_DEPTH],
+}
+
+/// The id of a stack: a 64-bit hash of its frames (never 0). Ids are content hashes rather than
+/// slots of a stack map, so they never go stale: a full map loses new stacks (counted), and
+/// never hands an old id a different stack.
+#[inline(always)]
+pub fn stack_hash(frames: &[u64; SLAB_STACK_DEPTH], len: usize) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < SLAB_STACK_DEPTH {
+        if i >= len {
+            break;
+        }
+        h = (h ^ frames[i]).wrapping_mul(0x0000_0100_0000_01b3);
+        h ^= h >> 29;
+        i += 1;
+    }
+    h | 1
 }
 
 /// Tracepoint record layouts the kernel programs read (field name, byte offset, size).
@@ -351,6 +493,17 @@ pub mod layout {
     /// `sys_enter_*`: the n-th argument is at `SYSCALL_ARG0 + 8 * n`; `sys_exit_*`: `ret`.
     pub const SYSCALL_ARG0: usize = 16;
     pub const SYSCALL_RET: Field = ("ret", 16, 8);
+    /// kmem:kmalloc, kmem:kmem_cache_alloc, kmem:kfree, kmem:kmem_cache_free (classic
+    /// tracepoints, used where raw ones are refused).
+    pub const KMEM_CALL_SITE: Field = ("call_site", 8, 8);
+    pub const KMEM_PTR: Field = ("ptr", 16, 8);
+    pub const KMALLOC_BYTES_REQ: Field = ("bytes_req", 24, 8);
+    pub const KMALLOC_BYTES_ALLOC: Field = ("bytes_alloc", 32, 8);
+    pub const KMALLOC_GFP: Field = ("gfp_flags", 40, 8);
+    pub const CACHE_ALLOC_NAME: Field = ("name", 24, 4);
+    pub const CACHE_ALLOC_BYTES_REQ: Field = ("bytes_req", 32, 8);
+    pub const CACHE_ALLOC_BYTES_ALLOC: Field = ("bytes_alloc", 40, 8);
+    pub const CACHE_ALLOC_GFP: Field = ("gfp_flags", 48, 8);
 
     /// Every (tracepoint, field) the kernel programs read, for the agent's check.
     pub const CHECKED: &[(&str, &str, Field)] = &[
@@ -371,6 +524,19 @@ pub mod layout {
         ("syscalls", "sys_exit_munmap", SYSCALL_RET),
         ("syscalls", "sys_exit_mremap", SYSCALL_RET),
         ("syscalls", "sys_exit_brk", SYSCALL_RET),
+        ("kmem", "kmalloc", KMEM_CALL_SITE),
+        ("kmem", "kmalloc", KMEM_PTR),
+        ("kmem", "kmalloc", KMALLOC_BYTES_REQ),
+        ("kmem", "kmalloc", KMALLOC_BYTES_ALLOC),
+        ("kmem", "kmalloc", KMALLOC_GFP),
+        ("kmem", "kmem_cache_alloc", KMEM_CALL_SITE),
+        ("kmem", "kmem_cache_alloc", KMEM_PTR),
+        ("kmem", "kmem_cache_alloc", CACHE_ALLOC_NAME),
+        ("kmem", "kmem_cache_alloc", CACHE_ALLOC_BYTES_REQ),
+        ("kmem", "kmem_cache_alloc", CACHE_ALLOC_BYTES_ALLOC),
+        ("kmem", "kmem_cache_alloc", CACHE_ALLOC_GFP),
+        ("kmem", "kfree", KMEM_PTR),
+        ("kmem", "kmem_cache_free", KMEM_PTR),
     ];
 }
 
@@ -393,6 +559,16 @@ mod pod {
     unsafe impl aya::Pod for PendingSyscall {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FaultEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SlabAlloc {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SlabCacheInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SlabSiteKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SlabStack {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SlabSiteCounts {}
 }
 
 #[cfg(test)]
@@ -413,7 +589,12 @@ mod tests {
         );
         assert_eq!(size_of::<VmaRecord>(), 4 * 4 + 8 * 4 + 4 * 4 + 8 * 2);
         assert_eq!(size_of::<ProcRecord>(), 4 * 4 + 16 + 8);
-        assert_eq!(size_of::<Config>(), 4 * 4);
+        assert_eq!(size_of::<Config>(), 4 * 8);
+        assert_eq!(size_of::<SlabAlloc>(), 8 * 5 + 4 * 6);
+        assert_eq!(size_of::<SlabCacheInfo>(), SLAB_CACHE_NAME_LEN + 4 * 2);
+        assert_eq!(size_of::<SlabSiteKey>(), 8 * 2);
+        assert_eq!(size_of::<SlabSiteCounts>(), 8 * 2);
+        assert_eq!(size_of::<SlabStack>(), 8 * SLAB_STACK_DEPTH);
         assert_eq!(size_of::<TargetCacheSlot>(), 8 + 4 * 2);
         assert_eq!(
             size_of::<CpuState>(),
@@ -469,6 +650,27 @@ mod tests {
             assert_eq!(stack_token_slot(t), (cpu, slot));
         }
         assert_ne!(stack_token(1, 2, 3), stack_token(1, 2, 4));
+    }
+
+    #[test]
+    fn kmalloc_ids_never_look_like_kernel_pointers() {
+        let id = kmalloc_cache_id(192, GFP_ACCOUNT | (1 << 6) | (1 << 7));
+        assert!(is_kmalloc_cache_id(id));
+        assert_eq!(id, (GFP_ACCOUNT << 32) | 192);
+        assert!(!is_kmalloc_cache_id(0xffff_8880_0123_4500));
+        // Bits other than the family are dropped: GFP_KERNEL and GFP_NOWAIT share a cache.
+        assert_eq!(kmalloc_cache_id(64, 0xcc0), kmalloc_cache_id(64, 0x2800));
+    }
+
+    #[test]
+    fn stack_hashes_cover_only_the_captured_frames() {
+        let mut a = [0u64; SLAB_STACK_DEPTH];
+        a[..3].copy_from_slice(&[1, 2, 3]);
+        let mut b = a;
+        b[5] = 99; // past the captured length: not part of the stack
+        assert_eq!(stack_hash(&a, 3), stack_hash(&b, 3));
+        assert_ne!(stack_hash(&a, 3), stack_hash(&a, 2));
+        assert_ne!(stack_hash(&a, 0), 0);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod faults;
 mod maps;
 mod proc;
+mod slab;
 mod vma;
 
 // Only on the BPF target: a host build (clippy over the workspace) links std through the

@@ -12,6 +12,9 @@ pub enum HookPoint {
         category: &'static str,
         name: &'static str,
         raw: Option<&'static str>,
+        /// The leading arguments the raw program reads, as the kernel's BTF spells them
+        /// ([`crate::btf::Btf::describe`]); checked before it attaches. Empty: not checked.
+        raw_args: &'static [&'static str],
     },
     /// A sampling perf software event, period 1, on every CPU. `config` is its
     /// `PERF_COUNT_SW_*` number, for probing it without loading anything.
@@ -61,6 +64,29 @@ const fn tracepoint(
             category,
             name,
             raw,
+            raw_args: &[],
+        },
+        optional: false,
+        without: "",
+    }
+}
+
+/// A tracepoint with a raw program (`<program>_raw`) that reads the leading arguments
+/// `raw_args`, checked against the kernel's BTF; the classic program is the fallback.
+const fn checked_raw_tracepoint(
+    program: &'static str,
+    raw: &'static str,
+    category: &'static str,
+    name: &'static str,
+    raw_args: &'static [&'static str],
+) -> Hook {
+    Hook {
+        program,
+        point: HookPoint::Tracepoint {
+            category,
+            name,
+            raw: Some(raw),
+            raw_args,
         },
         optional: false,
         without: "",
@@ -152,5 +178,41 @@ pub const FAULTS: HookGroup = HookGroup {
     ],
 };
 
+/// Slab allocations and frees (include/trace/events/kmem.h): the outstanding-object map.
+pub const SLAB: HookGroup = HookGroup {
+    name: "slab",
+    purpose: "slab objects: kmalloc/kmem_cache_alloc add, kfree/kmem_cache_free remove",
+    hooks: &[
+        checked_raw_tracepoint(
+            "kmalloc",
+            "kmalloc_raw",
+            "kmem",
+            "kmalloc",
+            &["unsigned long", "void *", "size_t", "size_t", "gfp_t"],
+        ),
+        checked_raw_tracepoint(
+            "kmem_cache_alloc",
+            "kmem_cache_alloc_raw",
+            "kmem",
+            "kmem_cache_alloc",
+            &["unsigned long", "void *", "struct kmem_cache *", "gfp_t"],
+        ),
+        checked_raw_tracepoint(
+            "kfree",
+            "kfree_raw",
+            "kmem",
+            "kfree",
+            &["unsigned long", "void *"],
+        ),
+        checked_raw_tracepoint(
+            "kmem_cache_free",
+            "kmem_cache_free_raw",
+            "kmem",
+            "kmem_cache_free",
+            &["unsigned long", "void *"],
+        ),
+    ],
+};
+
 /// Every group, for `memtrace check`.
-pub const ALL: &[&HookGroup] = &[&PROCESSES, &MAPPINGS, &FAULTS];
+pub const ALL: &[&HookGroup] = &[&PROCESSES, &MAPPINGS, &FAULTS, &SLAB];

@@ -6,17 +6,20 @@
 //! aggregates -> [`report`].
 pub mod addrspace;
 pub mod analysis;
+pub mod btf;
 pub mod check;
 pub mod collector;
 pub mod engine;
 pub mod error;
 pub mod fault;
 pub mod hooks;
+pub mod ksyms;
 pub mod loader;
 pub mod record;
 pub mod report;
 pub mod ring;
 pub mod sideband;
+pub mod slab;
 pub mod stacks;
 pub mod symbolize;
 pub mod tracefs;

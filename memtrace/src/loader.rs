@@ -9,9 +9,10 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use memtrace_common::{counter, Config};
+use memtrace_common::{counter, Config, OFFSET_UNKNOWN};
 
 use crate::{
+    btf::{self, Btf},
     hooks::{Hook, HookGroup, HookPoint},
     ring::Ring,
     tracefs, Error,
@@ -30,6 +31,28 @@ pub struct TracerOptions {
     pub ringbuf_bytes: u32,
     /// Attach classic tracepoints even where raw tracepoints work (for comparison).
     pub classic_tracepoints: bool,
+    /// Sizes of the slab maps (left at their minimum unless the slab hooks are loaded).
+    pub slab: SlabOptions,
+}
+
+/// The slab analysis's maps and kernel-side options.
+#[derive(Clone, Copy, Debug)]
+pub struct SlabOptions {
+    /// Outstanding objects tracked at most.
+    pub max_tracked: u32,
+    /// Distinct (call site, cache) allocation counters.
+    pub max_sites: u32,
+    /// Capture kernel stacks, keeping at most this many distinct ones (0: no stacks).
+    pub max_stacks: u32,
+}
+
+impl SlabOptions {
+    /// No slab tracing: every slab map at its smallest.
+    pub const OFF: SlabOptions = SlabOptions {
+        max_tracked: 1,
+        max_sites: 1,
+        max_stacks: 0,
+    };
 }
 
 impl Default for TracerOptions {
@@ -40,6 +63,7 @@ impl Default for TracerOptions {
             stack_cache: true,
             ringbuf_bytes: 16 * 1024 * 1024,
             classic_tracepoints: false,
+            slab: SlabOptions::OFF,
         }
     }
 }
@@ -61,7 +85,7 @@ pub struct KernelCounters {
 /// Loaded and attached kernel programs.
 pub struct Tracer {
     // Keeps programs and links alive for as long as the tracer lives.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     pub events: Option<Ring>,
     counters: PerCpuArray<MapData, u64>,
     targets: HashMap<MapData, u32, u8>,
@@ -149,18 +173,34 @@ fn attach_hook(
     hook: &Hook,
     opts: &TracerOptions,
     cpus: &[u32],
+    btf: &mut Option<Result<Btf, String>>,
 ) -> Result<AttachMethod, Error> {
     match hook.point {
         HookPoint::Tracepoint {
             category,
             name,
             raw,
+            raw_args,
         } => {
             let mut raw_refused = None;
             if let Some(raw_prog) = raw.filter(|_| !opts.classic_tracepoints) {
-                match attach_raw_tracepoint(ebpf, raw_prog, name) {
+                // A raw program reads arguments by position: only where the kernel's BTF says
+                // they are what it expects.
+                let mismatch = if raw_args.is_empty() {
+                    None
+                } else {
+                    match btf.get_or_insert_with(Btf::from_sys_fs) {
+                        Ok(btf) => btf::check_raw_args(btf, name, raw_args),
+                        Err(e) => Some(format!("arguments not checked: {e}")),
+                    }
+                };
+                let attached = match mismatch {
+                    Some(why) => Err(why),
+                    None => attach_raw_tracepoint(ebpf, raw_prog, name).map_err(|e| e.to_string()),
+                };
+                match attached {
                     Ok(()) => return Ok(AttachMethod::RawTracepoint),
-                    Err(e) => raw_refused = Some(e.to_string()),
+                    Err(e) => raw_refused = Some(e),
                 }
             }
             tracefs::check_tracepoint_layout(tracefs, category, name)?;
@@ -251,15 +291,31 @@ impl Tracer {
         let tracefs = tracefs::ensure_mounted()?;
         raise_memlock_rlimit();
 
+        let slab = groups.iter().any(|g| g.name == crate::hooks::SLAB.name);
+        let slab_opts = if slab { opts.slab } else { SlabOptions::OFF };
+        // BTF is read only when something needs it, and only once.
+        let mut btf = None;
+        let offsets = if slab {
+            kmem_cache_offsets(btf.get_or_insert_with(Btf::from_sys_fs))
+        } else {
+            [OFFSET_UNKNOWN; 3]
+        };
         let config = Config {
             filter_pids: opts.filter_pids as u32,
             capture_stacks: opts.capture_stacks as u32,
             stack_cache: opts.stack_cache as u32,
             exclude_tgid: std::process::id(),
+            slab_kernel_stacks: (slab_opts.max_stacks > 0) as u32,
+            kmem_cache_name_off: offsets[0],
+            kmem_cache_object_size_off: offsets[1],
+            kmem_cache_size_off: offsets[2],
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", opts.ringbuf_bytes)
+            .map_max_entries("SLAB_OUTSTANDING", slab_opts.max_tracked.max(1))
+            .map_max_entries("SLAB_SITES", slab_opts.max_sites.max(1))
+            .map_max_entries("SLAB_STACKS", slab_opts.max_stacks.max(1))
             .load(EBPF_OBJECT)
             .map_err(|e| Error::Load(format!("{e:#}")))?;
 
@@ -270,7 +326,7 @@ impl Tracer {
         let mut attach_methods = Vec::new();
         let mut degraded = Vec::new();
         for hook in groups.iter().flat_map(|g| g.hooks) {
-            match attach_hook(&mut ebpf, &tracefs, hook, &opts, &cpus) {
+            match attach_hook(&mut ebpf, &tracefs, hook, &opts, &cpus, &mut btf) {
                 Ok(method) => attach_methods.push((hook.describe(), method)),
                 Err(e) if hook.optional => degraded.push(Degraded {
                     hook: hook.describe(),
@@ -292,7 +348,7 @@ impl Tracer {
             Array::try_from(take_map(&mut ebpf, "TARGETS_GENERATION")?).map_err(map_error)?;
 
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf,
             events: Some(events),
             counters,
             targets,
@@ -314,13 +370,21 @@ impl Tracer {
             .map_err(|e| Error::Map(format!("bumping the target-map generation: {e}")))
     }
 
+    /// Takes one of the kernel programs' maps, for an analysis that reads it at report time.
+    pub fn take_map(&mut self, name: &str) -> Result<Map, Error> {
+        take_map(&mut self.ebpf, name)
+    }
+
+    /// One counter (an index in `memtrace_common::counter`) summed over CPUs.
+    pub fn counter(&self, index: u32) -> u64 {
+        self.counters
+            .get(&index, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+
     pub fn counters(&self) -> KernelCounters {
-        let sum = |idx: u32| -> u64 {
-            self.counters
-                .get(&idx, 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0)
-        };
+        let sum = |idx: u32| self.counter(idx);
         KernelCounters {
             ringbuf_full_fault: sum(counter::RINGBUF_FULL_FAULT),
             ringbuf_full_other: sum(counter::RINGBUF_FULL_OTHER),
@@ -333,6 +397,18 @@ impl Tracer {
             syscall_pending_full: sum(counter::SYSCALL_PENDING_FULL),
         }
     }
+}
+
+/// Where `struct kmem_cache` keeps `name`, `object_size` and `size` on this kernel, from its
+/// BTF; unknown offsets leave caches unnamed (said in every report) rather than failing.
+fn kmem_cache_offsets(btf: &Result<Btf, String>) -> [u32; 3] {
+    let Ok(btf) = btf else {
+        return [OFFSET_UNKNOWN; 3];
+    };
+    ["name", "object_size", "size"].map(|field| {
+        btf.member_offset("kmem_cache", field)
+            .unwrap_or(OFFSET_UNKNOWN)
+    })
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, Error>

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use memtrace::{
     engine::ReportKind,
     report::{self, FaultReport, Format, ReportOptions},
+    slab::SlabReport,
 };
 use serde::Serialize;
 
@@ -21,6 +22,12 @@ pub trait Report: Serialize {
 impl Report for FaultReport {
     fn render(&self, opts: &ReportOptions) -> String {
         report::render(self, opts)
+    }
+}
+
+impl Report for SlabReport {
+    fn render(&self, opts: &ReportOptions) -> String {
+        memtrace::slab::render(self, opts.format, opts.top)
     }
 }
 

@@ -10,6 +10,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+mod slab_workloads;
+
 const PAGE: usize = 4096;
 
 /// (minflt, majflt) of this process from /proc/self/stat.
@@ -21,7 +23,7 @@ fn own_faults() -> Result<(u64, u64)> {
     Ok((f[7].parse()?, f[9].parse()?))
 }
 
-fn report(extra: &str) -> Result<()> {
+pub(crate) fn report(extra: &str) -> Result<()> {
     let (minflt, majflt) = own_faults()?;
     println!(
         "pid={} minflt={minflt} majflt={majflt} {extra}",
@@ -503,6 +505,10 @@ fn main() -> Result<()> {
         "wait-then-anon" => wait_then_anon(num(1)?),
         "sleep" => sleep_ms(num(1)? as u64),
         "demo" => demo(if s(1).is_empty() { "/var/tmp" } else { s(1) }),
+        "pipes" | "eventfds" => slab_workloads::hold(s(0), num(1)?, num(2)? as u64, num(3)? as u64),
+        "slab-leak" => slab_workloads::leak(num(1)? as u64, num(2)? as u64),
+        "pipe-churn" => slab_workloads::pipe_churn(num(1)? as u64),
+        "mmap-churn" => slab_workloads::mmap_churn(num(1)? as u64),
         _ => usage(),
     }
 }

@@ -1,0 +1,418 @@
+//! Slab allocations: kmalloc and kmem_cache_alloc add an object to the outstanding map under its
+//! address, kfree and kmem_cache_free take it out. Nothing goes through the ring buffer: at two
+//! million events a second the agent reads the maps at report time instead.
+//!
+//! Raw tracepoints first (their argument lists are checked against the kernel's BTF by the
+//! agent): a classic tracepoint program is skipped while another BPF program runs on the CPU,
+//! and a free taken in an interrupt over a traced program would then leave a phantom leak.
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::{
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+        generated::{bpf_get_current_cgroup_id, bpf_get_stack},
+    },
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    programs::{RawTracePointContext, TracePointContext},
+    EbpfContext as _,
+};
+use memtrace_common::{
+    counter, kmalloc_cache_id, layout, stack_hash, SlabAlloc, SlabCacheInfo, SlabSiteCounts,
+    SlabSiteKey, SlabStack, GFP_ACCOUNT, OFFSET_UNKNOWN, SLAB_ACCOUNTED, SLAB_CACHE_NAME_LEN,
+    SLAB_KMALLOC, SLAB_STACK_DEPTH,
+};
+
+use crate::maps::{bump, config, current_ids, is_target, tp_field};
+
+/// Outstanding objects by address. Sized by the agent (`memtrace slab --max-tracked`).
+#[map]
+pub static SLAB_OUTSTANDING: HashMap<u64, SlabAlloc> = HashMap::with_max_entries(1024, 0);
+
+/// Allocations per (call site, cache), per CPU: rates per callsite without a shared counter.
+#[map]
+pub static SLAB_SITES: PerCpuHashMap<SlabSiteKey, SlabSiteCounts> =
+    PerCpuHashMap::with_max_entries(1024, 0);
+
+/// kmem_caches seen, by `struct kmem_cache` pointer (or the name's hash on classic tracepoints).
+#[map]
+pub static SLAB_CACHES: HashMap<u64, SlabCacheInfo> = HashMap::with_max_entries(4096, 0);
+
+/// Kernel stacks of allocations (with `--stacks`), by content hash.
+#[map]
+pub static SLAB_STACKS: HashMap<u64, SlabStack> = HashMap::with_max_entries(1, 0);
+
+/// Per CPU, the caches last recorded in `SLAB_CACHES`, direct-mapped: an array read instead of
+/// a hash lookup on every kmem_cache_alloc.
+#[map]
+static SLAB_CACHES_SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(CACHES_SEEN_SLOTS, 0);
+
+/// Per-CPU room for a kernel stack while it is hashed.
+#[map]
+static SLAB_STACK_SCRATCH: PerCpuArray<SlabStack> = PerCpuArray::with_max_entries(1, 0);
+
+const CACHES_SEEN_SLOTS: u32 = 64;
+/// `ZERO_SIZE_PTR`: what kmalloc(0) returns; never a real object.
+const ZERO_SIZE_PTR: u64 = 16;
+const EEXIST: i32 = 17;
+
+// Raw tracepoints: the arguments of the kernel's trace_*() calls (include/trace/events/kmem.h).
+
+/// `kmalloc(call_site, ptr, bytes_req, bytes_alloc, gfp_flags, node)`
+#[raw_tracepoint(tracepoint = "kmalloc")]
+pub fn kmalloc_raw(ctx: RawTracePointContext) -> u32 {
+    let gfp = ctx.arg::<u64>(4);
+    let bytes_alloc = ctx.arg::<u64>(3);
+    on_alloc(
+        ctx.as_ptr(),
+        ctx.arg::<u64>(0),
+        ctx.arg::<u64>(1),
+        kmalloc_cache_id(bytes_alloc, gfp),
+        ctx.arg::<u64>(2),
+        bytes_alloc,
+        gfp,
+    );
+    0
+}
+
+/// `kmem_cache_alloc(call_site, ptr, struct kmem_cache *s, gfp_flags, node)`
+#[raw_tracepoint(tracepoint = "kmem_cache_alloc")]
+pub fn kmem_cache_alloc_raw(ctx: RawTracePointContext) -> u32 {
+    let cache = ctx.arg::<u64>(2);
+    let ptr = ctx.arg::<u64>(1);
+    if ptr > ZERO_SIZE_PTR && note_cache(cache) {
+        on_alloc(
+            ctx.as_ptr(),
+            ctx.arg::<u64>(0),
+            ptr,
+            cache,
+            0,
+            0,
+            ctx.arg::<u64>(3),
+        );
+    }
+    0
+}
+
+/// `kfree(call_site, ptr)`
+#[raw_tracepoint(tracepoint = "kfree")]
+pub fn kfree_raw(ctx: RawTracePointContext) -> u32 {
+    on_free(ctx.arg::<u64>(1));
+    0
+}
+
+/// `kmem_cache_free(call_site, ptr, struct kmem_cache *s)`
+#[raw_tracepoint(tracepoint = "kmem_cache_free")]
+pub fn kmem_cache_free_raw(ctx: RawTracePointContext) -> u32 {
+    on_free(ctx.arg::<u64>(1));
+    0
+}
+
+// Classic tracepoints: fields at the offsets `memtrace_common::layout` names, checked against
+// the format files before loading.
+
+#[tracepoint]
+pub fn kmalloc(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets checked against this kernel's kmem:kmalloc format by the agent.
+    let (call_site, ptr, bytes_req, bytes_alloc, gfp) = unsafe {
+        (
+            tp_field::<u64, { layout::KMEM_CALL_SITE.1 }>(&ctx),
+            tp_field::<u64, { layout::KMEM_PTR.1 }>(&ctx),
+            tp_field::<u64, { layout::KMALLOC_BYTES_REQ.1 }>(&ctx),
+            tp_field::<u64, { layout::KMALLOC_BYTES_ALLOC.1 }>(&ctx),
+            tp_field::<u64, { layout::KMALLOC_GFP.1 }>(&ctx),
+        )
+    };
+    let cache = kmalloc_cache_id(bytes_alloc, gfp);
+    on_alloc(
+        ctx.as_ptr(),
+        call_site,
+        ptr,
+        cache,
+        bytes_req,
+        bytes_alloc,
+        gfp,
+    );
+    0
+}
+
+#[tracepoint]
+pub fn kmem_cache_alloc(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets checked against this kernel's kmem:kmem_cache_alloc format by the agent.
+    let (call_site, ptr, name_loc, bytes_req, bytes_alloc, gfp) = unsafe {
+        (
+            tp_field::<u64, { layout::KMEM_CALL_SITE.1 }>(&ctx),
+            tp_field::<u64, { layout::KMEM_PTR.1 }>(&ctx),
+            tp_field::<u32, { layout::CACHE_ALLOC_NAME.1 }>(&ctx),
+            tp_field::<u64, { layout::CACHE_ALLOC_BYTES_REQ.1 }>(&ctx),
+            tp_field::<u64, { layout::CACHE_ALLOC_BYTES_ALLOC.1 }>(&ctx),
+            tp_field::<u64, { layout::CACHE_ALLOC_GFP.1 }>(&ctx),
+        )
+    };
+    if ptr <= ZERO_SIZE_PTR {
+        return 0;
+    }
+    // The record names the cache but holds no pointer to it: the name's hash stands for it.
+    let mut info = SlabCacheInfo {
+        name: [0; SLAB_CACHE_NAME_LEN],
+        object_size: bytes_req as u32,
+        size: bytes_alloc as u32,
+    };
+    // A __data_loc field: the string's offset in the record in the low 16 bits.
+    let name = (ctx.as_ptr() as u64).wrapping_add((name_loc & 0xffff) as u64);
+    // SAFETY: a read of the trace record the kernel handed this program; the helper checks
+    // the address and stops at the buffer's end.
+    let len = unsafe { bpf_probe_read_kernel_str_bytes(name as *const u8, &mut info.name) }
+        .map(|s| s.len())
+        .unwrap_or(0);
+    let cache = name_hash(&info.name, len);
+    if note_cache_info(cache, &info) {
+        on_alloc(ctx.as_ptr(), call_site, ptr, cache, 0, 0, gfp);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn kfree(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset checked against this kernel's kmem:kfree format by the agent.
+    on_free(unsafe { tp_field::<u64, { layout::KMEM_PTR.1 }>(&ctx) });
+    0
+}
+
+#[tracepoint]
+pub fn kmem_cache_free(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset checked against this kernel's kmem:kmem_cache_free format by the agent.
+    on_free(unsafe { tp_field::<u64, { layout::KMEM_PTR.1 }>(&ctx) });
+    0
+}
+
+/// A cache id for a name, with the top bit set like a kernel pointer's.
+#[inline(always)]
+fn name_hash(name: &[u8; SLAB_CACHE_NAME_LEN], len: usize) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < SLAB_CACHE_NAME_LEN {
+        if i >= len || name[i] == 0 {
+            break;
+        }
+        h = (h ^ name[i] as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    h | 1 << 63
+}
+
+/// Makes sure `cache` (a `struct kmem_cache *`) is in `SLAB_CACHES`, reading its name and sizes
+/// the first time. Returns false for a null cache.
+#[inline(always)]
+fn note_cache(cache: u64) -> bool {
+    if cache == 0 {
+        return false;
+    }
+    let slot = ((cache >> 6).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as u32;
+    let Some(seen) = SLAB_CACHES_SEEN.get_ptr_mut(slot & (CACHES_SEEN_SLOTS - 1)) else {
+        return true;
+    };
+    // SAFETY: a per-CPU slot from a successful lookup; only this CPU uses it meanwhile.
+    if unsafe { *seen } == cache {
+        return true;
+    }
+    // SAFETY: the value is plain data and only its presence is used.
+    if unsafe { SLAB_CACHES.get(cache) }.is_none() {
+        record_cache(cache);
+    }
+    // SAFETY: as above.
+    unsafe { *seen = cache };
+    true
+}
+
+/// Reads a kmem_cache's name and sizes at the offsets the agent found in the kernel's BTF.
+#[inline(never)]
+fn record_cache(cache: u64) {
+    let cfg = config();
+    let mut info = SlabCacheInfo {
+        name: [0; SLAB_CACHE_NAME_LEN],
+        object_size: 0,
+        size: 0,
+    };
+    let mut named = false;
+    if cfg.kmem_cache_name_off != OFFSET_UNKNOWN {
+        let field = cache.wrapping_add(cfg.kmem_cache_name_off as u64) as *const u64;
+        // SAFETY: bpf_probe_read_kernel checks the address and fails instead of faulting.
+        if let Ok(name) = unsafe { bpf_probe_read_kernel(field) } {
+            // SAFETY: as above; the helper stops at the buffer's end.
+            named = unsafe { bpf_probe_read_kernel_str_bytes(name as *const u8, &mut info.name) }
+                .is_ok_and(|s| !s.is_empty());
+        }
+    }
+    if cfg.kmem_cache_object_size_off != OFFSET_UNKNOWN {
+        let field = cache.wrapping_add(cfg.kmem_cache_object_size_off as u64) as *const u32;
+        // SAFETY: as above.
+        info.object_size = unsafe { bpf_probe_read_kernel(field) }.unwrap_or(0);
+    }
+    if cfg.kmem_cache_size_off != OFFSET_UNKNOWN {
+        let field = cache.wrapping_add(cfg.kmem_cache_size_off as u64) as *const u32;
+        // SAFETY: as above.
+        info.size = unsafe { bpf_probe_read_kernel(field) }.unwrap_or(0);
+    }
+    if !named {
+        bump(counter::SLAB_CACHE_UNNAMED);
+    }
+    if SLAB_CACHES.insert(cache, info, BPF_NOEXIST as u64).is_err() {
+        // Present already (another CPU got there first) or full; only full matters.
+        // SAFETY: presence only.
+        if unsafe { SLAB_CACHES.get(cache) }.is_none() {
+            bump(counter::SLAB_CACHE_UNNAMED);
+        }
+    }
+}
+
+/// [`note_cache`] for the classic tracepoint, which has the name and sizes in its record.
+#[inline(always)]
+fn note_cache_info(cache: u64, info: &SlabCacheInfo) -> bool {
+    // SAFETY: presence only.
+    if unsafe { SLAB_CACHES.get(cache) }.is_none()
+        && SLAB_CACHES.insert(cache, info, BPF_NOEXIST as u64).is_err()
+        // SAFETY: presence only.
+        && unsafe { SLAB_CACHES.get(cache) }.is_none()
+    {
+        bump(counter::SLAB_CACHE_UNNAMED);
+    }
+    true
+}
+
+#[inline(always)]
+fn on_alloc(
+    ctx: *mut core::ffi::c_void,
+    call_site: u64,
+    ptr: u64,
+    cache: u64,
+    bytes_req: u64,
+    bytes_alloc: u64,
+    gfp: u64,
+) {
+    if ptr <= ZERO_SIZE_PTR {
+        return;
+    }
+    let (pid, tid) = current_ids();
+    if !is_target(pid) {
+        return;
+    }
+    bump(counter::SLAB_ALLOCS);
+    let cfg = config();
+    let stack_id = if cfg.slab_kernel_stacks != 0 {
+        kernel_stack(ctx)
+    } else {
+        0
+    };
+    let mut flags = 0;
+    if gfp & GFP_ACCOUNT != 0 {
+        flags |= SLAB_ACCOUNTED;
+    }
+    if bytes_alloc != 0 {
+        flags |= SLAB_KMALLOC;
+    }
+    let alloc = SlabAlloc {
+        // SAFETY: no preconditions.
+        time_ns: unsafe { bpf_ktime_get_ns() },
+        call_site,
+        cache,
+        // SAFETY: no preconditions.
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        stack_id,
+        pid,
+        tid,
+        bytes_req: bytes_req as u32,
+        bytes_alloc: bytes_alloc as u32,
+        flags,
+        _pad: 0,
+    };
+    let mut implicit_free = 0;
+    match SLAB_OUTSTANDING.insert(ptr, alloc, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        Err(e) if e == -EEXIST => {
+            // The object at this address was freed with no event: it counts as freed.
+            bump(counter::SLAB_IMPLICIT_FREES);
+            implicit_free = 1;
+            if SLAB_OUTSTANDING.insert(ptr, alloc, BPF_ANY as u64).is_err() {
+                bump(counter::SLAB_UNTRACKED);
+                return;
+            }
+        }
+        Err(_) => {
+            bump(counter::SLAB_UNTRACKED);
+            return;
+        }
+    }
+    let site = SlabSiteKey { call_site, cache };
+    match SLAB_SITES.get_ptr_mut(site) {
+        Some(counts) => {
+            // SAFETY: this CPU's value from a successful lookup; no other CPU writes it.
+            let counts = unsafe { &mut *counts };
+            counts.allocs += 1;
+            counts.implicit_frees += implicit_free;
+        }
+        None => {
+            let counts = SlabSiteCounts {
+                allocs: 1,
+                implicit_frees: implicit_free,
+            };
+            if SLAB_SITES.insert(site, counts, BPF_NOEXIST as u64).is_err() {
+                bump(counter::SLAB_GROUPS_FULL);
+            }
+        }
+    }
+}
+
+/// Captures the current kernel stack into `SLAB_STACKS`; returns its id, or 0 when lost.
+#[inline(never)]
+fn kernel_stack(ctx: *mut core::ffi::c_void) -> u64 {
+    let Some(scratch) = SLAB_STACK_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: a per-CPU value from a successful lookup, used by this CPU alone meanwhile.
+    let stack = unsafe { &mut *scratch };
+    // SAFETY: the buffer is the scratch value, of exactly the size passed.
+    let got = unsafe {
+        bpf_get_stack(
+            ctx,
+            stack.frames.as_mut_ptr().cast(),
+            (8 * SLAB_STACK_DEPTH) as u32,
+            0,
+        )
+    };
+    if got <= 0 {
+        bump(counter::SLAB_STACK_LOST);
+        return 0;
+    }
+    let len = (got as usize / 8).min(SLAB_STACK_DEPTH);
+    // Clear what this walk did not write, so equal stacks have equal map values.
+    let mut i = 0;
+    while i < SLAB_STACK_DEPTH {
+        if i >= len {
+            stack.frames[i] = 0;
+        }
+        i += 1;
+    }
+    let id = stack_hash(&stack.frames, len);
+    // SAFETY: presence only.
+    if unsafe { SLAB_STACKS.get(id) }.is_none()
+        && SLAB_STACKS.insert(id, &*stack, BPF_NOEXIST as u64).is_err()
+        // SAFETY: presence only.
+        && unsafe { SLAB_STACKS.get(id) }.is_none()
+    {
+        bump(counter::SLAB_STACKS_FULL);
+    }
+    id
+}
+
+#[inline(always)]
+fn on_free(ptr: u64) {
+    if ptr <= ZERO_SIZE_PTR {
+        return;
+    }
+    // Whoever frees, from whatever context: the target filter is for allocations only.
+    if SLAB_OUTSTANDING.remove(ptr).is_ok() {
+        bump(counter::SLAB_FREES);
+    } else {
+        bump(counter::SLAB_FREES_UNTRACKED);
+    }
+}

@@ -1,0 +1,703 @@
+//! `memtrace slab`: outstanding kernel slab objects by callsite, cache, process or stack.
+//!
+//! The kernel side keeps the outstanding objects and per-callsite allocation counts in maps;
+//! the ring buffer carries only process records (names, children of a traced command). A
+//! report reads the maps in bulk, folds them ([`crate::slab::Aggregate`]) and compares each
+//! cache with /proc/slabinfo.
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuHashMap};
+use memtrace_common::{
+    counter, ProcRecord, SlabCacheInfo, SlabSiteCounts, SlabSiteKey, SlabStack, PROC_EXEC,
+    PROC_EXIT, PROC_FORK,
+};
+
+use crate::{
+    engine::{process_alive, Analysis, ReportContext, ReportKind, DRAIN_BATCH},
+    hooks::{self, HookGroup},
+    ksyms::Kallsyms,
+    loader::Tracer,
+    record::{self, Record},
+    report::{AgentStats, Format, Loss, LostReport, Scope},
+    ring::Ring,
+    sideband::monotonic_ns,
+    slab::{
+        caches::{self, AliasGroups, SlabinfoRow},
+        outstanding,
+        report::{age_histogram, CacheReport, GroupReport, Totals},
+        Aggregate, CacheAcc, Fold, GroupBy, GroupKey, SlabReport,
+    },
+    Error,
+};
+
+/// What `memtrace slab` shows.
+#[derive(Clone, Debug)]
+pub struct SlabReportOptions {
+    pub by: GroupBy,
+    pub min_age: Option<Duration>,
+    /// Only these caches (by name or alias); empty for all.
+    pub caches: Vec<String>,
+    pub top: usize,
+    pub format: Format,
+    pub stacks: bool,
+    pub max_tracked: u32,
+}
+
+/// The default `--max-tracked`: a million objects, or fewer on a small machine, so the
+/// preallocated map (about 140 bytes an entry in the kernel) stays near 1% of its memory.
+pub fn default_max_tracked() -> u32 {
+    let mem_total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kib| kib * 1024);
+    (mem_total / 100 / 140).clamp(16 << 10, 1 << 20) as u32
+}
+
+/// Checks `--cache` names against the caches this kernel has (an alias counts), and the
+/// kmalloc size classes, which may have no cache of that exact name.
+pub fn check_cache_names(names: &[String]) -> Result<(), String> {
+    let groups = AliasGroups::read();
+    for name in names {
+        if !groups.knows(name) && name != "kmalloc-large" {
+            return Err(format!(
+                "no slab cache named '{name}' on this kernel (see /proc/slabinfo or /sys/kernel/slab)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The name and sizes of cache `id`, inferred for a kmalloc size class.
+fn cache_meta(caches: &mut HashMap<u64, CacheMeta>, id: u64) -> &CacheMeta {
+    caches.entry(id).or_insert_with(|| CacheMeta {
+        name: if caches::is_inferred(id) {
+            caches::kmalloc_cache_name(id)
+        } else {
+            format!("cache@{id:x}")
+        },
+        inferred: caches::is_inferred(id),
+        object_size: 0,
+        size: if caches::is_inferred(id) {
+            (id & 0xffff_ffff) as u32
+        } else {
+            0
+        },
+    })
+}
+
+/// Does a cache free out of sight? One allocation in twenty or more lands on an address still
+/// tracked (an ordinary cache sees none: every free has its event).
+fn frees_untraced(c: &SlabSiteCounts) -> bool {
+    c.implicit_frees >= 16 && c.implicit_frees * 20 >= c.allocs
+}
+
+/// Which caches `--cache` asked for (by name or alias), decided once per cache.
+struct CacheFilter<'a> {
+    names: &'a [String],
+    aliases: &'a AliasGroups,
+    memo: HashMap<u64, bool>,
+}
+
+impl CacheFilter<'_> {
+    fn wants(&mut self, caches: &mut HashMap<u64, CacheMeta>, id: u64) -> bool {
+        if self.names.is_empty() {
+            return true;
+        }
+        if let Some(&w) = self.memo.get(&id) {
+            return w;
+        }
+        let name = &cache_meta(caches, id).name;
+        let wanted = self.names.contains(name)
+            || self
+                .aliases
+                .aliases_of(name)
+                .iter()
+                .any(|a| self.names.contains(a));
+        self.memo.insert(id, wanted);
+        wanted
+    }
+}
+
+const HOOK_GROUPS: &[&HookGroup] = &[&hooks::PROCESSES, &hooks::SLAB];
+
+/// Process names kept at most; past this, those of exited processes go.
+const MAX_COMMS: usize = 65_536;
+
+struct SlabMaps {
+    outstanding: MapData,
+    sites: PerCpuHashMap<MapData, SlabSiteKey, SlabSiteCounts>,
+    caches: BpfHashMap<MapData, u64, SlabCacheInfo>,
+    stacks: Option<BpfHashMap<MapData, u64, SlabStack>>,
+}
+
+/// A cache's name and sizes, as the report shows them.
+#[derive(Clone, Debug)]
+struct CacheMeta {
+    name: String,
+    inferred: bool,
+    object_size: u32,
+    size: u32,
+}
+
+/// What the previous report saw, for growth and interval counts.
+#[derive(Default)]
+struct Previous {
+    /// Objects shown per group.
+    shown: HashMap<GroupKey, u64>,
+    /// Every outstanding object per group.
+    all: HashMap<GroupKey, u64>,
+    sites: HashMap<SlabSiteKey, SlabSiteCounts>,
+    allocs: u64,
+    frees: u64,
+}
+
+pub struct SlabAnalysis {
+    opts: SlabReportOptions,
+    maps: Option<SlabMaps>,
+    comms: HashMap<u32, String>,
+    exited: HashSet<u32>,
+    /// Children forked by traced processes and not exited.
+    children: HashSet<u32>,
+    kallsyms: Option<Kallsyms>,
+    aliases: AliasGroups,
+    slabinfo_start: Result<HashMap<String, SlabinfoRow>, String>,
+    caches: HashMap<u64, CacheMeta>,
+    prev: Previous,
+    /// Kernel stacks read so far, by id.
+    stack_frames: HashMap<u64, Vec<u64>>,
+    /// Stacks no outstanding object referred to at the last report: removed from the kernel
+    /// map if still unused at the next.
+    stacks_unused: HashSet<u64>,
+    /// Caches whose frees the kernel does not trace (see [`SlabAnalysis::classify_caches`]).
+    frees_untraced: HashSet<u64>,
+    records: u64,
+}
+
+impl SlabAnalysis {
+    pub fn new(opts: SlabReportOptions) -> Self {
+        Self {
+            opts,
+            maps: None,
+            comms: HashMap::new(),
+            exited: HashSet::new(),
+            children: HashSet::new(),
+            kallsyms: None,
+            aliases: AliasGroups::default(),
+            slabinfo_start: Err("not read yet".into()),
+            caches: HashMap::new(),
+            prev: Previous::default(),
+            stack_frames: HashMap::new(),
+            stacks_unused: HashSet::new(),
+            frees_untraced: HashSet::new(),
+            records: 0,
+        }
+    }
+
+    fn on_proc(&mut self, p: &ProcRecord) {
+        match p.op {
+            PROC_FORK => {
+                if let Some(parent) = self.comms.get(&p.pid).cloned() {
+                    self.comms.insert(p.child_pid, parent);
+                }
+                self.children.insert(p.child_pid);
+                self.exited.remove(&p.child_pid);
+            }
+            PROC_EXEC => {
+                self.comms.insert(p.pid, record::comm_str(&p.comm));
+            }
+            PROC_EXIT => {
+                self.comms
+                    .entry(p.pid)
+                    .or_insert_with(|| record::comm_str(&p.comm));
+                self.children.remove(&p.pid);
+                self.exited.insert(p.pid);
+            }
+            _ => {}
+        }
+        if self.comms.len() > MAX_COMMS {
+            for pid in self.exited.drain() {
+                self.comms.remove(&pid);
+            }
+        }
+    }
+
+    fn comm(&mut self, pid: u32) -> String {
+        if let Some(c) = self.comms.get(&pid) {
+            return c.clone();
+        }
+        let c = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim_end().to_string())
+            .unwrap_or_else(|_| "?".into());
+        if pid != 0 {
+            self.comms.insert(pid, c.clone());
+        }
+        c
+    }
+
+    /// Names and sizes of caches the kernel recorded since the last report.
+    fn refresh_caches(&mut self) {
+        let Some(maps) = &self.maps else { return };
+        for (id, info) in maps.caches.iter().flatten() {
+            self.caches.entry(id).or_insert_with(|| {
+                let end = info
+                    .name
+                    .iter()
+                    .position(|&b| b == 0)
+                    .unwrap_or(info.name.len());
+                let name = String::from_utf8_lossy(&info.name[..end]).into_owned();
+                CacheMeta {
+                    name: if name.is_empty() {
+                        format!("cache@{id:x}")
+                    } else {
+                        name
+                    },
+                    inferred: false,
+                    object_size: info.object_size,
+                    size: info.size,
+                }
+            });
+        }
+    }
+
+    fn cache_meta(&mut self, id: u64) -> &CacheMeta {
+        cache_meta(&mut self.caches, id)
+    }
+
+    /// Allocation counts per (call site, cache), summed over CPUs.
+    fn read_sites(&self) -> HashMap<SlabSiteKey, SlabSiteCounts> {
+        let Some(maps) = &self.maps else {
+            return HashMap::new();
+        };
+        maps.sites
+            .iter()
+            .flatten()
+            .map(|(k, per_cpu)| {
+                let sum = per_cpu
+                    .iter()
+                    .fold(SlabSiteCounts::default(), |a, c| SlabSiteCounts {
+                        allocs: a.allocs + c.allocs,
+                        implicit_frees: a.implicit_frees + c.implicit_frees,
+                    });
+                (k, sum)
+            })
+            .collect()
+    }
+
+    /// Marks caches whose objects the kernel frees out of the tracer's sight (kfree_rcu
+    /// through sheaves, bulk frees): addresses come back from the allocator while still
+    /// tracked. Their outstanding objects are mostly already freed, so they are kept out of
+    /// groups and totals instead of showing as leaks.
+    fn classify_caches(&mut self, sites: &HashMap<SlabSiteKey, SlabSiteCounts>) {
+        let mut per_cache: HashMap<u64, SlabSiteCounts> = HashMap::new();
+        for (k, c) in sites {
+            let e = per_cache.entry(k.cache).or_default();
+            e.allocs += c.allocs;
+            e.implicit_frees += c.implicit_frees;
+        }
+        for (cache, c) in per_cache {
+            if frees_untraced(&c) {
+                self.frees_untraced.insert(cache);
+            }
+        }
+    }
+
+    /// Kernel frames of stack `id`, read from the kernel's map the first time.
+    fn stack(&mut self, id: u64) -> Option<Vec<String>> {
+        if !self.stack_frames.contains_key(&id) {
+            let stacks = self.maps.as_ref()?.stacks.as_ref()?;
+            let s = stacks.get(&id, 0).ok()?;
+            let frames: Vec<u64> = s.frames.iter().copied().take_while(|&f| f != 0).collect();
+            self.stack_frames.insert(id, frames);
+        }
+        let ksyms = self.kallsyms.get_or_insert_with(Kallsyms::load);
+        Some(
+            self.stack_frames[&id]
+                .iter()
+                .map(|&ip| ksyms.describe(ip))
+                .collect(),
+        )
+    }
+
+    /// Drops kernel stacks no outstanding object has used for a whole report interval, so the
+    /// stack map never fills with stacks of objects long freed.
+    fn collect_stacks(&mut self, in_use: &HashMap<u64, u64>) {
+        let Some(stacks) = self.maps.as_mut().and_then(|m| m.stacks.as_mut()) else {
+            return;
+        };
+        let unused: HashSet<u64> = stacks
+            .keys()
+            .flatten()
+            .filter(|id| !in_use.contains_key(id))
+            .collect();
+        for id in unused.intersection(&self.stacks_unused) {
+            let _ = stacks.remove(id);
+        }
+        self.stack_frames.retain(|id, _| in_use.contains_key(id));
+        self.stacks_unused = unused;
+    }
+
+    fn counters(&self, tracer: &Tracer) -> (u64, u64) {
+        let allocs = tracer.counter(counter::SLAB_ALLOCS) - tracer.counter(counter::SLAB_UNTRACKED);
+        let frees =
+            tracer.counter(counter::SLAB_FREES) + tracer.counter(counter::SLAB_IMPLICIT_FREES);
+        (allocs, frees)
+    }
+
+    fn build(&mut self, ctx: &ReportContext<'_>) -> Result<SlabReport, Error> {
+        let now_ns = monotonic_ns();
+        self.refresh_caches();
+        let fold = Fold {
+            by: self.opts.by,
+            min_age_ns: self.opts.min_age.map_or(0, |d| d.as_nanos() as u64),
+            now_ns,
+            stacks: self.opts.stacks,
+        };
+        let sizes: HashMap<u64, (u32, u32)> = self
+            .caches
+            .iter()
+            .map(|(&id, m)| (id, (m.object_size, m.size)))
+            .collect();
+        let sites = self.read_sites();
+        self.classify_caches(&sites);
+        let mut agg = Aggregate::default();
+        let mut untraced: HashMap<u64, CacheAcc> = HashMap::new();
+        let mut filter = CacheFilter {
+            names: &self.opts.caches,
+            aliases: &self.aliases,
+            memo: HashMap::new(),
+        };
+        let mut in_use: HashMap<u64, u64> = HashMap::new();
+        if let Some(maps) = &self.maps {
+            let caches = &mut self.caches;
+            let frees_untraced = &self.frees_untraced;
+            outstanding::for_each(&maps.outstanding, |_, a| {
+                if a.stack_id != 0 {
+                    *in_use.entry(a.stack_id).or_default() += 1;
+                }
+                if !filter.wants(caches, a.cache) {
+                    return;
+                }
+                if frees_untraced.contains(&a.cache) {
+                    let c = untraced.entry(a.cache).or_default();
+                    c.objects += 1;
+                    c.bytes += sizes
+                        .get(&a.cache)
+                        .map_or(a.bytes_alloc as u64, |s| s.1 as u64);
+                } else {
+                    agg.add(a, &fold, &sizes);
+                }
+            })?;
+        }
+        let interval = ctx.kind == ReportKind::Interval;
+        let empty = Previous::default();
+        let prev = std::mem::take(&mut self.prev);
+        let base = if interval { &prev } else { &empty };
+        // Allocations per group in what the report covers (callsite and cache groups only).
+        let mut group_allocs: HashMap<GroupKey, u64> = HashMap::new();
+        if matches!(self.opts.by, GroupBy::Callsite | GroupBy::Cache) {
+            for (k, &n) in &sites {
+                let before = base.sites.get(k).map_or(0, |c| c.allocs);
+                let since = n.allocs.saturating_sub(before);
+                let key = match self.opts.by {
+                    GroupBy::Callsite => (k.call_site, k.cache),
+                    _ => (k.cache, 0),
+                };
+                *group_allocs.entry(key).or_default() += since;
+            }
+        }
+        let ksyms_needed = matches!(self.opts.by, GroupBy::Callsite | GroupBy::Stack);
+        if ksyms_needed && self.kallsyms.is_none() {
+            self.kallsyms = Some(Kallsyms::load());
+        }
+        let mut order: Vec<(GroupKey, i64, u64)> = agg
+            .groups
+            .iter()
+            .filter(|(_, g)| g.objects > 0)
+            .map(|(k, g)| {
+                let growth = g.objects as i64 - prev.shown.get(k).copied().unwrap_or(0) as i64;
+                (*k, growth, g.bytes)
+            })
+            .collect();
+        order.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
+        let groups_total = order.len();
+        let shown = if self.opts.format == Format::Folded {
+            groups_total
+        } else {
+            self.opts.top
+        };
+        let mut groups = Vec::new();
+        for &(key, growth, _) in order.iter().take(shown) {
+            let g = &agg.groups[&key];
+            let call_site = g.call_site.get();
+            let cache = g.cache.get();
+            let pid = g.pid.get();
+            let top_stack = g
+                .stacks
+                .iter()
+                .max_by_key(|(id, n)| (**n, **id))
+                .map(|(id, _)| *id);
+            let allocs = group_allocs.get(&key).copied();
+            let all_before = base.all.get(&key).copied().unwrap_or(0);
+            let frees = allocs.map(|a| (a + all_before).saturating_sub(g.all_objects));
+            let callsite = call_site.map(|cs| {
+                self.kallsyms
+                    .get_or_insert_with(Kallsyms::load)
+                    .describe(cs)
+            });
+            let (cache_name, inferred) = match cache {
+                Some(id) => {
+                    let m = self.cache_meta(id);
+                    (Some(m.name.clone()), m.inferred)
+                }
+                None => (None, false),
+            };
+            let comm = pid.map(|p| self.comm(p));
+            let kernel_stack = top_stack.and_then(|id| self.stack(id));
+            groups.push(GroupReport {
+                callsite,
+                cache: cache_name,
+                cache_inferred: inferred,
+                pid,
+                comm,
+                objects: g.objects,
+                bytes: g.bytes,
+                requested_bytes: g.requested_bytes,
+                max_age_ms: g
+                    .oldest_ns
+                    .map_or(0, |t| now_ns.saturating_sub(t) / 1_000_000),
+                growth_objects: growth,
+                allocs,
+                frees,
+                age_histogram: age_histogram(&g.ages),
+                kernel_stack,
+            });
+        }
+
+        let slabinfo_now = caches::read_slabinfo();
+        let mut cache_rows: Vec<(u64, u64, u64)> = agg
+            .caches
+            .iter()
+            .chain(untraced.iter())
+            .map(|(&id, c)| (id, c.objects, c.bytes))
+            .collect();
+        cache_rows.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.cmp(&a.1)).then(a.0.cmp(&b.0)));
+        let mut caches_out = Vec::new();
+        for (id, objects, bytes) in cache_rows {
+            let m = self.cache_meta(id).clone();
+            let start = self
+                .slabinfo_start
+                .as_ref()
+                .ok()
+                .and_then(|s| s.get(&m.name));
+            let now = slabinfo_now.as_ref().ok().and_then(|s| s.get(&m.name));
+            caches_out.push(CacheReport {
+                frees_untraced: self.frees_untraced.contains(&id),
+                aliases: self.aliases.aliases_of(&m.name),
+                inferred: m.inferred,
+                objects,
+                bytes,
+                slabinfo_delta: match (start, now) {
+                    (Some(s), Some(n)) => Some(n.active_objs as i64 - s.active_objs as i64),
+                    _ => None,
+                },
+                slabinfo_active: now.map(|n| n.active_objs),
+                name: m.name,
+            });
+        }
+
+        let tracer = ctx.tracer;
+        let (allocs_total, frees_total) = self.counters(tracer);
+        let (allocs, frees) = (
+            allocs_total.saturating_sub(base.allocs),
+            frees_total.saturating_sub(base.frees),
+        );
+        let covers = ctx.covers.as_secs_f64().max(1e-9);
+        let c = tracer.counters();
+        let loss = |id, count, description| Loss {
+            id,
+            count,
+            description,
+        };
+        let causes = vec![
+            loss(
+                "slab_untracked",
+                tracer.counter(counter::SLAB_UNTRACKED),
+                "outstanding-object map full (--max-tracked): allocations not tracked",
+            ),
+            loss(
+                "slab_sites_full",
+                tracer.counter(counter::SLAB_GROUPS_FULL),
+                "callsite counter map full: allocations left out of per-callsite rates",
+            ),
+            loss(
+                "kernel_stack_empty",
+                tracer.counter(counter::SLAB_STACK_LOST),
+                "kernel stack walk found no frame",
+            ),
+            loss(
+                "stack_table_full",
+                tracer.counter(counter::SLAB_STACKS_FULL),
+                "stack map full: allocation kept without its stack",
+            ),
+            loss(
+                "cache_unnamed",
+                tracer.counter(counter::SLAB_CACHE_UNNAMED),
+                "kmem_cache name not read (map full, or kernel memory not readable)",
+            ),
+            loss(
+                "ringbuf_full_other",
+                c.ringbuf_full_other,
+                "ring buffer full: process records dropped (names, children)",
+            ),
+            loss(
+                "target_map_full",
+                c.targets_full,
+                "target map full: children not followed",
+            ),
+        ];
+        let lost = LostReport {
+            events: tracer.counter(counter::SLAB_UNTRACKED),
+            causes,
+        };
+        let report = SlabReport {
+            scope: if interval {
+                Scope::Interval
+            } else {
+                Scope::Total
+            },
+            duration_s: ctx.elapsed.as_secs_f64(),
+            covers_s: ctx.covers.as_secs_f64(),
+            by: self.opts.by,
+            min_age_ms: self.opts.min_age.map(|d| d.as_millis() as u64),
+            groups_total,
+            groups,
+            caches: caches_out,
+            totals: Totals {
+                objects: agg.objects,
+                bytes: agg.bytes,
+                objects_frees_untraced: untraced.values().map(|c| c.objects).sum(),
+                allocs,
+                frees,
+                allocs_per_s: allocs as f64 / covers,
+                frees_per_s: frees as f64 / covers,
+                implicit_frees: tracer.counter(counter::SLAB_IMPLICIT_FREES),
+                frees_untracked: tracer.counter(counter::SLAB_FREES_UNTRACKED),
+                max_tracked: self.opts.max_tracked,
+            },
+            lost,
+            slabinfo_unavailable: slabinfo_now
+                .err()
+                .or_else(|| self.slabinfo_start.clone().err()),
+            agent: AgentStats::current(self.records),
+        };
+        self.collect_stacks(&in_use);
+        // Growth is always since the previous report; interval counts since the previous
+        // interval report.
+        self.prev = prev;
+        self.prev.shown = agg.groups.iter().map(|(k, g)| (*k, g.objects)).collect();
+        if interval {
+            self.prev.all = agg
+                .groups
+                .iter()
+                .map(|(k, g)| (*k, g.all_objects))
+                .collect();
+            self.prev.sites = sites;
+            self.prev.allocs = allocs_total;
+            self.prev.frees = frees_total;
+        }
+        Ok(report)
+    }
+}
+
+impl Analysis for SlabAnalysis {
+    type Report = SlabReport;
+
+    fn what(&self) -> &'static str {
+        "slab allocations"
+    }
+
+    fn hook_groups(&self) -> &'static [&'static HookGroup] {
+        HOOK_GROUPS
+    }
+
+    fn start(&mut self, tracer: &mut Tracer, _system_wide: bool) -> Result<(), Error> {
+        let data = |m: Map| match m {
+            Map::HashMap(d) | Map::PerCpuHashMap(d) => Ok(d),
+            _ => Err(Error::Map("a slab map has an unexpected type".into())),
+        };
+        let map_err = |e: aya::maps::MapError| Error::Map(e.to_string());
+        let outstanding = data(tracer.take_map("SLAB_OUTSTANDING")?)?;
+        let sites = PerCpuHashMap::try_from(tracer.take_map("SLAB_SITES")?).map_err(map_err)?;
+        let caches = BpfHashMap::try_from(tracer.take_map("SLAB_CACHES")?).map_err(map_err)?;
+        let stacks = if self.opts.stacks {
+            Some(BpfHashMap::try_from(tracer.take_map("SLAB_STACKS")?).map_err(map_err)?)
+        } else {
+            None
+        };
+        self.maps = Some(SlabMaps {
+            outstanding,
+            sites,
+            caches,
+            stacks,
+        });
+        self.aliases = AliasGroups::read();
+        self.slabinfo_start = caches::read_slabinfo();
+        Ok(())
+    }
+
+    fn target_added(&mut self, pid: u32) {
+        let _ = self.comm(pid);
+    }
+
+    fn drain(&mut self, ring: &mut Ring) -> bool {
+        for _ in 0..DRAIN_BATCH {
+            let Some(item) = ring.next() else {
+                return false;
+            };
+            self.records += 1;
+            if let Some(Record::Proc(p)) = record::decode(&item) {
+                self.on_proc(&p);
+            }
+        }
+        true
+    }
+
+    fn descendants_alive(&self, command: u32) -> bool {
+        self.children
+            .iter()
+            .any(|&pid| pid != command && process_alive(pid))
+    }
+
+    fn report(&mut self, ctx: &ReportContext<'_>) -> SlabReport {
+        match self.build(ctx) {
+            Ok(r) => r,
+            Err(e) => {
+                crate::engine::say(format_args!("memtrace: slab report incomplete: {e}"));
+                SlabReport {
+                    scope: Scope::Total,
+                    duration_s: ctx.elapsed.as_secs_f64(),
+                    covers_s: ctx.covers.as_secs_f64(),
+                    by: self.opts.by,
+                    min_age_ms: None,
+                    groups_total: 0,
+                    groups: Vec::new(),
+                    caches: Vec::new(),
+                    totals: Totals::default(),
+                    lost: LostReport {
+                        events: 0,
+                        causes: Vec::new(),
+                    },
+                    slabinfo_unavailable: Some(e.to_string()),
+                    agent: AgentStats::current(self.records),
+                }
+            }
+        }
+    }
+}

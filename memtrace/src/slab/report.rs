@@ -1,0 +1,339 @@
+//! What a slab report holds, and how it reads as a table or folded stacks.
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::{GroupBy, AGE_BUCKETS_MS};
+use crate::report::{AgentStats, Format, LostReport, Scope};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SlabReport {
+    pub scope: Scope,
+    /// Since tracing started.
+    pub duration_s: f64,
+    /// What allocation and free counts cover: the interval, or the whole run.
+    pub covers_s: f64,
+    pub by: GroupBy,
+    /// Objects younger than this are left out of `groups` (`--min-age`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_age_ms: Option<u64>,
+    /// Groups before `--top` cut the list.
+    pub groups_total: usize,
+    /// Sorted by growth since the previous report, then by bytes.
+    pub groups: Vec<GroupReport>,
+    /// Caches holding outstanding objects, by bytes, with the kernel's slabinfo beside them.
+    pub caches: Vec<CacheReport>,
+    pub totals: Totals,
+    pub lost: LostReport,
+    /// Why the slabinfo columns are empty, when they are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slabinfo_unavailable: Option<String>,
+    pub agent: AgentStats,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupReport {
+    /// `function+0xoff` of the allocating call site, when the group has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callsite: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
+    /// The cache is a kmalloc size class inferred from the size and gfp flags.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cache_inferred: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    /// Outstanding objects (old enough for `--min-age`).
+    pub objects: u64,
+    pub bytes: u64,
+    /// Bytes the callers asked for (kmalloc rounds up to its size class).
+    pub requested_bytes: u64,
+    pub max_age_ms: u64,
+    /// Change of `objects` since the previous report (since the start for the first).
+    pub growth_objects: i64,
+    /// Allocations and frees in what the report covers (by callsite and by cache only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frees: Option<u64>,
+    pub age_histogram: Vec<AgeBucket>,
+    /// With --stacks: the group's most common kernel stack, innermost first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_stack: Option<Vec<String>>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct AgeBucket {
+    /// Objects younger than this (ms); `None` for the last, open bucket.
+    pub lt_ms: Option<u64>,
+    pub objects: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CacheReport {
+    pub name: String,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub inferred: bool,
+    /// Other names merged into this cache (/sys/kernel/slab).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// Objects allocated since the start and still outstanding.
+    pub objects: u64,
+    /// This kernel frees the cache's objects without an event (kfree_rcu through sheaves, bulk
+    /// frees): its outstanding objects are mostly freed already, and stay out of groups and
+    /// totals.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub frees_untraced: bool,
+    pub bytes: u64,
+    /// Change of the cache's active objects in /proc/slabinfo since the start. It also counts
+    /// objects of untraced processes, and frees of objects older than the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slabinfo_delta: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slabinfo_active: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Totals {
+    /// Outstanding objects tracked (allocated during the run, not freed yet).
+    pub objects: u64,
+    pub bytes: u64,
+    /// Objects of caches whose frees this kernel does not trace, left out of `objects`.
+    pub objects_frees_untraced: u64,
+    /// In what the report covers.
+    pub allocs: u64,
+    pub frees: u64,
+    pub allocs_per_s: f64,
+    pub frees_per_s: f64,
+    /// Objects found freed without an event (their address was allocated again).
+    pub implicit_frees: u64,
+    /// Frees of objects not tracked (allocated before the run or by untraced processes).
+    pub frees_untracked: u64,
+    /// The most objects tracked at once (`--max-tracked`).
+    pub max_tracked: u32,
+}
+
+fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 10 << 30 => format!("{} GiB", b >> 30),
+        b if b >= 10 << 20 => format!("{} MiB", b >> 20),
+        b if b >= 10 << 10 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+fn human_age(ms: u64) -> String {
+    match ms {
+        ms if ms >= 3_600_000 => format!("{:.1}h", ms as f64 / 3_600_000.0),
+        ms if ms >= 60_000 => format!("{:.1}m", ms as f64 / 60_000.0),
+        ms if ms >= 1_000 => format!("{:.1}s", ms as f64 / 1_000.0),
+        ms => format!("{ms}ms"),
+    }
+}
+
+fn cache_label(g: &GroupReport) -> String {
+    match &g.cache {
+        Some(c) if g.cache_inferred => format!("{c}*"),
+        Some(c) => c.clone(),
+        None => "(several)".into(),
+    }
+}
+
+/// The table, or folded stacks (`frames;...;cache objects`, outermost frame first).
+pub fn render(r: &SlabReport, format: Format, top: usize) -> String {
+    if format == Format::Folded {
+        return folded(r);
+    }
+    let mut out = String::new();
+    let what = match r.scope {
+        Scope::Interval => format!("interval of {:.1}s", r.covers_s),
+        Scope::Total => format!("{:.1}s", r.duration_s),
+    };
+    let _ = writeln!(
+        out,
+        "slab: {} objects outstanding ({}); {} allocs, {} frees in {what} ({:.0}/s, {:.0}/s)",
+        r.totals.objects,
+        human_bytes(r.totals.bytes),
+        r.totals.allocs,
+        r.totals.frees,
+        r.totals.allocs_per_s,
+        r.totals.frees_per_s,
+    );
+    if let Some(ms) = r.min_age_ms {
+        let _ = writeln!(out, "showing objects older than {}", human_age(ms));
+    }
+    let _ = writeln!(out);
+    let first = match r.by {
+        GroupBy::Callsite => "CALLSITE",
+        GroupBy::Cache => "CACHE",
+        GroupBy::Process => "PROCESS",
+        GroupBy::Stack => "STACK (innermost)",
+    };
+    let _ = writeln!(
+        out,
+        "{:<44} {:<20} {:>9} {:>10} {:>8} {:>9} {:>9}  MAX AGE",
+        first, "CACHE", "OBJECTS", "BYTES", "GROWTH", "ALLOCS", "FREES"
+    );
+    for g in r.groups.iter().take(top) {
+        let label = match r.by {
+            GroupBy::Process => format!(
+                "{} {}",
+                g.pid.map_or("-".into(), |p| p.to_string()),
+                g.comm.as_deref().unwrap_or("?")
+            ),
+            GroupBy::Cache => cache_label(g),
+            _ => g.callsite.clone().unwrap_or_else(|| "(several)".into()),
+        };
+        let opt = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
+        let _ = writeln!(
+            out,
+            "{:<44} {:<20} {:>9} {:>10} {:>+8} {:>9} {:>9}  {}",
+            truncate(&label, 44),
+            truncate(&cache_label(g), 20),
+            g.objects,
+            human_bytes(g.bytes),
+            g.growth_objects,
+            opt(g.allocs),
+            opt(g.frees),
+            human_age(g.max_age_ms),
+        );
+        if let Some(stack) = &g.kernel_stack {
+            for f in stack.iter().take(12) {
+                let _ = writeln!(out, "    {f}");
+            }
+        }
+    }
+    if r.groups_total > top {
+        let _ = writeln!(out, "... {} more groups (--top)", r.groups_total - top);
+    }
+    if r.groups.iter().any(|g| g.cache_inferred) {
+        let _ = writeln!(
+            out,
+            "* kmalloc size class inferred from the size and gfp flags"
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<28} {:>9} {:>10} {:>14}  ALIASES",
+        "CACHE", "OBJECTS", "BYTES", "SLABINFO DELTA"
+    );
+    for c in r.caches.iter().take(top) {
+        let mut name = if c.inferred {
+            format!("{}*", c.name)
+        } else {
+            c.name.clone()
+        };
+        if c.frees_untraced {
+            name.push('!');
+        }
+        let _ = writeln!(
+            out,
+            "{:<28} {:>9} {:>10} {:>14}  {}",
+            truncate(&name, 28),
+            c.objects,
+            human_bytes(c.bytes),
+            c.slabinfo_delta.map_or("-".into(), |d| format!("{d:+}")),
+            c.aliases.join(",")
+        );
+    }
+    if r.caches.iter().any(|c| c.frees_untraced) {
+        let _ = writeln!(
+            out,
+            "! frees not traced by this kernel (kfree_rcu through sheaves, bulk frees): {} objects \
+             left out of the groups",
+            r.totals.objects_frees_untraced
+        );
+    }
+    if let Some(why) = &r.slabinfo_unavailable {
+        let _ = writeln!(out, "slabinfo: {why}");
+    }
+    let _ = writeln!(
+        out,
+        "implicit frees {}, frees of untracked objects {}",
+        r.totals.implicit_frees, r.totals.frees_untracked
+    );
+    if r.lost.events == 0 {
+        let _ = writeln!(out, "lost: 0");
+    } else {
+        let _ = writeln!(out, "lost: {}", r.lost.events);
+        for c in r.lost.causes.iter().filter(|c| c.count > 0) {
+            let _ = writeln!(out, "  {} {}: {}", c.count, c.id, c.description);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "agent: rss {} MiB (peak {} MiB), cpu {:.2}s",
+        r.agent.rss_bytes >> 20,
+        r.agent.peak_rss_bytes >> 20,
+        r.agent.cpu_user_s + r.agent.cpu_sys_s
+    );
+    out
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n - 1).collect();
+        t.push('…');
+        t
+    }
+}
+
+fn folded(r: &SlabReport) -> String {
+    let mut out = String::new();
+    for g in &r.groups {
+        let mut frames: Vec<String> = Vec::new();
+        if let Some(comm) = &g.comm {
+            frames.push(comm.clone());
+        }
+        match &g.kernel_stack {
+            Some(stack) => frames.extend(stack.iter().rev().cloned()),
+            None => frames.extend(g.callsite.clone()),
+        }
+        frames.push(cache_label(g));
+        let line = frames
+            .iter()
+            .map(|f| f.replace([';', ' '], "_"))
+            .collect::<Vec<_>>()
+            .join(";");
+        let _ = writeln!(out, "{line} {}", g.objects);
+    }
+    out
+}
+
+/// The age histogram as report buckets.
+pub fn age_histogram(ages: &[u64]) -> Vec<AgeBucket> {
+    ages.iter()
+        .enumerate()
+        .map(|(i, &objects)| AgeBucket {
+            lt_ms: AGE_BUCKETS_MS.get(i).copied(),
+            objects,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_ages_read_as_people_write_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(20 << 20), "20 MiB");
+        assert_eq!(human_age(950), "950ms");
+        assert_eq!(human_age(90_000), "1.5m");
+        assert_eq!(truncate("abcdef", 4), "abc…");
+    }
+
+    #[test]
+    fn histogram_buckets_end_open() {
+        let h = age_histogram(&[1, 2, 0, 0, 0, 0, 0, 5]);
+        assert_eq!(h.len(), AGE_BUCKETS_MS.len() + 1);
+        assert_eq!(h[0].lt_ms, Some(10));
+        assert_eq!(h.last().map(|b| (b.lt_ms, b.objects)), Some((None, 5)));
+    }
+}
