@@ -308,8 +308,8 @@ pub mod counter {
     pub const STACK_CACHE_HITS: u32 = 7;
     /// Syscall entries not stashed (map full).
     pub const SYSCALL_PENDING_FULL: u32 = 8;
-    /// Slab allocations by traced processes (tracked or not).
-    pub const SLAB_ALLOCS: u32 = 9;
+    /// Unused (was: slab allocations; they are counted per site now).
+    pub const SLAB_UNUSED: u32 = 9;
     /// Slab allocations not tracked: the outstanding-allocation map was full.
     pub const SLAB_UNTRACKED: u32 = 10;
     /// Allocations at an address still tracked: the old object was freed without an event
@@ -444,10 +444,42 @@ pub struct SlabSiteKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlabSiteCounts {
     pub allocs: u64,
-    /// Allocations at an address still tracked: the object there before was freed without an
-    /// event. A cache where these are common frees its objects out of the tracer's sight.
+    /// Objects of this site found freed without an event (their address was allocated again
+    /// while still tracked). A site where these are common frees out of the tracer's sight.
     pub implicit_frees: u64,
 }
+
+/// A CPU's running counts for one (call site, cache), direct-mapped by [`slab_site_slot`]:
+/// an array slot updated in place on each allocation, added into `SLAB_SITES` only when another
+/// site takes the slot. With `--stacks`, the slot also remembers the last stack walked there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlabSiteSlot {
+    pub key: SlabSiteKey,
+    /// Counted since the slot was taken, not yet in `SLAB_SITES`.
+    pub counts: SlabSiteCounts,
+    /// The last kernel stack walked for this site on this CPU (0: none).
+    pub stack_id: u64,
+    /// Allocations that may still reuse `stack_id` before the next walk.
+    pub stack_hits_left: u32,
+    pub _pad: u32,
+}
+
+/// Site slots per CPU (a power of two).
+pub const SLAB_SITE_SLOT_COUNT: u32 = 512;
+
+/// The slot of a (call site, cache) in a CPU's site slots.
+#[inline(always)]
+pub const fn slab_site_slot(call_site: u64, cache: u64) -> u32 {
+    let h = (call_site ^ cache.rotate_left(23)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h >> (64 - SLAB_SITE_SLOT_COUNT.trailing_zeros())) as u32
+}
+
+/// A kernel stack walked at an allocation serves the next allocations at the same call site
+/// on that CPU, a random number of them, uniform in 0..2 * this: walking every allocation's
+/// stack costs several times the allocation itself, and the allocations of a site are then
+/// attributed to an unbiased sample of its stacks (see [`StackCacheSlot`] for the argument).
+pub const SLAB_STACK_REWALK_MEAN: u32 = 32;
 
 /// Kernel frames kept per slab allocation stack.
 pub const SLAB_STACK_DEPTH: usize = 48;
@@ -569,6 +601,8 @@ mod pod {
     unsafe impl aya::Pod for SlabStack {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SlabSiteCounts {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SlabSiteSlot {}
 }
 
 #[cfg(test)]
@@ -594,6 +628,7 @@ mod tests {
         assert_eq!(size_of::<SlabCacheInfo>(), SLAB_CACHE_NAME_LEN + 4 * 2);
         assert_eq!(size_of::<SlabSiteKey>(), 8 * 2);
         assert_eq!(size_of::<SlabSiteCounts>(), 8 * 2);
+        assert_eq!(size_of::<SlabSiteSlot>(), 8 * 5 + 4 * 2);
         assert_eq!(size_of::<SlabStack>(), 8 * SLAB_STACK_DEPTH);
         assert_eq!(size_of::<TargetCacheSlot>(), 8 + 4 * 2);
         assert_eq!(

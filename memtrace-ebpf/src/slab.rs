@@ -9,7 +9,7 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
-        generated::{bpf_get_current_cgroup_id, bpf_get_stack},
+        generated::{bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_stack},
     },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
@@ -17,9 +17,10 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use memtrace_common::{
-    counter, kmalloc_cache_id, layout, stack_hash, SlabAlloc, SlabCacheInfo, SlabSiteCounts,
-    SlabSiteKey, SlabStack, GFP_ACCOUNT, OFFSET_UNKNOWN, SLAB_ACCOUNTED, SLAB_CACHE_NAME_LEN,
-    SLAB_KMALLOC, SLAB_STACK_DEPTH,
+    counter, is_kmalloc_cache_id, kmalloc_cache_id, layout, slab_site_slot, stack_hash, SlabAlloc,
+    SlabCacheInfo, SlabSiteCounts, SlabSiteKey, SlabSiteSlot, SlabStack, GFP_ACCOUNT,
+    OFFSET_UNKNOWN, SLAB_ACCOUNTED, SLAB_CACHE_NAME_LEN, SLAB_KMALLOC, SLAB_SITE_SLOT_COUNT,
+    SLAB_STACK_DEPTH, SLAB_STACK_REWALK_MEAN,
 };
 
 use crate::maps::{bump, config, current_ids, is_target, tp_field};
@@ -41,16 +42,15 @@ pub static SLAB_CACHES: HashMap<u64, SlabCacheInfo> = HashMap::with_max_entries(
 #[map]
 pub static SLAB_STACKS: HashMap<u64, SlabStack> = HashMap::with_max_entries(1, 0);
 
-/// Per CPU, the caches last recorded in `SLAB_CACHES`, direct-mapped: an array read instead of
-/// a hash lookup on every kmem_cache_alloc.
+/// Per CPU, running counts of the sites allocating now (see `SlabSiteSlot`).
 #[map]
-static SLAB_CACHES_SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(CACHES_SEEN_SLOTS, 0);
+pub static SLAB_SITE_SLOTS: PerCpuArray<SlabSiteSlot> =
+    PerCpuArray::with_max_entries(SLAB_SITE_SLOT_COUNT, 0);
 
 /// Per-CPU room for a kernel stack while it is hashed.
 #[map]
 static SLAB_STACK_SCRATCH: PerCpuArray<SlabStack> = PerCpuArray::with_max_entries(1, 0);
 
-const CACHES_SEEN_SLOTS: u32 = 64;
 /// `ZERO_SIZE_PTR`: what kmalloc(0) returns; never a real object.
 const ZERO_SIZE_PTR: u64 = 16;
 const EEXIST: i32 = 17;
@@ -79,7 +79,7 @@ pub fn kmalloc_raw(ctx: RawTracePointContext) -> u32 {
 pub fn kmem_cache_alloc_raw(ctx: RawTracePointContext) -> u32 {
     let cache = ctx.arg::<u64>(2);
     let ptr = ctx.arg::<u64>(1);
-    if ptr > ZERO_SIZE_PTR && note_cache(cache) {
+    if cache != 0 {
         on_alloc(
             ctx.as_ptr(),
             ctx.arg::<u64>(0),
@@ -165,9 +165,8 @@ pub fn kmem_cache_alloc(ctx: TracePointContext) -> u32 {
         .map(|s| s.len())
         .unwrap_or(0);
     let cache = name_hash(&info.name, len);
-    if note_cache_info(cache, &info) {
-        on_alloc(ctx.as_ptr(), call_site, ptr, cache, 0, 0, gfp);
-    }
+    note_cache_info(cache, &info);
+    on_alloc(ctx.as_ptr(), call_site, ptr, cache, 0, 0, gfp);
     0
 }
 
@@ -201,27 +200,13 @@ fn name_hash(name: &[u8; SLAB_CACHE_NAME_LEN], len: usize) -> u64 {
 }
 
 /// Makes sure `cache` (a `struct kmem_cache *`) is in `SLAB_CACHES`, reading its name and sizes
-/// the first time. Returns false for a null cache.
+/// the first time. Called when a site is first counted, not on every allocation.
 #[inline(always)]
-fn note_cache(cache: u64) -> bool {
-    if cache == 0 {
-        return false;
-    }
-    let slot = ((cache >> 6).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as u32;
-    let Some(seen) = SLAB_CACHES_SEEN.get_ptr_mut(slot & (CACHES_SEEN_SLOTS - 1)) else {
-        return true;
-    };
-    // SAFETY: a per-CPU slot from a successful lookup; only this CPU uses it meanwhile.
-    if unsafe { *seen } == cache {
-        return true;
-    }
+fn note_cache(cache: u64) {
     // SAFETY: the value is plain data and only its presence is used.
     if unsafe { SLAB_CACHES.get(cache) }.is_none() {
         record_cache(cache);
     }
-    // SAFETY: as above.
-    unsafe { *seen = cache };
-    true
 }
 
 /// Reads a kmem_cache's name and sizes at the offsets the agent found in the kernel's BTF.
@@ -267,7 +252,7 @@ fn record_cache(cache: u64) {
 
 /// [`note_cache`] for the classic tracepoint, which has the name and sizes in its record.
 #[inline(always)]
-fn note_cache_info(cache: u64, info: &SlabCacheInfo) -> bool {
+fn note_cache_info(cache: u64, info: &SlabCacheInfo) {
     // SAFETY: presence only.
     if unsafe { SLAB_CACHES.get(cache) }.is_none()
         && SLAB_CACHES.insert(cache, info, BPF_NOEXIST as u64).is_err()
@@ -276,7 +261,6 @@ fn note_cache_info(cache: u64, info: &SlabCacheInfo) -> bool {
     {
         bump(counter::SLAB_CACHE_UNNAMED);
     }
-    true
 }
 
 #[inline(always)]
@@ -296,10 +280,12 @@ fn on_alloc(
     if !is_target(pid) {
         return;
     }
-    bump(counter::SLAB_ALLOCS);
-    let cfg = config();
-    let stack_id = if cfg.slab_kernel_stacks != 0 {
-        kernel_stack(ctx)
+    let site = SlabSiteKey { call_site, cache };
+    let Some(slot) = site_slot(&site) else {
+        return;
+    };
+    let stack_id = if config().slab_kernel_stacks != 0 {
+        sampled_stack(ctx, slot)
     } else {
         0
     };
@@ -325,13 +311,26 @@ fn on_alloc(
         flags,
         _pad: 0,
     };
-    let mut implicit_free = 0;
     match SLAB_OUTSTANDING.insert(ptr, alloc, BPF_NOEXIST as u64) {
         Ok(()) => {}
         Err(e) if e == -EEXIST => {
-            // The object at this address was freed with no event: it counts as freed.
+            // The object at this address was freed with no event: it counts as freed, against
+            // the site that allocated it (which frees out of sight: kfree_rcu, bulk frees).
             bump(counter::SLAB_IMPLICIT_FREES);
-            implicit_free = 1;
+            // SAFETY: plain data, copied out at once.
+            if let Some(old) = unsafe { SLAB_OUTSTANDING.get(ptr) } {
+                let old_site = SlabSiteKey {
+                    call_site: old.call_site,
+                    cache: old.cache,
+                };
+                add_site_counts(
+                    &old_site,
+                    &SlabSiteCounts {
+                        allocs: 0,
+                        implicit_frees: 1,
+                    },
+                );
+            }
             if SLAB_OUTSTANDING.insert(ptr, alloc, BPF_ANY as u64).is_err() {
                 bump(counter::SLAB_UNTRACKED);
                 return;
@@ -342,24 +341,74 @@ fn on_alloc(
             return;
         }
     }
-    let site = SlabSiteKey { call_site, cache };
+    slot.counts.allocs += 1;
+}
+
+/// This CPU's slot for `site`, taken over from the site that held it if need be: that site's
+/// counts are added into `SLAB_SITES` first, and a site new to `SLAB_SITES` gets its entry
+/// (and its cache's name) now, so the agent knows every site and cache without scanning slots
+/// that churn.
+#[inline(always)]
+fn site_slot(site: &SlabSiteKey) -> Option<&'static mut SlabSiteSlot> {
+    let slot = SLAB_SITE_SLOTS.get_ptr_mut(slab_site_slot(site.call_site, site.cache))?;
+    // SAFETY: a per-CPU value from a successful lookup: valid for the program's run and used by
+    // this CPU alone meanwhile (BPF programs are not preempted).
+    let slot = unsafe { &mut *slot };
+    if slot.key != *site {
+        take_slot(slot, site);
+    }
+    Some(slot)
+}
+
+#[inline(never)]
+fn take_slot(slot: &mut SlabSiteSlot, site: &SlabSiteKey) {
+    if slot.counts.allocs != 0 || slot.counts.implicit_frees != 0 {
+        add_site_counts(&slot.key, &slot.counts);
+    }
+    // SAFETY: presence only.
+    if unsafe { SLAB_SITES.get(site) }.is_none() {
+        add_site_counts(site, &SlabSiteCounts::default());
+        if !is_kmalloc_cache_id(site.cache) {
+            note_cache(site.cache);
+        }
+    }
+    *slot = SlabSiteSlot {
+        key: *site,
+        ..SlabSiteSlot::default()
+    };
+}
+
+#[inline(always)]
+fn add_site_counts(site: &SlabSiteKey, counts: &SlabSiteCounts) {
     match SLAB_SITES.get_ptr_mut(site) {
-        Some(counts) => {
+        Some(total) => {
             // SAFETY: this CPU's value from a successful lookup; no other CPU writes it.
-            let counts = unsafe { &mut *counts };
-            counts.allocs += 1;
-            counts.implicit_frees += implicit_free;
+            let total = unsafe { &mut *total };
+            total.allocs += counts.allocs;
+            total.implicit_frees += counts.implicit_frees;
         }
         None => {
-            let counts = SlabSiteCounts {
-                allocs: 1,
-                implicit_frees: implicit_free,
-            };
             if SLAB_SITES.insert(site, counts, BPF_NOEXIST as u64).is_err() {
                 bump(counter::SLAB_GROUPS_FULL);
             }
         }
     }
+}
+
+/// The stack of this allocation: the site's last walk on this CPU while it has hits left, else
+/// a fresh walk serving a random number of the next ones.
+#[inline(always)]
+fn sampled_stack(ctx: *mut core::ffi::c_void, slot: &mut SlabSiteSlot) -> u64 {
+    if slot.stack_id != 0 && slot.stack_hits_left > 0 {
+        slot.stack_hits_left -= 1;
+        return slot.stack_id;
+    }
+    let id = kernel_stack(ctx);
+    // SAFETY: no preconditions.
+    let random = unsafe { bpf_get_prandom_u32() };
+    slot.stack_id = id;
+    slot.stack_hits_left = random & (2 * SLAB_STACK_REWALK_MEAN - 1);
+    id
 }
 
 /// Captures the current kernel stack into `SLAB_STACKS`; returns its id, or 0 when lost.

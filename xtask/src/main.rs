@@ -11,6 +11,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod slab_bench;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Cli {
@@ -30,7 +32,8 @@ enum Cmd {
     },
     /// Run the whole test suite: unit tests and the root-only integration tests.
     Test,
-    /// Overhead of `memtrace faults` on a page-fault-heavy workload, against an untraced run.
+    /// Overhead of `memtrace faults` on page-fault-heavy workloads and of `memtrace slab` on a
+    /// slab-heavy one, against untraced runs.
     Bench {
         /// Pages first-touched per run.
         #[arg(long, default_value_t = 1_000_000)]
@@ -38,7 +41,8 @@ enum Cmd {
         /// Rounds (each runs every configuration once; medians are reported).
         #[arg(long, default_value_t = 7)]
         runs: usize,
-        /// Only this workload's table: `anon` (the reference) or `anon-recycle` (worst case).
+        /// Only this table: `anon` (the reference), `anon-recycle` (worst case) or `slab`
+        /// (`memtrace slab` on a pipe create/close loop).
         #[arg(long)]
         only: Option<String>,
     },
@@ -387,8 +391,8 @@ fn bpftrace_available() -> bool {
 
 fn bench(pages: u64, runs: usize, only: Option<&str>) -> Result<()> {
     if let Some(w) = only {
-        if !["anon", "anon-recycle"].contains(&w) {
-            bail!("--only takes anon or anon-recycle, not {w:?}");
+        if !["anon", "anon-recycle", "slab"].contains(&w) {
+            bail!("--only takes anon, anon-recycle or slab, not {w:?}");
         }
     }
     let wanted = |workload: &str| only.is_none_or(|w| w == workload);
@@ -420,6 +424,9 @@ fn bench(pages: u64, runs: usize, only: Option<&str>) -> Result<()> {
             runs,
             &with_bpftrace(vec![UNTRACED, MEMTRACE_DEFAULT]),
         )?;
+    }
+    if wanted("slab") {
+        slab_bench::bench(&bin, runs, bpftrace)?;
     }
     if !wanted("anon-recycle") {
         return Ok(());

@@ -9,10 +9,10 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuHashMap};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use memtrace_common::{
-    counter, ProcRecord, SlabCacheInfo, SlabSiteCounts, SlabSiteKey, SlabStack, PROC_EXEC,
-    PROC_EXIT, PROC_FORK,
+    counter, ProcRecord, SlabCacheInfo, SlabSiteCounts, SlabSiteKey, SlabSiteSlot, SlabStack,
+    PROC_EXEC, PROC_EXIT, PROC_FORK, SLAB_SITE_SLOT_COUNT,
 };
 
 use crate::{
@@ -92,8 +92,14 @@ fn cache_meta(caches: &mut HashMap<u64, CacheMeta>, id: u64) -> &CacheMeta {
     })
 }
 
-/// Does a cache free out of sight? One allocation in twenty or more lands on an address still
-/// tracked (an ordinary cache sees none: every free has its event).
+/// Caches whose objects this kernel frees without any event, whatever the site: the maple
+/// tree frees its nodes with kfree_rcu (through sheaves on 6.18) and kmem_cache_free_bulk,
+/// also when a process's address space goes away. Without this, every process that exits
+/// leaves ~50 nodes behind that look like a leak until their addresses are reused.
+const CACHES_FREED_OUT_OF_SIGHT: &[&str] = &["maple_node"];
+
+/// Does a site free out of sight? One of its objects in twenty or more was found freed by the
+/// allocation of its address again (an ordinary site sees none: every free has its event).
 fn frees_untraced(c: &SlabSiteCounts) -> bool {
     c.implicit_frees >= 16 && c.implicit_frees * 20 >= c.allocs
 }
@@ -133,6 +139,7 @@ const MAX_COMMS: usize = 65_536;
 struct SlabMaps {
     outstanding: MapData,
     sites: PerCpuHashMap<MapData, SlabSiteKey, SlabSiteCounts>,
+    site_slots: PerCpuArray<MapData, SlabSiteSlot>,
     caches: BpfHashMap<MapData, u64, SlabCacheInfo>,
     stacks: Option<BpfHashMap<MapData, u64, SlabStack>>,
 }
@@ -175,8 +182,10 @@ pub struct SlabAnalysis {
     /// Stacks no outstanding object referred to at the last report: removed from the kernel
     /// map if still unused at the next.
     stacks_unused: HashSet<u64>,
-    /// Caches whose frees the kernel does not trace (see [`SlabAnalysis::classify_caches`]).
-    frees_untraced: HashSet<u64>,
+    /// Sites whose frees the kernel does not trace (see [`SlabAnalysis::classify_sites`]).
+    frees_untraced: HashSet<SlabSiteKey>,
+    /// Caches in [`CACHES_FREED_OUT_OF_SIGHT`], by id.
+    caches_untraced: HashSet<u64>,
     records: u64,
 }
 
@@ -196,6 +205,7 @@ impl SlabAnalysis {
             stack_frames: HashMap::new(),
             stacks_unused: HashSet::new(),
             frees_untraced: HashSet::new(),
+            caches_untraced: HashSet::new(),
             records: 0,
         }
     }
@@ -245,6 +255,12 @@ impl SlabAnalysis {
     fn refresh_caches(&mut self) {
         let Some(maps) = &self.maps else { return };
         for (id, info) in maps.caches.iter().flatten() {
+            if CACHES_FREED_OUT_OF_SIGHT
+                .iter()
+                .any(|n| info.name.starts_with(n.as_bytes()) && info.name.get(n.len()) == Some(&0))
+            {
+                self.caches_untraced.insert(id);
+            }
             self.caches.entry(id).or_insert_with(|| {
                 let end = info
                     .name
@@ -270,42 +286,52 @@ impl SlabAnalysis {
         cache_meta(&mut self.caches, id)
     }
 
-    /// Allocation counts per (call site, cache), summed over CPUs.
+    /// Allocation counts per (call site, cache), summed over CPUs: what the kernel added into
+    /// `SLAB_SITES`, plus what each CPU's site slots hold. (A slot handed over between the two
+    /// reads is counted by the next report.)
     fn read_sites(&self) -> HashMap<SlabSiteKey, SlabSiteCounts> {
+        let mut sites: HashMap<SlabSiteKey, SlabSiteCounts> = HashMap::new();
         let Some(maps) = &self.maps else {
-            return HashMap::new();
+            return sites;
         };
-        maps.sites
-            .iter()
-            .flatten()
-            .map(|(k, per_cpu)| {
-                let sum = per_cpu
-                    .iter()
-                    .fold(SlabSiteCounts::default(), |a, c| SlabSiteCounts {
-                        allocs: a.allocs + c.allocs,
-                        implicit_frees: a.implicit_frees + c.implicit_frees,
-                    });
-                (k, sum)
-            })
-            .collect()
+        let mut add = |k: SlabSiteKey, c: &SlabSiteCounts| {
+            let e = sites.entry(k).or_default();
+            e.allocs += c.allocs;
+            e.implicit_frees += c.implicit_frees;
+        };
+        for (k, per_cpu) in maps.sites.iter().flatten() {
+            for c in per_cpu.iter() {
+                add(k, c);
+            }
+        }
+        for i in 0..SLAB_SITE_SLOT_COUNT {
+            if let Ok(per_cpu) = maps.site_slots.get(&i, 0) {
+                for slot in per_cpu.iter().filter(|s| s.key != SlabSiteKey::default()) {
+                    add(slot.key, &slot.counts);
+                }
+            }
+        }
+        sites
     }
 
-    /// Marks caches whose objects the kernel frees out of the tracer's sight (kfree_rcu
-    /// through sheaves, bulk frees): addresses come back from the allocator while still
-    /// tracked. Their outstanding objects are mostly already freed, so they are kept out of
-    /// groups and totals instead of showing as leaks.
-    fn classify_caches(&mut self, sites: &HashMap<SlabSiteKey, SlabSiteCounts>) {
+    /// Marks sites whose objects the kernel frees out of the tracer's sight (kfree_rcu, bulk
+    /// frees): their addresses come back from the allocator while still tracked. Their
+    /// outstanding objects are mostly freed already, so they are kept out of groups and totals
+    /// instead of showing as leaks. Returns the counts per cache.
+    fn classify_sites(
+        &mut self,
+        sites: &HashMap<SlabSiteKey, SlabSiteCounts>,
+    ) -> HashMap<u64, SlabSiteCounts> {
         let mut per_cache: HashMap<u64, SlabSiteCounts> = HashMap::new();
         for (k, c) in sites {
             let e = per_cache.entry(k.cache).or_default();
             e.allocs += c.allocs;
             e.implicit_frees += c.implicit_frees;
-        }
-        for (cache, c) in per_cache {
-            if frees_untraced(&c) {
-                self.frees_untraced.insert(cache);
+            if frees_untraced(c) {
+                self.frees_untraced.insert(*k);
             }
         }
+        per_cache
     }
 
     /// Kernel frames of stack `id`, read from the kernel's map the first time.
@@ -343,8 +369,9 @@ impl SlabAnalysis {
         self.stacks_unused = unused;
     }
 
-    fn counters(&self, tracer: &Tracer) -> (u64, u64) {
-        let allocs = tracer.counter(counter::SLAB_ALLOCS) - tracer.counter(counter::SLAB_UNTRACKED);
+    /// (allocations tracked, tracked objects freed) since the start.
+    fn counters(tracer: &Tracer, sites: &HashMap<SlabSiteKey, SlabSiteCounts>) -> (u64, u64) {
+        let allocs = sites.values().map(|c| c.allocs).sum();
         let frees =
             tracer.counter(counter::SLAB_FREES) + tracer.counter(counter::SLAB_IMPLICIT_FREES);
         (allocs, frees)
@@ -365,7 +392,7 @@ impl SlabAnalysis {
             .map(|(&id, m)| (id, (m.object_size, m.size)))
             .collect();
         let sites = self.read_sites();
-        self.classify_caches(&sites);
+        let per_cache = self.classify_sites(&sites);
         let mut agg = Aggregate::default();
         let mut untraced: HashMap<u64, CacheAcc> = HashMap::new();
         let mut filter = CacheFilter {
@@ -377,6 +404,7 @@ impl SlabAnalysis {
         if let Some(maps) = &self.maps {
             let caches = &mut self.caches;
             let frees_untraced = &self.frees_untraced;
+            let caches_untraced = &self.caches_untraced;
             outstanding::for_each(&maps.outstanding, |_, a| {
                 if a.stack_id != 0 {
                     *in_use.entry(a.stack_id).or_default() += 1;
@@ -384,7 +412,11 @@ impl SlabAnalysis {
                 if !filter.wants(caches, a.cache) {
                     return;
                 }
-                if frees_untraced.contains(&a.cache) {
+                let site = SlabSiteKey {
+                    call_site: a.call_site,
+                    cache: a.cache,
+                };
+                if frees_untraced.contains(&site) || caches_untraced.contains(&a.cache) {
                     let c = untraced.entry(a.cache).or_default();
                     c.objects += 1;
                     c.bytes += sizes
@@ -481,10 +513,15 @@ impl SlabAnalysis {
         }
 
         let slabinfo_now = caches::read_slabinfo();
-        let mut cache_rows: Vec<(u64, u64, u64)> = agg
-            .caches
+        // Every cache's objects, those of sites that free out of sight included.
+        let mut all_caches = agg.caches.clone();
+        for (&id, c) in &untraced {
+            let e = all_caches.entry(id).or_default();
+            e.objects += c.objects;
+            e.bytes += c.bytes;
+        }
+        let mut cache_rows: Vec<(u64, u64, u64)> = all_caches
             .iter()
-            .chain(untraced.iter())
             .map(|(&id, c)| (id, c.objects, c.bytes))
             .collect();
         cache_rows.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.cmp(&a.1)).then(a.0.cmp(&b.0)));
@@ -498,7 +535,8 @@ impl SlabAnalysis {
                 .and_then(|s| s.get(&m.name));
             let now = slabinfo_now.as_ref().ok().and_then(|s| s.get(&m.name));
             caches_out.push(CacheReport {
-                frees_untraced: self.frees_untraced.contains(&id),
+                frees_untraced: untraced.contains_key(&id),
+                implicit_frees: per_cache.get(&id).map_or(0, |c| c.implicit_frees),
                 aliases: self.aliases.aliases_of(&m.name),
                 inferred: m.inferred,
                 objects,
@@ -513,7 +551,7 @@ impl SlabAnalysis {
         }
 
         let tracer = ctx.tracer;
-        let (allocs_total, frees_total) = self.counters(tracer);
+        let (allocs_total, frees_total) = Self::counters(tracer, &sites);
         let (allocs, frees) = (
             allocs_total.saturating_sub(base.allocs),
             frees_total.saturating_sub(base.frees),
@@ -635,6 +673,8 @@ impl Analysis for SlabAnalysis {
         let map_err = |e: aya::maps::MapError| Error::Map(e.to_string());
         let outstanding = data(tracer.take_map("SLAB_OUTSTANDING")?)?;
         let sites = PerCpuHashMap::try_from(tracer.take_map("SLAB_SITES")?).map_err(map_err)?;
+        let site_slots =
+            PerCpuArray::try_from(tracer.take_map("SLAB_SITE_SLOTS")?).map_err(map_err)?;
         let caches = BpfHashMap::try_from(tracer.take_map("SLAB_CACHES")?).map_err(map_err)?;
         let stacks = if self.opts.stacks {
             Some(BpfHashMap::try_from(tracer.take_map("SLAB_STACKS")?).map_err(map_err)?)
@@ -644,6 +684,7 @@ impl Analysis for SlabAnalysis {
         self.maps = Some(SlabMaps {
             outstanding,
             sites,
+            site_slots,
             caches,
             stacks,
         });

@@ -81,11 +81,13 @@ pub struct CacheReport {
     pub aliases: Vec<String>,
     /// Objects allocated since the start and still outstanding.
     pub objects: u64,
-    /// This kernel frees the cache's objects without an event (kfree_rcu through sheaves, bulk
-    /// frees): its outstanding objects are mostly freed already, and stay out of groups and
-    /// totals.
+    /// Some of the cache's sites free without an event (kfree_rcu, bulk frees): their
+    /// outstanding objects are mostly freed already, and stay out of groups and totals (they
+    /// are in `objects` here).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub frees_untraced: bool,
+    /// Allocations at an address still tracked (the object before was freed without an event).
+    pub implicit_frees: u64,
     pub bytes: u64,
     /// Change of the cache's active objects in /proc/slabinfo since the start. It also counts
     /// objects of untraced processes, and frees of objects older than the run.
@@ -242,8 +244,8 @@ pub fn render(r: &SlabReport, format: Format, top: usize) -> String {
     if r.caches.iter().any(|c| c.frees_untraced) {
         let _ = writeln!(
             out,
-            "! frees not traced by this kernel (kfree_rcu through sheaves, bulk frees): {} objects \
-             left out of the groups",
+            "! callsites whose frees this kernel does not trace (kfree_rcu, bulk frees): {} \
+             objects left out of the groups",
             r.totals.objects_frees_untraced
         );
     }
