@@ -1,4 +1,6 @@
 //! Helpers every integration test file needs: the built binaries and the root check.
+// Each test binary uses its own subset of these helpers.
+#![allow(dead_code)]
 use std::{
     io::{BufRead as _, BufReader},
     path::PathBuf,
