@@ -327,7 +327,10 @@ pub mod counter {
     pub const SLAB_STACKS_FULL: u32 = 16;
     /// kmem_cache names not recorded (the cache map was full, or the name could not be read).
     pub const SLAB_CACHE_UNNAMED: u32 = 17;
-    pub const COUNT: u32 = 18;
+    /// Frees the second free program saw unhandled by the first (which was skipped: the free
+    /// came while it ran on that CPU).
+    pub const SLAB_FREES_NESTED: u32 = 18;
+    pub const COUNT: u32 = 19;
 }
 
 /// Configuration written into the kernel programs at load time.

@@ -96,14 +96,65 @@ pub fn kmem_cache_alloc_raw(ctx: RawTracePointContext) -> u32 {
 /// `kfree(call_site, ptr)`
 #[raw_tracepoint(tracepoint = "kfree")]
 pub fn kfree_raw(ctx: RawTracePointContext) -> u32 {
-    on_free(ctx.arg::<u64>(1));
+    let ptr = ctx.arg::<u64>(1);
+    on_free(ptr);
+    mark_freed(ptr);
     0
 }
 
 /// `kmem_cache_free(call_site, ptr, struct kmem_cache *s)`
 #[raw_tracepoint(tracepoint = "kmem_cache_free")]
 pub fn kmem_cache_free_raw(ctx: RawTracePointContext) -> u32 {
-    on_free(ctx.arg::<u64>(1));
+    let ptr = ctx.arg::<u64>(1);
+    on_free(ptr);
+    mark_freed(ptr);
+    0
+}
+
+// A raw tracepoint skips a program while that program runs on the same CPU: a free in an
+// interrupt (RCU callbacks run thousands of them in a softirq) that lands while the free
+// program runs is never seen, and its object would stay "outstanding" for good. A second
+// program on each free tracepoint, run after the first, handles the frees the first did not
+// (it is free to run when the first is the one interrupted, and the other way round).
+
+/// The last address the first free program handled on each CPU.
+#[map]
+static FREE_MARK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn mark_freed(ptr: u64) {
+    if let Some(mark) = FREE_MARK.get_ptr_mut(0) {
+        // SAFETY: this CPU's value from a successful lookup.
+        unsafe { *mark = ptr };
+    }
+}
+
+/// Handles a free the first program skipped (it was running, interrupted, on this CPU).
+#[inline(always)]
+fn on_free_backup(ptr: u64) {
+    if let Some(mark) = FREE_MARK.get_ptr(0) {
+        // SAFETY: this CPU's value from a successful lookup.
+        if unsafe { *mark } == ptr {
+            return;
+        }
+    }
+    // The first program did not handle this free: it was skipped (or, rarely, interrupted
+    // between its end and this program's start, and already did).
+    bump(counter::SLAB_FREES_NESTED);
+    if ptr > ZERO_SIZE_PTR && SLAB_OUTSTANDING.remove(ptr).is_ok() {
+        bump(counter::SLAB_FREES);
+    }
+}
+
+#[raw_tracepoint(tracepoint = "kfree")]
+pub fn kfree_backup_raw(ctx: RawTracePointContext) -> u32 {
+    on_free_backup(ctx.arg::<u64>(1));
+    0
+}
+
+#[raw_tracepoint(tracepoint = "kmem_cache_free")]
+pub fn kmem_cache_free_backup_raw(ctx: RawTracePointContext) -> u32 {
+    on_free_backup(ctx.arg::<u64>(1));
     0
 }
 

@@ -203,6 +203,7 @@ impl Btf {
             KIND_STRUCT => format!("struct {}", self.name(t)),
             KIND_UNION => format!("union {}", self.name(t)),
             KIND_ENUM | KIND_ENUM64 => format!("enum {}", self.name(t)),
+            KIND_INT => c_int_name(self.name(t)).to_string(),
             _ => self.name(t).to_string(),
         }
     }
@@ -228,6 +229,20 @@ impl Btf {
             .collect::<Result<Vec<_>, _>>()
             .ok()?;
         Some(params.into_iter().skip(1).collect())
+    }
+}
+
+/// GCC names integer types in its own word order in BTF ("long unsigned int"); the usual C
+/// spelling is what programs are described with.
+fn c_int_name(name: &str) -> &str {
+    match name {
+        "long unsigned int" => "unsigned long",
+        "long int" => "long",
+        "long long unsigned int" => "unsigned long long",
+        "long long int" => "long long",
+        "short unsigned int" => "unsigned short",
+        "short int" => "short",
+        other => other,
     }
 }
 
@@ -266,7 +281,8 @@ mod tests {
     /// 6 int "char", 7 ptr->2, 8 func_proto(void *, unsigned long, struct kmem_cache *),
     /// 9 ptr->8, 10 typedef btf_trace_kmem_cache_free -> 9.
     fn sample() -> Vec<u8> {
-        let strings = b"\0unsigned long\0kmem_cache\0a\0b\0name\0char\0btf_trace_kmem_cache_free\0";
+        let strings =
+            b"\0long unsigned int\0kmem_cache\0a\0b\0name\0char\0btf_trace_kmem_cache_free\0";
         let s = |name: &str| {
             let pat = [name.as_bytes(), b"\0"].concat();
             strings.windows(pat.len()).position(|w| w == pat).unwrap() as u32
@@ -277,7 +293,7 @@ mod tests {
                 t.extend_from_slice(&v.to_le_bytes());
             }
         };
-        ty(s("unsigned long"), KIND_INT, 0, 8, &[64]);
+        ty(s("long unsigned int"), KIND_INT, 0, 8, &[64]);
         ty(
             s("kmem_cache"),
             KIND_STRUCT,

@@ -38,6 +38,9 @@ impl Hook {
     /// `category:name` for a tracepoint, the event's name for a perf event.
     pub fn describe(&self) -> String {
         match self.point {
+            HookPoint::Tracepoint { category, name, .. } if self.program.is_empty() => {
+                format!("{category}:{name} (second program)")
+            }
             HookPoint::Tracepoint { category, name, .. } => format!("{category}:{name}"),
             HookPoint::PerfSoftware { event, .. } => format!("perf software event {event:?}"),
         }
@@ -71,8 +74,8 @@ const fn tracepoint(
     }
 }
 
-/// A tracepoint with a raw program (`<program>_raw`) that reads the leading arguments
-/// `raw_args`, checked against the kernel's BTF; the classic program is the fallback.
+/// A tracepoint with a raw program that reads the leading arguments `raw_args`, checked
+/// against the kernel's BTF; the classic program `program` is the fallback (none if empty).
 const fn checked_raw_tracepoint(
     program: &'static str,
     raw: &'static str,
@@ -210,6 +213,30 @@ pub const SLAB: HookGroup = HookGroup {
             "kmem",
             "kmem_cache_free",
             &["unsigned long", "void *"],
+        ),
+        // Second programs for the frees the first ones skip while interrupted (raw only:
+        // classic tracepoint programs all skip while any BPF program runs on the CPU).
+        optional(
+            checked_raw_tracepoint(
+                "",
+                "kfree_backup_raw",
+                "kmem",
+                "kfree",
+                &["unsigned long", "void *"],
+            ),
+            "kfrees in interrupts that land during the free program are missed (objects stay \
+             outstanding until their address is allocated again)",
+        ),
+        optional(
+            checked_raw_tracepoint(
+                "",
+                "kmem_cache_free_backup_raw",
+                "kmem",
+                "kmem_cache_free",
+                &["unsigned long", "void *"],
+            ),
+            "kmem_cache_frees in interrupts that land during the free program are missed \
+             (objects stay outstanding until their address is allocated again)",
         ),
     ],
 };

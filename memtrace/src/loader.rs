@@ -1,5 +1,8 @@
 //! Loading the kernel programs, attaching them, and the agent's handles on their maps.
-use std::path::Path;
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+};
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
@@ -203,6 +206,12 @@ fn attach_hook(
                     Err(e) => raw_refused = Some(e),
                 }
             }
+            if hook.program.is_empty() {
+                return Err(Error::Attach {
+                    what: format!("raw tracepoint {name}"),
+                    reason: raw_refused.unwrap_or_else(|| "raw tracepoints not used".into()),
+                });
+            }
             tracefs::check_tracepoint_layout(tracefs, category, name)?;
             attach_tracepoint(ebpf, hook.program, category, name)?;
             Ok(raw_refused.map_or(
@@ -375,6 +384,14 @@ impl Tracer {
         take_map(&mut self.ebpf, name)
     }
 
+    /// How often the kernel skipped program `name` because it was already running on that CPU
+    /// (`recursion_misses` of its bpf_prog_info); `None` if it is not loaded or the kernel
+    /// does not say.
+    pub fn recursion_misses(&self, name: &str) -> Option<u64> {
+        let fd = self.ebpf.program(name)?.fd().ok()?;
+        prog_recursion_misses(fd.as_fd().as_raw_fd())
+    }
+
     /// One counter (an index in `memtrace_common::counter`) summed over CPUs.
     pub fn counter(&self, index: u32) -> u64 {
         self.counters
@@ -397,6 +414,40 @@ impl Tracer {
             syscall_pending_full: sum(counter::SYSCALL_PENDING_FULL),
         }
     }
+}
+
+/// `recursion_misses` from `BPF_OBJ_GET_INFO_BY_FD` on a program (kernels since 5.12).
+fn prog_recursion_misses(fd: std::os::fd::RawFd) -> Option<u64> {
+    /// `BPF_OBJ_GET_INFO_BY_FD`, and where `struct bpf_prog_info` keeps `recursion_misses`.
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const RECURSION_MISSES_AT: usize = 208;
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = [0u8; 256];
+    let mut attr = InfoAttr {
+        bpf_fd: fd as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `attr` points at a buffer of `info_len` bytes that outlives the call; the kernel
+    // writes at most that many and updates `info_len`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoAttr,
+            std::mem::size_of::<InfoAttr>() as u32,
+        )
+    };
+    if rc != 0 || (attr.info_len as usize) < RECURSION_MISSES_AT + 8 {
+        return None;
+    }
+    let bytes = info.get(RECURSION_MISSES_AT..RECURSION_MISSES_AT + 8)?;
+    Some(u64::from_ne_bytes(bytes.try_into().ok()?))
 }
 
 /// Where `struct kmem_cache` keeps `name`, `object_size` and `size` on this kernel, from its

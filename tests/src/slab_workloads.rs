@@ -70,14 +70,26 @@ pub fn leak(period_ms: u64, duration_ms: u64) -> Result<()> {
     report(&format!("leaked={}", held.len()))
 }
 
-/// Creates and closes pipes as fast as it can for `duration_ms`; prints how many per second.
-pub fn pipe_churn(duration_ms: u64) -> Result<()> {
+/// Creates and closes pipes as fast as it can for `duration_ms`, passing `bytes` through each
+/// one first (0: none); prints how many per second.
+pub fn pipe_churn(duration_ms: u64, bytes: usize) -> Result<()> {
     let start = Instant::now();
     let end = start + Duration::from_millis(duration_ms);
     let mut n = 0u64;
+    let mut buf = vec![7u8; bytes.min(60 << 10)];
     while Instant::now() < end {
         for _ in 0..64 {
             let [r, w] = pipe()?;
+            if !buf.is_empty() {
+                // SAFETY: `buf` is valid for its length; less than a pipe's capacity, so the
+                // write completes without a reader.
+                let wrote = unsafe { libc::write(w, buf.as_ptr().cast(), buf.len()) };
+                // SAFETY: as above, into `buf`.
+                let read = unsafe { libc::read(r, buf.as_mut_ptr().cast(), buf.len()) };
+                if wrote < 0 || read < 0 {
+                    bail!("pipe I/O: {}", std::io::Error::last_os_error());
+                }
+            }
             close(r);
             close(w);
         }
@@ -123,4 +135,18 @@ pub fn mmap_churn(duration_ms: u64) -> Result<()> {
         n += 64;
     }
     report(&format!("mappings={n}"))
+}
+
+/// Creates `n` empty files in a new directory `dir`, holds them `hold_ms`, removes them: a
+/// dentry, an inode and their security blobs each, held without a descriptor.
+pub fn files(dir: &str, n: usize, hold_ms: u64) -> Result<()> {
+    let dir = std::path::Path::new(dir);
+    std::fs::create_dir_all(dir)?;
+    for i in 0..n {
+        std::fs::File::create(dir.join(i.to_string()))?;
+    }
+    report(&format!("phase=held files={n}"))?;
+    std::thread::sleep(Duration::from_millis(hold_ms));
+    std::fs::remove_dir_all(dir)?;
+    report("phase=removed")
 }

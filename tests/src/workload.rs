@@ -507,8 +507,9 @@ fn main() -> Result<()> {
         "demo" => demo(if s(1).is_empty() { "/var/tmp" } else { s(1) }),
         "pipes" | "eventfds" => slab_workloads::hold(s(0), num(1)?, num(2)? as u64, num(3)? as u64),
         "slab-leak" => slab_workloads::leak(num(1)? as u64, num(2)? as u64),
-        "pipe-churn" => slab_workloads::pipe_churn(num(1)? as u64),
+        "pipe-churn" => slab_workloads::pipe_churn(num(1)? as u64, num(2).unwrap_or(0)),
         "mmap-churn" => slab_workloads::mmap_churn(num(1)? as u64),
+        "files" => slab_workloads::files(s(1), num(2)?, num(3)? as u64),
         _ => usage(),
     }
 }

@@ -81,12 +81,29 @@ impl Running {
     }
 }
 
-/// One run: (seconds per pipe, lost allocations, agent peak RSS in MiB; 0 where not known).
-fn run_once(bin: &Path, tracer: Tracer, duration_ms: u64) -> Result<(f64, u64, u64)> {
+/// What a run measured.
+#[derive(Clone, Copy, Default)]
+struct Run {
+    seconds_per_pipe: f64,
+    lost: u64,
+    peak_rss_mib: u64,
+    /// Slab allocations and frees memtrace counted per pipe (0 for other tracers).
+    events_per_pipe: f64,
+}
+
+/// One run of the pipe loop passing `bytes` through each pipe, under `tracer`.
+fn run_once(bin: &Path, tracer: Tracer, duration_ms: u64, bytes: usize) -> Result<Run> {
     let running = Running::start(bin, tracer)?;
-    let out = crate::output(
-        Command::new(bin.join("memtrace-workload")).args(["pipe-churn", &duration_ms.to_string()]),
-    )?;
+    let out = crate::output(Command::new(bin.join("memtrace-workload")).args([
+        "pipe-churn",
+        &duration_ms.to_string(),
+        &bytes.to_string(),
+    ]))?;
+    let pipes: f64 = out
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("pipes="))
+        .context("no pipes=")?
+        .parse()?;
     let per_s: f64 = out
         .split_whitespace()
         .find_map(|kv| kv.strip_prefix("pipes_per_s="))
@@ -96,14 +113,20 @@ fn run_once(bin: &Path, tracer: Tracer, duration_ms: u64) -> Result<(f64, u64, u
         Some(r) => r.stop()?,
         None => String::new(),
     };
-    let (mut lost, mut rss) = (0, 0);
+    let mut run = Run {
+        seconds_per_pipe: 1.0 / per_s,
+        ..Run::default()
+    };
     if let Tracer::Memtrace(_) = tracer {
         let start = report.find('{').context("memtrace printed no report")?;
         let r: serde_json::Value = serde_json::from_str(&report[start..])?;
-        lost = r["lost"]["events"].as_u64().unwrap_or(0);
-        rss = r["agent"]["peak_rss_bytes"].as_u64().unwrap_or(0) >> 20;
+        run.lost = r["lost"]["events"].as_u64().unwrap_or(0);
+        run.peak_rss_mib = r["agent"]["peak_rss_bytes"].as_u64().unwrap_or(0) >> 20;
+        let t = &r["totals"];
+        let events = t["allocs"].as_u64().unwrap_or(0) + t["frees"].as_u64().unwrap_or(0);
+        run.events_per_pipe = events as f64 / pipes;
     }
-    Ok((1.0 / per_s, lost, rss))
+    Ok(run)
 }
 
 pub fn bench(bin: &Path, runs: usize, bpftrace: bool) -> Result<()> {
@@ -115,23 +138,44 @@ pub fn bench(bin: &Path, runs: usize, bpftrace: bool) -> Result<()> {
     if bpftrace {
         configs.push(("bpftrace: outstanding by address", Tracer::Bpftrace));
     }
+    // Bare create/close, and with 60 KB through each pipe (about two million slab events a
+    // second on this machine kind, the rate of a busy server).
+    for bytes in [0, 60_000] {
+        table(bin, runs, bytes, &configs)?;
+    }
+    outstanding_million(bin)
+}
+
+fn table(bin: &Path, runs: usize, bytes: usize, configs: &[(&str, Tracer)]) -> Result<()> {
     let duration_ms = 3000;
-    let mut times = vec![Vec::new(); configs.len()];
-    let mut lost = vec![0u64; configs.len()];
-    let mut rss = vec![0u64; configs.len()];
+    let mut results = vec![Vec::new(); configs.len()];
     for round in 0..runs {
         for k in 0..configs.len() {
             let i = (k + round) % configs.len();
             std::thread::sleep(Duration::from_secs(1));
-            let (t, l, r) = run_once(bin, configs[i].1, duration_ms)?;
-            times[i].push(t);
-            lost[i] += l;
-            rss[i] = rss[i].max(r);
+            results[i].push(run_once(bin, configs[i].1, duration_ms, bytes)?);
         }
     }
+    let times: Vec<Vec<f64>> = results
+        .iter()
+        .map(|r| r.iter().map(|r| r.seconds_per_pipe).collect())
+        .collect();
     let base = median(times[0].clone());
+    let counted: Vec<f64> = results
+        .iter()
+        .flatten()
+        .map(|r| r.events_per_pipe)
+        .filter(|&e| e > 0.0)
+        .collect();
+    let events_per_pipe = if counted.is_empty() {
+        0.0
+    } else {
+        median(counted)
+    };
     println!(
-        "\npipe-churn (create + close pipes, {duration_ms} ms per run): {runs} rounds, interleaved"
+        "\npipe-churn, {bytes} bytes through each pipe ({duration_ms} ms runs, {runs} rounds, \
+         interleaved): {events_per_pipe:.1} slab events per pipe, {:.1}M events/s untraced",
+        events_per_pipe / base / 1e6
     );
     println!(
         "{:<36} {:>10} {:>10} {:>7} {:>12} {:>6} {:>9}",
@@ -140,46 +184,54 @@ pub fn bench(bin: &Path, runs: usize, bpftrace: bool) -> Result<()> {
     for (i, (name, _)) in configs.iter().enumerate() {
         let m = median(times[i].clone());
         let round_ratio = median(times[i].iter().zip(&times[0]).map(|(t, b)| t / b).collect());
+        let lost: u64 = results[i].iter().map(|r| r.lost).sum();
+        let rss = results[i].iter().map(|r| r.peak_rss_mib).max().unwrap_or(0);
         println!(
             "{name:<36} {:>10.0} {:>7.2} us {:>6.2}x {:>11.2}x {:>6} {:>9}",
             1.0 / m,
             m * 1e6,
             m / base,
             round_ratio,
-            lost[i],
-            if rss[i] > 0 {
-                rss[i].to_string()
-            } else {
-                "-".into()
-            }
+            lost,
+            if rss > 0 { rss.to_string() } else { "-".into() }
         );
     }
-    outstanding_million(bin)
+    Ok(())
 }
 
-/// The agent's memory and report time with a million outstanding objects: 340,000 eventfds
-/// held (each a context, a file and its security blob).
+/// The agent's memory with a million outstanding objects: 300,000 empty files created in a
+/// tmpfs directory and held (each a dentry, an inode and their security blobs).
 fn outstanding_million(bin: &Path) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("memtrace-bench-files-{}", std::process::id()));
+    let dir = if Path::new("/dev/shm").is_dir() {
+        Path::new("/dev/shm").join(dir.file_name().context("dir name")?)
+    } else {
+        dir
+    };
     let out = crate::output(
         Command::new(bin.join("memtrace"))
-            .args(["slab", "--format", "json", "--max-tracked", "2000000", "--"])
+            .args([
+                "slab",
+                "--format",
+                "json",
+                "-i",
+                "2s",
+                "--max-tracked",
+                "2000000",
+                "--",
+            ])
             .arg(bin.join("memtrace-workload"))
-            .args(["eventfds", "340000", "3000", "0"]),
-    );
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => {
-            println!("\noutstanding objects: run failed ({e:#})");
-            return Ok(());
-        }
-    };
-    // The final report comes after the workload closed everything; what matters is the peak.
-    let start = out.find("\n{").map_or(0, |i| i + 1);
-    let r: serde_json::Value = serde_json::from_str(&out[start..])?;
+            .args(["files", &dir.to_string_lossy(), "300000", "5000"]),
+    )?;
+    let mut peak = 0;
+    let mut most = 0;
+    for line in out.lines().filter(|l| l.starts_with('{')) {
+        let r: serde_json::Value = serde_json::from_str(line)?;
+        peak = peak.max(r["agent"]["peak_rss_bytes"].as_u64().unwrap_or(0) >> 20);
+        most = most.max(r["totals"]["objects"].as_u64().unwrap_or(0));
+    }
     println!(
-        "\n340,000 eventfds held (~1.02M outstanding objects): agent peak RSS {} MiB, lost {}",
-        r["agent"]["peak_rss_bytes"].as_u64().unwrap_or(0) >> 20,
-        r["lost"]["events"]
+        "\n300,000 tmpfs files held: at most {most} outstanding objects in a report; agent peak RSS {peak} MiB"
     );
     Ok(())
 }

@@ -133,6 +133,10 @@ impl CacheFilter<'_> {
 
 const HOOK_GROUPS: &[&HookGroup] = &[&hooks::PROCESSES, &hooks::SLAB];
 
+/// Objects younger than this are not growth: in flight, not held (an RCU grace period, a
+/// socket buffer in transit). A leak shows in growth this much later.
+const SETTLE: Duration = Duration::from_secs(1);
+
 /// Process names kept at most; past this, those of exited processes go.
 const MAX_COMMS: usize = 65_536;
 
@@ -156,8 +160,8 @@ struct CacheMeta {
 /// What the previous report saw, for growth and interval counts.
 #[derive(Default)]
 struct Previous {
-    /// Objects shown per group.
-    shown: HashMap<GroupKey, u64>,
+    /// Settled objects shown per group (see [`crate::slab::GroupAcc::settled`]).
+    settled: HashMap<GroupKey, u64>,
     /// Every outstanding object per group.
     all: HashMap<GroupKey, u64>,
     sites: HashMap<SlabSiteKey, SlabSiteCounts>,
@@ -383,6 +387,7 @@ impl SlabAnalysis {
         let fold = Fold {
             by: self.opts.by,
             min_age_ns: self.opts.min_age.map_or(0, |d| d.as_nanos() as u64),
+            settle_ns: SETTLE.as_nanos() as u64,
             now_ns,
             stacks: self.opts.stacks,
         };
@@ -453,7 +458,7 @@ impl SlabAnalysis {
             .iter()
             .filter(|(_, g)| g.objects > 0)
             .map(|(k, g)| {
-                let growth = g.objects as i64 - prev.shown.get(k).copied().unwrap_or(0) as i64;
+                let growth = g.settled as i64 - prev.settled.get(k).copied().unwrap_or(0) as i64;
                 (*k, growth, g.bytes)
             })
             .collect();
@@ -563,7 +568,30 @@ impl SlabAnalysis {
             count,
             description,
         };
+        let misses = |name: &str| tracer.recursion_misses(name).unwrap_or(0);
+        // A free is lost when its first program skipped it and the second did not pick it up
+        // (nested twice, or no second program).
+        let frees_missed = (misses("kfree_raw") + misses("kmem_cache_free_raw"))
+            .saturating_sub(tracer.counter(counter::SLAB_FREES_NESTED))
+            + misses("kfree")
+            + misses("kmem_cache_free");
+        let allocs_missed = misses("kmalloc_raw")
+            + misses("kmem_cache_alloc_raw")
+            + misses("kmalloc")
+            + misses("kmem_cache_alloc");
         let causes = vec![
+            loss(
+                "frees_missed",
+                frees_missed,
+                "frees the kernel skipped while a free program ran on that CPU, at most \
+                 (their objects stay outstanding until their address is allocated again)",
+            ),
+            loss(
+                "allocs_missed",
+                allocs_missed,
+                "allocations the kernel skipped while an allocation program ran on that CPU \
+                 (not tracked)",
+            ),
             loss(
                 "slab_untracked",
                 tracer.counter(counter::SLAB_UNTRACKED),
@@ -601,7 +629,7 @@ impl SlabAnalysis {
             ),
         ];
         let lost = LostReport {
-            events: tracer.counter(counter::SLAB_UNTRACKED),
+            events: tracer.counter(counter::SLAB_UNTRACKED) + frees_missed + allocs_missed,
             causes,
         };
         let report = SlabReport {
@@ -639,7 +667,7 @@ impl SlabAnalysis {
         // Growth is always since the previous report; interval counts since the previous
         // interval report.
         self.prev = prev;
-        self.prev.shown = agg.groups.iter().map(|(k, g)| (*k, g.objects)).collect();
+        self.prev.settled = agg.groups.iter().map(|(k, g)| (*k, g.settled)).collect();
         if interval {
             self.prev.all = agg
                 .groups

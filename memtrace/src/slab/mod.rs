@@ -80,8 +80,11 @@ pub struct GroupAcc {
     pub objects: u64,
     pub bytes: u64,
     pub requested_bytes: u64,
-    /// Every outstanding object of the group, however young (growth and frees count these).
+    /// Every outstanding object of the group, however young (frees count these).
     pub all_objects: u64,
+    /// Objects shown that are at least [`Fold::settle_ns`] old: growth counts these, so objects
+    /// in flight (an RCU grace period, a request in progress) do not register as growth.
+    pub settled: u64,
     /// Allocation time of the oldest object shown (`CLOCK_MONOTONIC` ns).
     pub oldest_ns: Option<u64>,
     pub ages: [u64; AGE_BUCKETS],
@@ -129,6 +132,8 @@ pub struct Fold {
     pub by: GroupBy,
     /// Objects younger than this are counted but not shown.
     pub min_age_ns: u64,
+    /// Objects younger than this do not count as growth.
+    pub settle_ns: u64,
     /// Now, on the kernel's clock (`CLOCK_MONOTONIC` ns).
     pub now_ns: u64,
     pub stacks: bool,
@@ -158,6 +163,9 @@ impl Aggregate {
             return;
         }
         g.objects += 1;
+        if age_ns >= fold.settle_ns {
+            g.settled += 1;
+        }
         g.bytes += allocated;
         g.requested_bytes += requested;
         g.oldest_ns = Some(g.oldest_ns.map_or(a.time_ns, |t| t.min(a.time_ns)));
@@ -205,6 +213,7 @@ mod tests {
         let fold = Fold {
             by: GroupBy::Callsite,
             min_age_ns: 0,
+            settle_ns: 1_000 * 1_000_000,
             now_ns: 10_000 * 1_000_000,
             stacks: false,
         };
@@ -216,6 +225,7 @@ mod tests {
         assert_eq!(agg.bytes, 192 * 2 + 1152);
         let a = &agg.groups[&(0xa, 192)];
         assert_eq!((a.objects, a.bytes, a.all_objects), (2, 384, 2));
+        assert_eq!(a.settled, 1, "only the 5 s old object has settled");
         assert_eq!(a.pid, One::Many);
         assert_eq!(a.call_site.get(), Some(0xa));
         assert_eq!(a.oldest_ns, Some(5_000 * 1_000_000));
@@ -238,6 +248,7 @@ mod tests {
         let fold = Fold {
             by: GroupBy::Process,
             min_age_ns: 1_000 * 1_000_000,
+            settle_ns: 1_000 * 1_000_000,
             now_ns: 10_000 * 1_000_000,
             stacks: false,
         };

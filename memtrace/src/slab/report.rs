@@ -51,7 +51,9 @@ pub struct GroupReport {
     /// Bytes the callers asked for (kmalloc rounds up to its size class).
     pub requested_bytes: u64,
     pub max_age_ms: u64,
-    /// Change of `objects` since the previous report (since the start for the first).
+    /// Change since the previous report (since the start for the first) of the group's
+    /// objects at least a second old: objects in flight (RCU grace periods, requests in
+    /// progress) are not growth.
     pub growth_objects: i64,
     /// Allocations and frees in what the report covers (by callsite and by cache only).
     #[serde(skip_serializing_if = "Option::is_none")]
