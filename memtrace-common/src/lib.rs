@@ -315,10 +315,9 @@ pub mod counter {
     /// Allocations at an address still tracked: the old object was freed without an event
     /// (kfree_rcu on sheaf caches, bulk frees); it counts as freed.
     pub const SLAB_IMPLICIT_FREES: u32 = 11;
-    /// Frees that removed a tracked allocation.
-    pub const SLAB_FREES: u32 = 12;
-    /// Frees of objects not tracked (allocated before the run, or by processes not traced).
-    pub const SLAB_FREES_UNTRACKED: u32 = 13;
+    /// Unused (frees are counted as allocations less what is outstanding).
+    pub const SLAB_UNUSED_12: u32 = 12;
+    pub const SLAB_UNUSED_13: u32 = 13;
     /// Allocations left out of the per-callsite allocation counts (that map was full).
     pub const SLAB_GROUPS_FULL: u32 = 14;
     /// Kernel stacks not captured (the walk failed).
@@ -354,6 +353,8 @@ pub struct Config {
     pub kmem_cache_name_off: u32,
     pub kmem_cache_object_size_off: u32,
     pub kmem_cache_size_off: u32,
+    /// Buckets in the outstanding-object table, less one (a power of two, less one).
+    pub slab_bucket_mask: u32,
 }
 
 /// A `Config` offset the agent could not find.
@@ -369,7 +370,45 @@ impl Config {
         kmem_cache_name_off: OFFSET_UNKNOWN,
         kmem_cache_object_size_off: OFFSET_UNKNOWN,
         kmem_cache_size_off: OFFSET_UNKNOWN,
+        slab_bucket_mask: 0,
     };
+}
+
+/// Addresses per bucket of the outstanding-object table: one cache line of keys.
+pub const SLAB_BUCKET_WAYS: usize = 8;
+
+/// A bucket of the outstanding-object table: the addresses of outstanding objects (0: a free
+/// way) in one cache line, then their records.
+///
+/// The table is a set-associative array rather than a BPF hash map: a hash map insert and
+/// delete each take a bucket spinlock with interrupts off and a free-list lock, about 90 ns
+/// per object on this machine kind, where scanning one cache line of keys takes a few. Each
+/// address has two candidate buckets (its hash's and the next), so a table of twice the
+/// objects tracked rarely refuses one. The agent reads it a bucket at a time in bulk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlabBucket {
+    pub keys: [u64; SLAB_BUCKET_WAYS],
+    pub allocs: [SlabAlloc; SLAB_BUCKET_WAYS],
+}
+
+/// The bucket an address hashes to (`mask`: buckets less one).
+#[inline(always)]
+pub const fn slab_bucket(ptr: u64, mask: u32) -> u32 {
+    ((ptr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32 & mask
+}
+
+/// Buckets for a table tracking `max_tracked` objects: twice as many ways as objects.
+pub const fn slab_buckets_for(max_tracked: u32) -> u32 {
+    let ways = (max_tracked as u64 * 2).div_ceil(SLAB_BUCKET_WAYS as u64);
+    let pow2 = ways.next_power_of_two();
+    if pow2 > 1 << 28 {
+        1 << 28
+    } else if pow2 < 2 {
+        2
+    } else {
+        pow2 as u32
+    }
 }
 
 /// `gfp_t` bits that pick the kmalloc cache family (`__GFP_DMA`, `__GFP_RECLAIMABLE`,
@@ -606,6 +645,8 @@ mod pod {
     unsafe impl aya::Pod for SlabSiteCounts {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SlabSiteSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SlabBucket {}
 }
 
 #[cfg(test)]
@@ -626,7 +667,11 @@ mod tests {
         );
         assert_eq!(size_of::<VmaRecord>(), 4 * 4 + 8 * 4 + 4 * 4 + 8 * 2);
         assert_eq!(size_of::<ProcRecord>(), 4 * 4 + 16 + 8);
-        assert_eq!(size_of::<Config>(), 4 * 8);
+        assert_eq!(size_of::<Config>(), 4 * 9);
+        assert_eq!(
+            size_of::<SlabBucket>(),
+            (8 + size_of::<SlabAlloc>()) * SLAB_BUCKET_WAYS
+        );
         assert_eq!(size_of::<SlabAlloc>(), 8 * 5 + 4 * 6);
         assert_eq!(size_of::<SlabCacheInfo>(), SLAB_CACHE_NAME_LEN + 4 * 2);
         assert_eq!(size_of::<SlabSiteKey>(), 8 * 2);
@@ -698,6 +743,23 @@ mod tests {
         assert!(!is_kmalloc_cache_id(0xffff_8880_0123_4500));
         // Bits other than the family are dropped: GFP_KERNEL and GFP_NOWAIT share a cache.
         assert_eq!(kmalloc_cache_id(64, 0xcc0), kmalloc_cache_id(64, 0x2800));
+    }
+
+    #[test]
+    fn the_outstanding_table_has_room_for_twice_the_objects() {
+        assert_eq!(
+            slab_buckets_for(1 << 20),
+            (1 << 21) / SLAB_BUCKET_WAYS as u32
+        );
+        assert_eq!(slab_buckets_for(1000), 256);
+        assert_eq!(slab_buckets_for(1), 2);
+        // Nearby objects of one slab spread over buckets.
+        let mask = slab_buckets_for(1 << 20) - 1;
+        let base = 0xffff_8880_1234_0000u64;
+        let mut buckets: [u32; 16] =
+            core::array::from_fn(|i| slab_bucket(base + 64 * i as u64, mask));
+        buckets.sort_unstable();
+        assert!(buckets.windows(2).all(|w| w[0] != w[1]), "{buckets:?}");
     }
 
     #[test]

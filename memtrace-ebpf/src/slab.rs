@@ -6,28 +6,29 @@
 //! agent): a classic tracepoint program is skipped while another BPF program runs on the CPU,
 //! and a free taken in an interrupt over a traced program would then leave a phantom leak.
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::{
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
-        generated::{bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_stack},
+        generated::{bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_stack, bpf_jiffies64},
     },
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::{RawTracePointContext, TracePointContext},
     EbpfContext as _,
 };
 use memtrace_common::{
-    counter, is_kmalloc_cache_id, kmalloc_cache_id, layout, slab_site_slot, stack_hash, SlabAlloc,
-    SlabCacheInfo, SlabSiteCounts, SlabSiteKey, SlabSiteSlot, SlabStack, GFP_ACCOUNT,
-    OFFSET_UNKNOWN, SLAB_ACCOUNTED, SLAB_CACHE_NAME_LEN, SLAB_KMALLOC, SLAB_SITE_SLOT_COUNT,
-    SLAB_STACK_DEPTH, SLAB_STACK_REWALK_MEAN,
+    counter, is_kmalloc_cache_id, kmalloc_cache_id, layout, slab_bucket, slab_site_slot,
+    stack_hash, SlabAlloc, SlabBucket, SlabCacheInfo, SlabSiteCounts, SlabSiteKey, SlabSiteSlot,
+    SlabStack, GFP_ACCOUNT, OFFSET_UNKNOWN, SLAB_ACCOUNTED, SLAB_BUCKET_WAYS, SLAB_CACHE_NAME_LEN,
+    SLAB_KMALLOC, SLAB_SITE_SLOT_COUNT, SLAB_STACK_DEPTH, SLAB_STACK_REWALK_MEAN,
 };
 
 use crate::maps::{bump, config, current_ids, is_target, tp_field};
 
-/// Outstanding objects by address. Sized by the agent (`memtrace slab --max-tracked`).
+/// Outstanding objects, by bucket (see `SlabBucket`). Sized by the agent (`memtrace slab
+/// --max-tracked`).
 #[map]
-pub static SLAB_OUTSTANDING: HashMap<u64, SlabAlloc> = HashMap::with_max_entries(1024, 0);
+pub static SLAB_TABLE: Array<SlabBucket> = Array::with_max_entries(2, 0);
 
 /// Allocations per (call site, cache), per CPU: rates per callsite without a shared counter.
 #[map]
@@ -53,7 +54,6 @@ static SLAB_STACK_SCRATCH: PerCpuArray<SlabStack> = PerCpuArray::with_max_entrie
 
 /// `ZERO_SIZE_PTR`: what kmalloc(0) returns; never a real object.
 const ZERO_SIZE_PTR: u64 = 16;
-const EEXIST: i32 = 17;
 
 // Raw tracepoints: the arguments of the kernel's trace_*() calls (include/trace/events/kmem.h).
 
@@ -141,8 +141,8 @@ fn on_free_backup(ptr: u64) {
     // The first program did not handle this free: it was skipped (or, rarely, interrupted
     // between its end and this program's start, and already did).
     bump(counter::SLAB_FREES_NESTED);
-    if ptr > ZERO_SIZE_PTR && SLAB_OUTSTANDING.remove(ptr).is_ok() {
-        bump(counter::SLAB_FREES);
+    if ptr > ZERO_SIZE_PTR {
+        untrack(ptr);
     }
 }
 
@@ -347,13 +347,12 @@ fn on_alloc(
     if bytes_alloc != 0 {
         flags |= SLAB_KMALLOC;
     }
+    let (time_ns, cgroup) = clock_and_cgroup(pid);
     let alloc = SlabAlloc {
-        // SAFETY: no preconditions.
-        time_ns: unsafe { bpf_ktime_get_ns() },
+        time_ns,
         call_site,
         cache,
-        // SAFETY: no preconditions.
-        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        cgroup,
         stack_id,
         pid,
         tid,
@@ -362,37 +361,159 @@ fn on_alloc(
         flags,
         _pad: 0,
     };
-    match SLAB_OUTSTANDING.insert(ptr, alloc, BPF_NOEXIST as u64) {
-        Ok(()) => {}
-        Err(e) if e == -EEXIST => {
+    match track(ptr, &alloc) {
+        Tracked::New => {}
+        Tracked::Replaced(old) => {
             // The object at this address was freed with no event: it counts as freed, against
             // the site that allocated it (which frees out of sight: kfree_rcu, bulk frees).
             bump(counter::SLAB_IMPLICIT_FREES);
-            // SAFETY: plain data, copied out at once.
-            if let Some(old) = unsafe { SLAB_OUTSTANDING.get(ptr) } {
-                let old_site = SlabSiteKey {
-                    call_site: old.call_site,
-                    cache: old.cache,
-                };
-                add_site_counts(
-                    &old_site,
-                    &SlabSiteCounts {
-                        allocs: 0,
-                        implicit_frees: 1,
-                    },
-                );
-            }
-            if SLAB_OUTSTANDING.insert(ptr, alloc, BPF_ANY as u64).is_err() {
-                bump(counter::SLAB_UNTRACKED);
-                return;
-            }
+            let old_site = SlabSiteKey {
+                call_site: old.call_site,
+                cache: old.cache,
+            };
+            add_site_counts(
+                &old_site,
+                &SlabSiteCounts {
+                    allocs: 0,
+                    implicit_frees: 1,
+                },
+            );
         }
-        Err(_) => {
+        Tracked::Full => {
             bump(counter::SLAB_UNTRACKED);
             return;
         }
     }
     slot.counts.allocs += 1;
+}
+
+/// A CPU's last clock reading and cgroup answer (see [`clock_and_cgroup`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SlabCpu {
+    jiffies: u64,
+    time_ns: u64,
+    tgid: u32,
+    _pad: u32,
+    cgroup: u64,
+}
+
+#[map]
+static SLAB_CPU: PerCpuArray<SlabCpu> = PerCpuArray::with_max_entries(1, 0);
+
+/// The allocation time and the allocating process's cgroup. Reading the clock and walking to
+/// the task's cgroup cost about 30 ns each here, twice what the rest of an allocation costs:
+/// the clock is read again only when a tick has passed on this CPU (ages are kept to a tick,
+/// 1-10 ms, where reports count in tens of ms and up), and the cgroup again only for another
+/// process (a process moved between cgroups keeps its old id until another process allocates
+/// on that CPU).
+#[inline(always)]
+fn clock_and_cgroup(tgid: u32) -> (u64, u64) {
+    // SAFETY: reads the jiffies counter; no preconditions.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(cpu) = SLAB_CPU.get_ptr_mut(0) else {
+        // SAFETY: no preconditions.
+        return unsafe { (bpf_ktime_get_ns(), bpf_get_current_cgroup_id()) };
+    };
+    // SAFETY: a per-CPU value from a successful lookup, used by this CPU alone meanwhile.
+    let cpu = unsafe { &mut *cpu };
+    if cpu.jiffies != jiffies || cpu.time_ns == 0 {
+        cpu.jiffies = jiffies;
+        // SAFETY: no preconditions.
+        cpu.time_ns = unsafe { bpf_ktime_get_ns() };
+    }
+    if cpu.tgid != tgid || cpu.cgroup == 0 {
+        cpu.tgid = tgid;
+        // SAFETY: no preconditions.
+        cpu.cgroup = unsafe { bpf_get_current_cgroup_id() };
+    }
+    (cpu.time_ns, cpu.cgroup)
+}
+
+/// What [`track`] did.
+enum Tracked {
+    New,
+    /// The address was tracked already: this record replaced the one it had.
+    Replaced(SlabAlloc),
+    /// Both of its buckets are full.
+    Full,
+}
+
+/// Records an outstanding object: in a free way of one of its two buckets, or in place of the
+/// record its address still had. The record is written before the key, so the agent never
+/// reads a key with another object's record (x86 keeps stores in order, and volatile writes
+/// keep theirs through the compiler).
+#[inline(always)]
+fn track(ptr: u64, alloc: &SlabAlloc) -> Tracked {
+    let mask = config().slab_bucket_mask;
+    let first = slab_bucket(ptr, mask);
+    let mut free: Option<(*mut SlabBucket, usize)> = None;
+    let mut probe = 0;
+    while probe < 2 {
+        let b = (first + probe) & mask;
+        probe += 1;
+        let Some(bucket_ptr) = SLAB_TABLE.get_ptr_mut(b) else {
+            continue;
+        };
+        // SAFETY: an array value from a successful lookup, valid while the program runs.
+        // Other CPUs write other ways of it; a racing insert into the very same way at the
+        // same moment can lose one of the two objects (it then frees as untracked).
+        let bucket = unsafe { &mut *bucket_ptr };
+        let mut way = 0;
+        while way < SLAB_BUCKET_WAYS {
+            let key = bucket.keys[way];
+            if key == ptr {
+                // SAFETY: a field of the value above.
+                let old = unsafe { core::ptr::read_volatile(&bucket.allocs[way]) };
+                // SAFETY: as above.
+                unsafe { core::ptr::write_volatile(&mut bucket.allocs[way], *alloc) };
+                return Tracked::Replaced(old);
+            }
+            if key == 0 && free.is_none() {
+                free = Some((bucket_ptr, way));
+            }
+            way += 1;
+        }
+    }
+    let Some((bucket, way)) = free else {
+        return Tracked::Full;
+    };
+    if way >= SLAB_BUCKET_WAYS {
+        return Tracked::Full;
+    }
+    // SAFETY: fields of an array value from a successful lookup, valid while the program runs.
+    unsafe {
+        core::ptr::write_volatile(&mut (*bucket).allocs[way], *alloc);
+        core::ptr::write_volatile(&mut (*bucket).keys[way], ptr);
+    }
+    Tracked::New
+}
+
+/// Forgets an outstanding object; false if it was not tracked.
+#[inline(always)]
+fn untrack(ptr: u64) -> bool {
+    let mask = config().slab_bucket_mask;
+    let first = slab_bucket(ptr, mask);
+    let mut probe = 0;
+    while probe < 2 {
+        let b = (first + probe) & mask;
+        probe += 1;
+        let Some(bucket) = SLAB_TABLE.get_ptr_mut(b) else {
+            continue;
+        };
+        // SAFETY: an array value from a successful lookup; a plain aligned store of one way.
+        let bucket = unsafe { &mut *bucket };
+        let mut way = 0;
+        while way < SLAB_BUCKET_WAYS {
+            if bucket.keys[way] == ptr {
+                // SAFETY: as above.
+                unsafe { core::ptr::write_volatile(&mut bucket.keys[way], 0) };
+                return true;
+            }
+            way += 1;
+        }
+    }
+    false
 }
 
 /// This CPU's slot for `site`, taken over from the site that held it if need be: that site's
@@ -509,10 +630,8 @@ fn on_free(ptr: u64) {
     if ptr <= ZERO_SIZE_PTR {
         return;
     }
-    // Whoever frees, from whatever context: the target filter is for allocations only.
-    if SLAB_OUTSTANDING.remove(ptr).is_ok() {
-        bump(counter::SLAB_FREES);
-    } else {
-        bump(counter::SLAB_FREES_UNTRACKED);
-    }
+    // Whoever frees, from whatever context: the target filter is for allocations only. Nothing
+    // is counted here (frees are allocations less what is outstanding), to keep the cheapest
+    // and most frequent path short.
+    untrack(ptr);
 }

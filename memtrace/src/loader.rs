@@ -309,7 +309,9 @@ impl Tracer {
         } else {
             [OFFSET_UNKNOWN; 3]
         };
+        let buckets = memtrace_common::slab_buckets_for(slab_opts.max_tracked);
         let config = Config {
+            slab_bucket_mask: buckets - 1,
             filter_pids: opts.filter_pids as u32,
             capture_stacks: opts.capture_stacks as u32,
             stack_cache: opts.stack_cache as u32,
@@ -322,7 +324,7 @@ impl Tracer {
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", opts.ringbuf_bytes)
-            .map_max_entries("SLAB_OUTSTANDING", slab_opts.max_tracked.max(1))
+            .map_max_entries("SLAB_TABLE", buckets)
             .map_max_entries("SLAB_SITES", slab_opts.max_sites.max(1))
             .map_max_entries("SLAB_STACKS", slab_opts.max_stacks.max(1))
             .load(EBPF_OBJECT)

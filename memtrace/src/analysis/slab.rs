@@ -373,12 +373,11 @@ impl SlabAnalysis {
         self.stacks_unused = unused;
     }
 
-    /// (allocations tracked, tracked objects freed) since the start.
-    fn counters(tracer: &Tracer, sites: &HashMap<SlabSiteKey, SlabSiteCounts>) -> (u64, u64) {
-        let allocs = sites.values().map(|c| c.allocs).sum();
-        let frees =
-            tracer.counter(counter::SLAB_FREES) + tracer.counter(counter::SLAB_IMPLICIT_FREES);
-        (allocs, frees)
+    /// (allocations tracked, tracked objects freed) since the start: every tracked object not
+    /// outstanding any more was freed, seen or not (implicit frees).
+    fn counters(sites: &HashMap<SlabSiteKey, SlabSiteCounts>, outstanding: u64) -> (u64, u64) {
+        let allocs: u64 = sites.values().map(|c| c.allocs).sum();
+        (allocs, allocs.saturating_sub(outstanding))
     }
 
     fn build(&mut self, ctx: &ReportContext<'_>) -> Result<SlabReport, Error> {
@@ -406,11 +405,14 @@ impl SlabAnalysis {
             memo: HashMap::new(),
         };
         let mut in_use: HashMap<u64, u64> = HashMap::new();
+        // Every object in the map, whatever the filters.
+        let mut tracked = 0u64;
         if let Some(maps) = &self.maps {
             let caches = &mut self.caches;
             let frees_untraced = &self.frees_untraced;
             let caches_untraced = &self.caches_untraced;
             outstanding::for_each(&maps.outstanding, |_, a| {
+                tracked += 1;
                 if a.stack_id != 0 {
                     *in_use.entry(a.stack_id).or_default() += 1;
                 }
@@ -556,7 +558,7 @@ impl SlabAnalysis {
         }
 
         let tracer = ctx.tracer;
-        let (allocs_total, frees_total) = Self::counters(tracer, &sites);
+        let (allocs_total, frees_total) = Self::counters(&sites, tracked);
         let (allocs, frees) = (
             allocs_total.saturating_sub(base.allocs),
             frees_total.saturating_sub(base.frees),
@@ -654,7 +656,6 @@ impl SlabAnalysis {
                 allocs_per_s: allocs as f64 / covers,
                 frees_per_s: frees as f64 / covers,
                 implicit_frees: tracer.counter(counter::SLAB_IMPLICIT_FREES),
-                frees_untracked: tracer.counter(counter::SLAB_FREES_UNTRACKED),
                 max_tracked: self.opts.max_tracked,
             },
             lost,
@@ -694,12 +695,11 @@ impl Analysis for SlabAnalysis {
     }
 
     fn start(&mut self, tracer: &mut Tracer, _system_wide: bool) -> Result<(), Error> {
-        let data = |m: Map| match m {
-            Map::HashMap(d) | Map::PerCpuHashMap(d) => Ok(d),
-            _ => Err(Error::Map("a slab map has an unexpected type".into())),
-        };
         let map_err = |e: aya::maps::MapError| Error::Map(e.to_string());
-        let outstanding = data(tracer.take_map("SLAB_OUTSTANDING")?)?;
+        let outstanding = match tracer.take_map("SLAB_TABLE")? {
+            Map::Array(d) => d,
+            _ => return Err(Error::Map("map SLAB_TABLE is not an array".into())),
+        };
         let sites = PerCpuHashMap::try_from(tracer.take_map("SLAB_SITES")?).map_err(map_err)?;
         let site_slots =
             PerCpuArray::try_from(tracer.take_map("SLAB_SITE_SLOTS")?).map_err(map_err)?;

@@ -113,8 +113,6 @@ pub struct Totals {
     pub frees_per_s: f64,
     /// Objects found freed without an event (their address was allocated again).
     pub implicit_frees: u64,
-    /// Frees of objects not tracked (allocated before the run or by untraced processes).
-    pub frees_untracked: u64,
     /// The most objects tracked at once (`--max-tracked`).
     pub max_tracked: u32,
 }
@@ -254,11 +252,7 @@ pub fn render(r: &SlabReport, format: Format, top: usize) -> String {
     if let Some(why) = &r.slabinfo_unavailable {
         let _ = writeln!(out, "slabinfo: {why}");
     }
-    let _ = writeln!(
-        out,
-        "implicit frees {}, frees of untracked objects {}",
-        r.totals.implicit_frees, r.totals.frees_untracked
-    );
+    let _ = writeln!(out, "implicit frees {}", r.totals.implicit_frees);
     if r.lost.events == 0 {
         let _ = writeln!(out, "lost: 0");
     } else {
