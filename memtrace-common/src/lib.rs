@@ -12,6 +12,7 @@ pub enum RecordKind {
     Fault = 1,
     Vma = 2,
     Proc = 3,
+    SlabStack = 4,
 }
 
 impl RecordKind {
@@ -20,6 +21,7 @@ impl RecordKind {
             1 => Some(Self::Fault),
             2 => Some(Self::Vma),
             3 => Some(Self::Proc),
+            4 => Some(Self::SlabStack),
             _ => None,
         }
     }
@@ -137,6 +139,17 @@ pub struct VmaRecord {
     /// mmap: file offset in bytes.
     pub offset: u64,
     /// When the syscall returned (`CLOCK_MONOTONIC`, ns).
+    pub time_ns: u64,
+}
+
+/// A stack new to `SLAB_STACKS` with user frames (`memtrace slab --user-stacks`): sent so the
+/// agent symbolizes them while the process that allocated there still runs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SlabStackRecord {
+    pub kind: u32,
+    pub pid: u32,
+    pub id: u64,
     pub time_ns: u64,
 }
 
@@ -345,8 +358,10 @@ pub struct Config {
     /// A process never traced (memtrace itself, so a system-wide run does not count its own
     /// faults); 0 for none.
     pub exclude_tgid: u32,
-    /// Non-zero: capture the kernel stack of each slab allocation (`memtrace slab --stacks`).
+    /// Non-zero: capture the kernel stack of slab allocations (`memtrace slab --stacks`).
     pub slab_kernel_stacks: u32,
+    /// Non-zero: capture the user stack of the allocating task (`--user-stacks`).
+    pub slab_user_stacks: u32,
     /// Byte offsets in `struct kmem_cache` (from the kernel's BTF) of `name`, `object_size` and
     /// `size`, read once per cache the first time one of its objects is allocated;
     /// [`OFFSET_UNKNOWN`] when this kernel's BTF does not say.
@@ -367,6 +382,7 @@ impl Config {
         stack_cache: 1,
         exclude_tgid: 0,
         slab_kernel_stacks: 0,
+        slab_user_stacks: 0,
         kmem_cache_name_off: OFFSET_UNKNOWN,
         kmem_cache_object_size_off: OFFSET_UNKNOWN,
         kmem_cache_size_off: OFFSET_UNKNOWN,
@@ -525,26 +541,33 @@ pub const SLAB_STACK_REWALK_MEAN: u32 = 32;
 
 /// Kernel frames kept per slab allocation stack.
 pub const SLAB_STACK_DEPTH: usize = 48;
+/// User frames kept per slab allocation stack (`--user-stacks`).
+pub const SLAB_USER_STACK_DEPTH: usize = 32;
 
-/// A kernel stack captured at an allocation, in `SLAB_STACKS` under its [`stack_hash`].
+/// The stacks captured at an allocation, in `SLAB_STACKS` under their [`stack_hash`]: the
+/// kernel's (innermost first, 0 past the last) and the allocating task's user stack.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SlabStack {
     pub frames: [u64; SLAB_STACK_DEPTH],
+    pub user: [u64; SLAB_USER_STACK_DEPTH],
 }
 
 /// The id of a stack: a 64-bit hash of its frames (never 0). Ids are content hashes rather than
 /// slots of a stack map, so they never go stale: a full map loses new stacks (counted), and
-/// never hands an old id a different stack.
+/// never hands an old id a different stack. Frames past the captured ones must be 0.
 #[inline(always)]
-pub fn stack_hash(frames: &[u64; SLAB_STACK_DEPTH], len: usize) -> u64 {
+pub fn stack_hash(stack: &SlabStack) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut i = 0;
     while i < SLAB_STACK_DEPTH {
-        if i >= len {
-            break;
-        }
-        h = (h ^ frames[i]).wrapping_mul(0x0000_0100_0000_01b3);
+        h = (h ^ stack.frames[i]).wrapping_mul(0x0000_0100_0000_01b3);
+        h ^= h >> 29;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < SLAB_USER_STACK_DEPTH {
+        h = (h ^ stack.user[i]).wrapping_mul(0x0000_0100_0000_01b3);
         h ^= h >> 29;
         i += 1;
     }
@@ -647,6 +670,8 @@ mod pod {
     unsafe impl aya::Pod for SlabSiteSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SlabBucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SlabStackRecord {}
 }
 
 #[cfg(test)]
@@ -667,7 +692,8 @@ mod tests {
         );
         assert_eq!(size_of::<VmaRecord>(), 4 * 4 + 8 * 4 + 4 * 4 + 8 * 2);
         assert_eq!(size_of::<ProcRecord>(), 4 * 4 + 16 + 8);
-        assert_eq!(size_of::<Config>(), 4 * 9);
+        assert_eq!(size_of::<SlabStackRecord>(), 4 * 2 + 8 * 2);
+        assert_eq!(size_of::<Config>(), 4 * 10);
         assert_eq!(
             size_of::<SlabBucket>(),
             (8 + size_of::<SlabAlloc>()) * SLAB_BUCKET_WAYS
@@ -677,7 +703,10 @@ mod tests {
         assert_eq!(size_of::<SlabSiteKey>(), 8 * 2);
         assert_eq!(size_of::<SlabSiteCounts>(), 8 * 2);
         assert_eq!(size_of::<SlabSiteSlot>(), 8 * 5 + 4 * 2);
-        assert_eq!(size_of::<SlabStack>(), 8 * SLAB_STACK_DEPTH);
+        assert_eq!(
+            size_of::<SlabStack>(),
+            8 * (SLAB_STACK_DEPTH + SLAB_USER_STACK_DEPTH)
+        );
         assert_eq!(size_of::<TargetCacheSlot>(), 8 + 4 * 2);
         assert_eq!(
             size_of::<CpuState>(),
@@ -763,19 +792,30 @@ mod tests {
     }
 
     #[test]
-    fn stack_hashes_cover_only_the_captured_frames() {
-        let mut a = [0u64; SLAB_STACK_DEPTH];
-        a[..3].copy_from_slice(&[1, 2, 3]);
+    fn stack_hashes_tell_kernel_and_user_frames_apart() {
+        let mut a = SlabStack {
+            frames: [0; SLAB_STACK_DEPTH],
+            user: [0; SLAB_USER_STACK_DEPTH],
+        };
+        assert_ne!(stack_hash(&a), 0);
+        a.frames[..3].copy_from_slice(&[1, 2, 3]);
         let mut b = a;
-        b[5] = 99; // past the captured length: not part of the stack
-        assert_eq!(stack_hash(&a, 3), stack_hash(&b, 3));
-        assert_ne!(stack_hash(&a, 3), stack_hash(&a, 2));
-        assert_ne!(stack_hash(&a, 0), 0);
+        assert_eq!(stack_hash(&a), stack_hash(&b));
+        b.user[0] = 0x7f00_0000_1000;
+        assert_ne!(stack_hash(&a), stack_hash(&b));
+        let mut c = a;
+        c.frames[2] = 0;
+        assert_ne!(stack_hash(&a), stack_hash(&c));
     }
 
     #[test]
     fn record_kind_round_trips() {
-        for k in [RecordKind::Fault, RecordKind::Vma, RecordKind::Proc] {
+        for k in [
+            RecordKind::Fault,
+            RecordKind::Vma,
+            RecordKind::Proc,
+            RecordKind::SlabStack,
+        ] {
             assert_eq!(RecordKind::from_u32(k as u32), Some(k));
         }
         assert_eq!(RecordKind::from_u32(0), None);

@@ -6,7 +6,7 @@
 //! agent): a classic tracepoint program is skipped while another BPF program runs on the CPU,
 //! and a free taken in an interrupt over a traced program would then leave a phantom leak.
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
         generated::{bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_stack, bpf_jiffies64},
@@ -18,12 +18,13 @@ use aya_ebpf::{
 };
 use memtrace_common::{
     counter, is_kmalloc_cache_id, kmalloc_cache_id, layout, slab_bucket, slab_site_slot,
-    stack_hash, SlabAlloc, SlabBucket, SlabCacheInfo, SlabSiteCounts, SlabSiteKey, SlabSiteSlot,
-    SlabStack, GFP_ACCOUNT, OFFSET_UNKNOWN, SLAB_ACCOUNTED, SLAB_BUCKET_WAYS, SLAB_CACHE_NAME_LEN,
-    SLAB_KMALLOC, SLAB_SITE_SLOT_COUNT, SLAB_STACK_DEPTH, SLAB_STACK_REWALK_MEAN,
+    stack_hash, RecordKind, SlabAlloc, SlabBucket, SlabCacheInfo, SlabSiteCounts, SlabSiteKey,
+    SlabSiteSlot, SlabStack, SlabStackRecord, GFP_ACCOUNT, OFFSET_UNKNOWN, SLAB_ACCOUNTED,
+    SLAB_BUCKET_WAYS, SLAB_CACHE_NAME_LEN, SLAB_KMALLOC, SLAB_SITE_SLOT_COUNT, SLAB_STACK_DEPTH,
+    SLAB_STACK_REWALK_MEAN, SLAB_USER_STACK_DEPTH,
 };
 
-use crate::maps::{bump, config, current_ids, is_target, tp_field};
+use crate::maps::{bump, config, current_ids, is_target, tp_field, EVENTS};
 
 /// Outstanding objects, by bucket (see `SlabBucket`). Sized by the agent (`memtrace slab
 /// --max-tracked`).
@@ -335,7 +336,8 @@ fn on_alloc(
     let Some(slot) = site_slot(&site) else {
         return;
     };
-    let stack_id = if config().slab_kernel_stacks != 0 {
+    let cfg = config();
+    let stack_id = if cfg.slab_kernel_stacks != 0 || cfg.slab_user_stacks != 0 {
         sampled_stack(ctx, slot)
     } else {
         0
@@ -583,7 +585,8 @@ fn sampled_stack(ctx: *mut core::ffi::c_void, slot: &mut SlabSiteSlot) -> u64 {
     id
 }
 
-/// Captures the current kernel stack into `SLAB_STACKS`; returns its id, or 0 when lost.
+/// Captures the current kernel stack and (with `--user-stacks`) the task's user stack into
+/// `SLAB_STACKS`; returns their id, or 0 when nothing was captured.
 #[inline(never)]
 fn kernel_stack(ctx: *mut core::ffi::c_void) -> u64 {
     let Some(scratch) = SLAB_STACK_SCRATCH.get_ptr_mut(0) else {
@@ -591,38 +594,82 @@ fn kernel_stack(ctx: *mut core::ffi::c_void) -> u64 {
     };
     // SAFETY: a per-CPU value from a successful lookup, used by this CPU alone meanwhile.
     let stack = unsafe { &mut *scratch };
-    // SAFETY: the buffer is the scratch value, of exactly the size passed.
-    let got = unsafe {
-        bpf_get_stack(
-            ctx,
-            stack.frames.as_mut_ptr().cast(),
-            (8 * SLAB_STACK_DEPTH) as u32,
-            0,
-        )
-    };
-    if got <= 0 {
+    let cfg = config();
+    let mut kernel = 0;
+    if cfg.slab_kernel_stacks != 0 {
+        // SAFETY: the buffer is the scratch value's kernel frames, of exactly the size passed.
+        kernel = unsafe {
+            bpf_get_stack(
+                ctx,
+                stack.frames.as_mut_ptr().cast(),
+                (8 * SLAB_STACK_DEPTH) as u32,
+                0,
+            )
+        };
+    }
+    let mut user = 0;
+    if cfg.slab_user_stacks != 0 {
+        // SAFETY: the buffer is the scratch value's user frames, of exactly the size passed.
+        // (In an interrupt this is the user stack of the task it interrupted.)
+        user = unsafe {
+            bpf_get_stack(
+                ctx,
+                stack.user.as_mut_ptr().cast(),
+                (8 * SLAB_USER_STACK_DEPTH) as u32,
+                BPF_F_USER_STACK as u64,
+            )
+        };
+    }
+    if kernel <= 0 && user <= 0 {
         bump(counter::SLAB_STACK_LOST);
         return 0;
     }
-    let len = (got as usize / 8).min(SLAB_STACK_DEPTH);
-    // Clear what this walk did not write, so equal stacks have equal map values.
+    // Clear what the walks did not write, so equal stacks hash and compare equal.
+    let kernel = (kernel.max(0) as usize / 8).min(SLAB_STACK_DEPTH);
     let mut i = 0;
     while i < SLAB_STACK_DEPTH {
-        if i >= len {
+        if i >= kernel {
             stack.frames[i] = 0;
         }
         i += 1;
     }
-    let id = stack_hash(&stack.frames, len);
+    let user = (user.max(0) as usize / 8).min(SLAB_USER_STACK_DEPTH);
+    let mut i = 0;
+    while i < SLAB_USER_STACK_DEPTH {
+        if i >= user {
+            stack.user[i] = 0;
+        }
+        i += 1;
+    }
+    let id = stack_hash(stack);
     // SAFETY: presence only.
-    if unsafe { SLAB_STACKS.get(id) }.is_none()
-        && SLAB_STACKS.insert(id, &*stack, BPF_NOEXIST as u64).is_err()
+    if unsafe { SLAB_STACKS.get(id) }.is_none() {
+        if SLAB_STACKS.insert(id, &*stack, BPF_NOEXIST as u64).is_ok() {
+            if user > 0 {
+                announce_stack(id);
+            }
         // SAFETY: presence only.
-        && unsafe { SLAB_STACKS.get(id) }.is_none()
-    {
-        bump(counter::SLAB_STACKS_FULL);
+        } else if unsafe { SLAB_STACKS.get(id) }.is_none() {
+            bump(counter::SLAB_STACKS_FULL);
+        }
     }
     id
+}
+
+/// Tells the agent about a new stack with user frames, to symbolize them while the process
+/// still runs.
+#[inline(never)]
+fn announce_stack(id: u64) {
+    let rec = SlabStackRecord {
+        kind: RecordKind::SlabStack as u32,
+        pid: current_ids().0,
+        id,
+        // SAFETY: no preconditions.
+        time_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    if EVENTS.output::<SlabStackRecord>(&rec, 0).is_err() {
+        bump(counter::RINGBUF_FULL_OTHER);
+    }
 }
 
 #[inline(always)]

@@ -412,6 +412,8 @@ impl<S: ProcSource> Collector<S> {
             Record::Fault(f, frames) => self.on_fault(&f, frames),
             Record::Vma(v) => self.on_vma(&v),
             Record::Proc(p) => self.on_proc(&p),
+            // Not a faults record; never sent to this analysis's ring.
+            Record::SlabStack(_) => {}
         }
     }
 

@@ -45,8 +45,11 @@ pub struct SlabOptions {
     pub max_tracked: u32,
     /// Distinct (call site, cache) allocation counters.
     pub max_sites: u32,
-    /// Capture kernel stacks, keeping at most this many distinct ones (0: no stacks).
+    /// Distinct stacks kept at most (0: no stacks).
     pub max_stacks: u32,
+    /// Capture kernel stacks; user stacks of the allocating task.
+    pub kernel_stacks: bool,
+    pub user_stacks: bool,
 }
 
 impl SlabOptions {
@@ -55,6 +58,8 @@ impl SlabOptions {
         max_tracked: 1,
         max_sites: 1,
         max_stacks: 0,
+        kernel_stacks: false,
+        user_stacks: false,
     };
 }
 
@@ -316,7 +321,8 @@ impl Tracer {
             capture_stacks: opts.capture_stacks as u32,
             stack_cache: opts.stack_cache as u32,
             exclude_tgid: std::process::id(),
-            slab_kernel_stacks: (slab_opts.max_stacks > 0) as u32,
+            slab_kernel_stacks: (slab_opts.max_stacks > 0 && slab_opts.kernel_stacks) as u32,
+            slab_user_stacks: (slab_opts.max_stacks > 0 && slab_opts.user_stacks) as u32,
             kmem_cache_name_off: offsets[0],
             kmem_cache_object_size_off: offsets[1],
             kmem_cache_size_off: offsets[2],

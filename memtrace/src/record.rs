@@ -1,5 +1,5 @@
 //! Decoding ring-buffer records (plain bytes in, typed records out).
-use memtrace_common::{FaultRecord, ProcRecord, RecordKind, VmaRecord};
+use memtrace_common::{FaultRecord, ProcRecord, RecordKind, SlabStackRecord, VmaRecord};
 
 #[derive(Clone, Copy, Debug)]
 pub enum Record<'a> {
@@ -8,6 +8,7 @@ pub enum Record<'a> {
     Fault(FaultRecord, &'a [u8]),
     Vma(VmaRecord),
     Proc(ProcRecord),
+    SlabStack(SlabStackRecord),
 }
 
 impl Record<'_> {
@@ -17,6 +18,7 @@ impl Record<'_> {
             Record::Fault(f, _) => f.time_ns,
             Record::Vma(v) => v.time_ns,
             Record::Proc(p) => p.time_ns,
+            Record::SlabStack(s) => s.time_ns,
         }
     }
 }
@@ -29,6 +31,7 @@ pub fn time_of(bytes: &[u8]) -> Option<u64> {
         RecordKind::Fault => offset_of!(FaultRecord, time_ns),
         RecordKind::Vma => offset_of!(VmaRecord, time_ns),
         RecordKind::Proc => offset_of!(ProcRecord, time_ns),
+        RecordKind::SlabStack => offset_of!(SlabStackRecord, time_ns),
     };
     Some(u64::from_ne_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
 }
@@ -65,6 +68,7 @@ pub fn decode(bytes: &[u8]) -> Option<Record<'_>> {
         }
         RecordKind::Vma => read(bytes).map(Record::Vma),
         RecordKind::Proc => read(bytes).map(Record::Proc),
+        RecordKind::SlabStack => read(bytes).map(Record::SlabStack),
     }
 }
 

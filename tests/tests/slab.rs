@@ -285,11 +285,12 @@ fn mmap_churn_leaves_no_phantom_leaks() {
 }
 
 #[test]
-fn kernel_stacks_show_the_syscall_behind_an_allocation() {
+fn kernel_and_user_stacks_show_the_code_behind_an_allocation() {
     let _serial = SERIAL.lock();
     let w = workload();
     let (reports, _) = run_slab(&[
         "--stacks",
+        "--user-stacks",
         "--by",
         "stack",
         "-i",
@@ -323,7 +324,21 @@ fn kernel_stacks_show_the_syscall_behind_an_allocation() {
         stack.iter().any(|f| f.contains("pipe2")),
         "no pipe2 syscall in {stack:?}"
     );
+    // The stack starts at the allocation, not in the tracer's own program.
+    assert!(stack[0].starts_with("alloc_pipe_info+"), "{stack:?}");
     assert!(row["objects"].as_u64().unwrap() >= 300, "{row}");
+    // The workload's own code made the syscall, and it exited before the final report: its
+    // frames were symbolized while it ran.
+    let user: Vec<&str> = row["user_stack"]
+        .as_array()
+        .expect("user_stack")
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(
+        user.iter().any(|f| f.contains("slab_workloads::hold")),
+        "{user:?}"
+    );
 }
 
 #[test]

@@ -42,8 +42,60 @@ pub struct SlabReportOptions {
     pub caches: Vec<String>,
     pub top: usize,
     pub format: Format,
+    /// Kernel stacks; user stacks of the allocating tasks.
     pub stacks: bool,
+    pub user_stacks: bool,
     pub max_tracked: u32,
+}
+
+/// User addresses to `function+0xoff (file)`, through the memory maps of a process that
+/// allocated there (blazesym reads them from /proc). A process gone by report time leaves its
+/// frames as addresses.
+#[derive(Default)]
+struct UserSymbols {
+    cache: HashMap<(u32, u64), String>,
+}
+
+impl UserSymbols {
+    /// Symbolized entries kept between reports, at most.
+    const MAX_CACHED: usize = 65_536;
+
+    fn describe(&mut self, pid: u32, ips: &[u64]) -> Vec<String> {
+        use blazesym::symbolize::{source::Process, source::Source, Input, Symbolized, Symbolizer};
+        let missing: Vec<u64> = ips
+            .iter()
+            .copied()
+            .filter(|ip| !self.cache.contains_key(&(pid, *ip)))
+            .collect();
+        if !missing.is_empty() {
+            if self.cache.len() > Self::MAX_CACHED {
+                self.cache.clear();
+            }
+            let src = Source::Process(Process::new(pid.into()));
+            let symbolizer = Symbolizer::new();
+            let found = symbolizer
+                .symbolize(&src, Input::AbsAddr(&missing))
+                .unwrap_or_default();
+            for (i, &ip) in missing.iter().enumerate() {
+                let text = match found.get(i) {
+                    Some(Symbolized::Sym(sym)) => {
+                        let module = sym
+                            .module
+                            .as_deref()
+                            .map(|m| m.to_string_lossy())
+                            .unwrap_or_default();
+                        let module = module.rsplit('/').next().unwrap_or_default().to_string();
+                        format!("{}+0x{:x} ({module})", sym.name, sym.offset)
+                    }
+                    _ => format!("0x{ip:x}"),
+                };
+                self.cache.insert((pid, ip), text);
+            }
+        }
+        ips.iter()
+            .map(|ip| self.cache.get(&(pid, *ip)).cloned().unwrap_or_default())
+            .collect()
+    }
 }
 
 /// The default `--max-tracked`: a million objects, or fewer on a small machine, so the
@@ -137,6 +189,30 @@ const HOOK_GROUPS: &[&HookGroup] = &[&hooks::PROCESSES, &hooks::SLAB];
 /// socket buffer in transit). A leak shows in growth this much later.
 const SETTLE: Duration = Duration::from_secs(1);
 
+/// A kernel stack from the allocation on: the walk starts in memtrace's own program, the
+/// tracepoint's dispatch and the allocator, which every stack shares. Cut at the call site
+/// when the stack holds it, else after the tracepoint dispatch and the allocator function.
+fn allocation_frames<'a>(ips: &'a [u64], call_site: Option<u64>, ksyms: &Kallsyms) -> &'a [u64] {
+    if let Some(at) = call_site.and_then(|cs| ips.iter().position(|&ip| ip == cs)) {
+        return &ips[at..];
+    }
+    let dispatch = ips.iter().take(8).rposition(|&ip| {
+        ksyms
+            .resolve(ip)
+            .is_some_and(|(name, _)| name.starts_with("bpf_trace_run") || name.ends_with("[bpf]"))
+    });
+    match dispatch {
+        Some(at) => ips.get(at + 2..).unwrap_or(&[]),
+        None => ips,
+    }
+}
+
+/// Stacks waiting for their user frames to be symbolized, at most.
+const MAX_NEW_STACKS: usize = 16_384;
+
+/// The longest a drain spends symbolizing new stacks' user frames.
+const SYMBOLIZE_BUDGET: Duration = Duration::from_millis(50);
+
 /// Process names kept at most; past this, those of exited processes go.
 const MAX_COMMS: usize = 65_536;
 
@@ -181,8 +257,13 @@ pub struct SlabAnalysis {
     slabinfo_start: Result<HashMap<String, SlabinfoRow>, String>,
     caches: HashMap<u64, CacheMeta>,
     prev: Previous,
-    /// Kernel stacks read so far, by id.
-    stack_frames: HashMap<u64, Vec<u64>>,
+    /// Stacks read so far (kernel frames, user frames), by id.
+    stack_frames: HashMap<u64, (Vec<u64>, Vec<u64>)>,
+    user_symbols: UserSymbols,
+    /// Stacks with user frames the kernel announced and not symbolized yet: (pid, id).
+    new_stacks: Vec<(u32, u64)>,
+    /// User frames symbolized when their stack was new, by stack id.
+    user_text: HashMap<u64, Vec<String>>,
     /// Stacks no outstanding object referred to at the last report: removed from the kernel
     /// map if still unused at the next.
     stacks_unused: HashSet<u64>,
@@ -207,6 +288,9 @@ impl SlabAnalysis {
             caches: HashMap::new(),
             prev: Previous::default(),
             stack_frames: HashMap::new(),
+            user_symbols: UserSymbols::default(),
+            new_stacks: Vec::new(),
+            user_text: HashMap::new(),
             stacks_unused: HashSet::new(),
             frees_untraced: HashSet::new(),
             caches_untraced: HashSet::new(),
@@ -338,20 +422,71 @@ impl SlabAnalysis {
         per_cache
     }
 
-    /// Kernel frames of stack `id`, read from the kernel's map the first time.
-    fn stack(&mut self, id: u64) -> Option<Vec<String>> {
+    /// The frames of stack `id` (kernel, then user), read from the kernel's map the first time.
+    fn stack_frames(&mut self, id: u64) -> Option<&(Vec<u64>, Vec<u64>)> {
         if !self.stack_frames.contains_key(&id) {
             let stacks = self.maps.as_ref()?.stacks.as_ref()?;
             let s = stacks.get(&id, 0).ok()?;
-            let frames: Vec<u64> = s.frames.iter().copied().take_while(|&f| f != 0).collect();
-            self.stack_frames.insert(id, frames);
+            let live = |f: &[u64]| f.iter().copied().take_while(|&f| f != 0).collect();
+            self.stack_frames
+                .insert(id, (live(&s.frames[..]), live(&s.user[..])));
         }
+        self.stack_frames.get(&id)
+    }
+
+    /// Symbolizes the user frames of stacks the kernel announced, while their processes still
+    /// run (a process gone by report time would leave them as addresses), for at most
+    /// [`SYMBOLIZE_BUDGET`] per drain.
+    fn symbolize_new_stacks(&mut self) {
+        if self.new_stacks.is_empty() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let mut pending = std::mem::take(&mut self.new_stacks);
+        pending.sort_unstable();
+        let mut i = 0;
+        while i < pending.len() && started.elapsed() < SYMBOLIZE_BUDGET {
+            let pid = pending[i].0;
+            let mut j = i;
+            while j < pending.len() && pending[j].0 == pid {
+                let id = pending[j].1;
+                if let Some((_, user)) = self.stack_frames(id).cloned() {
+                    let text = self.user_symbols.describe(pid, &user);
+                    self.user_text.insert(id, text);
+                }
+                j += 1;
+            }
+            i = j;
+        }
+        self.new_stacks = pending.split_off(i);
+    }
+
+    /// Stack `id` as `function+0xoff` lines: (kernel frames, user frames), innermost first.
+    /// User frames are symbolized with the maps of `pid`, a process that allocated there.
+    fn stack(
+        &mut self,
+        id: u64,
+        pid: u32,
+        call_site: Option<u64>,
+    ) -> (Option<Vec<String>>, Option<Vec<String>>) {
+        let Some((kernel, user)) = self.stack_frames(id).cloned() else {
+            return (None, None);
+        };
         let ksyms = self.kallsyms.get_or_insert_with(Kallsyms::load);
-        Some(
-            self.stack_frames[&id]
-                .iter()
-                .map(|&ip| ksyms.describe(ip))
-                .collect(),
+        let kernel: Vec<String> = allocation_frames(&kernel, call_site, ksyms)
+            .iter()
+            .map(|&ip| ksyms.describe(ip))
+            .collect();
+        let user = self
+            .opts
+            .user_stacks
+            .then(|| match self.user_text.get(&id) {
+                Some(text) => text.clone(),
+                None => self.user_symbols.describe(pid, &user),
+            });
+        (
+            (self.opts.stacks && !kernel.is_empty()).then_some(kernel),
+            user,
         )
     }
 
@@ -370,6 +505,7 @@ impl SlabAnalysis {
             let _ = stacks.remove(id);
         }
         self.stack_frames.retain(|id, _| in_use.contains_key(id));
+        self.user_text.retain(|id, _| in_use.contains_key(id));
         self.stacks_unused = unused;
     }
 
@@ -388,7 +524,7 @@ impl SlabAnalysis {
             min_age_ns: self.opts.min_age.map_or(0, |d| d.as_nanos() as u64),
             settle_ns: SETTLE.as_nanos() as u64,
             now_ns,
-            stacks: self.opts.stacks,
+            stacks: self.opts.stacks || self.opts.user_stacks,
         };
         let sizes: HashMap<u64, (u32, u32)> = self
             .caches
@@ -480,8 +616,8 @@ impl SlabAnalysis {
             let top_stack = g
                 .stacks
                 .iter()
-                .max_by_key(|(id, n)| (**n, **id))
-                .map(|(id, _)| *id);
+                .max_by_key(|(id, n)| (n.0, **id))
+                .map(|(id, n)| (*id, n.1));
             let allocs = group_allocs.get(&key).copied();
             let all_before = base.all.get(&key).copied().unwrap_or(0);
             let frees = allocs.map(|a| (a + all_before).saturating_sub(g.all_objects));
@@ -498,7 +634,10 @@ impl SlabAnalysis {
                 None => (None, false),
             };
             let comm = pid.map(|p| self.comm(p));
-            let kernel_stack = top_stack.and_then(|id| self.stack(id));
+            let (kernel_stack, user_stack) = match top_stack {
+                Some((id, pid)) => self.stack(id, pid, call_site),
+                None => (None, None),
+            };
             groups.push(GroupReport {
                 callsite,
                 cache: cache_name,
@@ -516,6 +655,7 @@ impl SlabAnalysis {
                 frees,
                 age_histogram: age_histogram(&g.ages),
                 kernel_stack,
+                user_stack,
             });
         }
 
@@ -704,7 +844,7 @@ impl Analysis for SlabAnalysis {
         let site_slots =
             PerCpuArray::try_from(tracer.take_map("SLAB_SITE_SLOTS")?).map_err(map_err)?;
         let caches = BpfHashMap::try_from(tracer.take_map("SLAB_CACHES")?).map_err(map_err)?;
-        let stacks = if self.opts.stacks {
+        let stacks = if self.opts.stacks || self.opts.user_stacks {
             Some(BpfHashMap::try_from(tracer.take_map("SLAB_STACKS")?).map_err(map_err)?)
         } else {
             None
@@ -726,16 +866,9 @@ impl Analysis for SlabAnalysis {
     }
 
     fn drain(&mut self, ring: &mut Ring) -> bool {
-        for _ in 0..DRAIN_BATCH {
-            let Some(item) = ring.next() else {
-                return false;
-            };
-            self.records += 1;
-            if let Some(Record::Proc(p)) = record::decode(&item) {
-                self.on_proc(&p);
-            }
-        }
-        true
+        let more = self.drain_ring(ring);
+        self.symbolize_new_stacks();
+        more
     }
 
     fn descendants_alive(&self, command: u32) -> bool {
@@ -745,6 +878,29 @@ impl Analysis for SlabAnalysis {
     }
 
     fn report(&mut self, ctx: &ReportContext<'_>) -> SlabReport {
+        self.report_or_error(ctx)
+    }
+}
+
+impl SlabAnalysis {
+    fn drain_ring(&mut self, ring: &mut Ring) -> bool {
+        for _ in 0..DRAIN_BATCH {
+            let Some(item) = ring.next() else {
+                return false;
+            };
+            self.records += 1;
+            match record::decode(&item) {
+                Some(Record::Proc(p)) => self.on_proc(&p),
+                Some(Record::SlabStack(s)) if self.new_stacks.len() < MAX_NEW_STACKS => {
+                    self.new_stacks.push((s.pid, s.id))
+                }
+                _ => {}
+            }
+        }
+        true
+    }
+
+    fn report_or_error(&mut self, ctx: &ReportContext<'_>) -> SlabReport {
         match self.build(ctx) {
             Ok(r) => r,
             Err(e) => {

@@ -91,8 +91,8 @@ pub struct GroupAcc {
     pub pid: One<u32>,
     pub call_site: One<u64>,
     pub cache: One<u64>,
-    /// The group's stacks by objects, with `--stacks`.
-    pub stacks: HashMap<u64, u64>,
+    /// The group's stacks: objects, and a process that allocated there (for its user frames).
+    pub stacks: HashMap<u64, (u64, u32)>,
 }
 
 /// Per cache: objects outstanding (every one, whatever `--min-age`).
@@ -174,7 +174,7 @@ impl Aggregate {
         g.call_site.add(a.call_site);
         g.cache.add(a.cache);
         if fold.stacks && a.stack_id != 0 {
-            *g.stacks.entry(a.stack_id).or_default() += 1;
+            g.stacks.entry(a.stack_id).or_insert((0, a.pid)).0 += 1;
         }
     }
 }

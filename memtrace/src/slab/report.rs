@@ -61,9 +61,14 @@ pub struct GroupReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub frees: Option<u64>,
     pub age_histogram: Vec<AgeBucket>,
-    /// With --stacks: the group's most common kernel stack, innermost first.
+    /// With --stacks: the group's most common kernel stack, innermost first (each stack is
+    /// walked for a random sample of a site's allocations and attributed to the ones between).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_stack: Option<Vec<String>>,
+    /// With --user-stacks: the user stack of that allocation's task, innermost first (frame
+    /// pointers only: code built without them shows its innermost frames).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_stack: Option<Vec<String>>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -206,6 +211,14 @@ pub fn render(r: &SlabReport, format: Format, top: usize) -> String {
                 let _ = writeln!(out, "    {f}");
             }
         }
+        if let Some(stack) = &g.user_stack {
+            if g.kernel_stack.is_some() {
+                let _ = writeln!(out, "    -- user --");
+            }
+            for f in stack.iter().take(12) {
+                let _ = writeln!(out, "    {f}");
+            }
+        }
     }
     if r.groups_total > top {
         let _ = writeln!(out, "... {} more groups (--top)", r.groups_total - top);
@@ -287,6 +300,9 @@ fn folded(r: &SlabReport) -> String {
         let mut frames: Vec<String> = Vec::new();
         if let Some(comm) = &g.comm {
             frames.push(comm.clone());
+        }
+        if let Some(user) = &g.user_stack {
+            frames.extend(user.iter().rev().cloned());
         }
         match &g.kernel_stack {
             Some(stack) => frames.extend(stack.iter().rev().cloned()),
