@@ -442,6 +442,19 @@ pub const fn kmalloc_cache_id(bytes_alloc: u64, gfp: u64) -> u64 {
     ((gfp & GFP_KMALLOC_FAMILY) << 32) | (bytes_alloc & 0xffff_ffff)
 }
 
+/// `SlabAlloc::cache` of memory that comes from no slab cache (`memtrace slab --pages,
+/// --percpu, --vmalloc`): the last page of the address space, where no `struct kmem_cache`
+/// lives. Pages carry their order in the low bits.
+pub const PAGES_CACHE_ID: u64 = 0xffff_ffff_ffff_f100;
+pub const PERCPU_CACHE_ID: u64 = 0xffff_ffff_ffff_f200;
+pub const VMALLOC_CACHE_ID: u64 = 0xffff_ffff_ffff_f300;
+
+/// Is this `SlabAlloc::cache` one of the non-slab kinds (pages, percpu, vmalloc)?
+#[inline(always)]
+pub const fn is_other_memory_id(cache: u64) -> bool {
+    cache >= PAGES_CACHE_ID
+}
+
 /// Is this `SlabAlloc::cache` a kmalloc size class (not a `struct kmem_cache` pointer)?
 #[inline(always)]
 pub const fn is_kmalloc_cache_id(cache: u64) -> bool {
@@ -450,7 +463,8 @@ pub const fn is_kmalloc_cache_id(cache: u64) -> bool {
 
 /// `SlabAlloc::flags`: the allocation is charged to a memory cgroup (`__GFP_ACCOUNT`).
 pub const SLAB_ACCOUNTED: u32 = 1 << 0;
-/// `SlabAlloc::flags`: allocated with `kmalloc` (else `kmem_cache_alloc`).
+/// `SlabAlloc::flags`: the record carries the bytes (kmalloc, pages, percpu, vmalloc); else
+/// the cache's sizes hold (kmem_cache_alloc).
 pub const SLAB_KMALLOC: u32 = 1 << 1;
 
 /// An outstanding slab object, in `SLAB_OUTSTANDING` under its address until it is freed.
@@ -762,6 +776,15 @@ mod tests {
             assert_eq!(stack_token_slot(t), (cpu, slot));
         }
         assert_ne!(stack_token(1, 2, 3), stack_token(1, 2, 4));
+    }
+
+    #[test]
+    fn other_memory_ids_are_apart_from_caches() {
+        for id in [PAGES_CACHE_ID | 3, PERCPU_CACHE_ID, VMALLOC_CACHE_ID] {
+            assert!(is_other_memory_id(id) && !is_kmalloc_cache_id(id));
+        }
+        assert!(!is_other_memory_id(0xffff_8880_0123_4500));
+        assert!(!is_other_memory_id(kmalloc_cache_id(8192, GFP_ACCOUNT)));
     }
 
     #[test]

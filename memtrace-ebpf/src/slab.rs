@@ -17,11 +17,12 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use memtrace_common::{
-    counter, is_kmalloc_cache_id, kmalloc_cache_id, layout, slab_bucket, slab_site_slot,
-    stack_hash, RecordKind, SlabAlloc, SlabBucket, SlabCacheInfo, SlabSiteCounts, SlabSiteKey,
-    SlabSiteSlot, SlabStack, SlabStackRecord, GFP_ACCOUNT, OFFSET_UNKNOWN, SLAB_ACCOUNTED,
-    SLAB_BUCKET_WAYS, SLAB_CACHE_NAME_LEN, SLAB_KMALLOC, SLAB_SITE_SLOT_COUNT, SLAB_STACK_DEPTH,
-    SLAB_STACK_REWALK_MEAN, SLAB_USER_STACK_DEPTH,
+    counter, is_kmalloc_cache_id, is_other_memory_id, kmalloc_cache_id, layout, slab_bucket,
+    slab_site_slot, stack_hash, RecordKind, SlabAlloc, SlabBucket, SlabCacheInfo, SlabSiteCounts,
+    SlabSiteKey, SlabSiteSlot, SlabStack, SlabStackRecord, GFP_ACCOUNT, OFFSET_UNKNOWN,
+    PAGES_CACHE_ID, PERCPU_CACHE_ID, SLAB_ACCOUNTED, SLAB_BUCKET_WAYS, SLAB_CACHE_NAME_LEN,
+    SLAB_KMALLOC, SLAB_SITE_SLOT_COUNT, SLAB_STACK_DEPTH, SLAB_STACK_REWALK_MEAN,
+    SLAB_USER_STACK_DEPTH, VMALLOC_CACHE_ID,
 };
 
 use crate::maps::{bump, config, current_ids, is_target, tp_field, EVENTS};
@@ -109,6 +110,89 @@ pub fn kmem_cache_free_raw(ctx: RawTracePointContext) -> u32 {
     let ptr = ctx.arg::<u64>(1);
     on_free(ptr);
     mark_freed(ptr);
+    0
+}
+
+// Memory from outside the slab caches (`--pages`, `--percpu`, `--vmalloc`): raw tracepoints
+// only, their arguments checked against BTF like the rest.
+
+/// `mm_page_alloc(struct page *page, unsigned int order, gfp_t gfp_flags, int migratetype)`:
+/// no call site; pages are keyed by their `struct page`.
+#[raw_tracepoint(tracepoint = "mm_page_alloc")]
+pub fn mm_page_alloc_raw(ctx: RawTracePointContext) -> u32 {
+    let order = ctx.arg::<u64>(1) & 0x1f;
+    let gfp = ctx.arg::<u64>(2);
+    on_alloc(
+        ctx.as_ptr(),
+        0,
+        ctx.arg::<u64>(0),
+        PAGES_CACHE_ID | order,
+        4096 << order,
+        4096 << order,
+        gfp,
+    );
+    0
+}
+
+/// `mm_page_free(struct page *page, unsigned int order)`
+#[raw_tracepoint(tracepoint = "mm_page_free")]
+pub fn mm_page_free_raw(ctx: RawTracePointContext) -> u32 {
+    on_free(ctx.arg::<u64>(0));
+    0
+}
+
+/// `mm_page_free_batched(struct page *page)`
+#[raw_tracepoint(tracepoint = "mm_page_free_batched")]
+pub fn mm_page_free_batched_raw(ctx: RawTracePointContext) -> u32 {
+    on_free(ctx.arg::<u64>(0));
+    0
+}
+
+/// `percpu_alloc_percpu(call_site, reserved, is_atomic, size, align, base_addr, off, ptr,
+/// bytes_alloc, gfp_flags)`: bytes are per CPU.
+#[raw_tracepoint(tracepoint = "percpu_alloc_percpu")]
+pub fn percpu_alloc_percpu_raw(ctx: RawTracePointContext) -> u32 {
+    on_alloc(
+        ctx.as_ptr(),
+        ctx.arg::<u64>(0),
+        ctx.arg::<u64>(7),
+        PERCPU_CACHE_ID,
+        ctx.arg::<u64>(3),
+        ctx.arg::<u64>(8),
+        ctx.arg::<u64>(9),
+    );
+    0
+}
+
+/// `percpu_free_percpu(base_addr, off, ptr)`
+#[raw_tracepoint(tracepoint = "percpu_free_percpu")]
+pub fn percpu_free_percpu_raw(ctx: RawTracePointContext) -> u32 {
+    on_free(ctx.arg::<u64>(2));
+    0
+}
+
+/// `alloc_vmap_area(addr, size, align, vstart, vend, failed)`: no call site.
+#[raw_tracepoint(tracepoint = "alloc_vmap_area")]
+pub fn alloc_vmap_area_raw(ctx: RawTracePointContext) -> u32 {
+    if ctx.arg::<u64>(5) as i32 == 0 {
+        let size = ctx.arg::<u64>(1);
+        on_alloc(
+            ctx.as_ptr(),
+            0,
+            ctx.arg::<u64>(0),
+            VMALLOC_CACHE_ID,
+            size,
+            size,
+            0,
+        );
+    }
+    0
+}
+
+/// `free_vmap_area_noflush(va_start, nr_lazy, nr_lazy_max)`
+#[raw_tracepoint(tracepoint = "free_vmap_area_noflush")]
+pub fn free_vmap_area_noflush_raw(ctx: RawTracePointContext) -> u32 {
+    on_free(ctx.arg::<u64>(0));
     0
 }
 
@@ -542,7 +626,7 @@ fn take_slot(slot: &mut SlabSiteSlot, site: &SlabSiteKey) {
     // SAFETY: presence only.
     if unsafe { SLAB_SITES.get(site) }.is_none() {
         add_site_counts(site, &SlabSiteCounts::default());
-        if !is_kmalloc_cache_id(site.cache) {
+        if !is_kmalloc_cache_id(site.cache) && !is_other_memory_id(site.cache) {
             note_cache(site.cache);
         }
     }

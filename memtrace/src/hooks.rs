@@ -38,9 +38,12 @@ impl Hook {
     /// `category:name` for a tracepoint, the event's name for a perf event.
     pub fn describe(&self) -> String {
         match self.point {
-            HookPoint::Tracepoint { category, name, .. } if self.program.is_empty() => {
-                format!("{category}:{name} (second program)")
-            }
+            HookPoint::Tracepoint {
+                category,
+                name,
+                raw: Some(raw),
+                ..
+            } if self.program.is_empty() => format!("{category}:{name} ({raw})"),
             HookPoint::Tracepoint { category, name, .. } => format!("{category}:{name}"),
             HookPoint::PerfSoftware { event, .. } => format!("perf software event {event:?}"),
         }
@@ -241,5 +244,101 @@ pub const SLAB: HookGroup = HookGroup {
     ],
 };
 
+/// Raw tracepoints only (no classic fallback): these keep no record layout to check.
+const fn raw_only(
+    raw: &'static str,
+    category: &'static str,
+    name: &'static str,
+    raw_args: &'static [&'static str],
+) -> Hook {
+    checked_raw_tracepoint("", raw, category, name, raw_args)
+}
+
+/// Page allocations (`memtrace slab --pages`).
+pub const PAGES: HookGroup = HookGroup {
+    name: "pages",
+    purpose: "page allocations: mm_page_alloc adds, mm_page_free(_batched) remove",
+    hooks: &[
+        raw_only(
+            "mm_page_alloc_raw",
+            "kmem",
+            "mm_page_alloc",
+            &["struct page *", "unsigned int", "gfp_t"],
+        ),
+        raw_only(
+            "mm_page_free_raw",
+            "kmem",
+            "mm_page_free",
+            &["struct page *"],
+        ),
+        raw_only(
+            "mm_page_free_batched_raw",
+            "kmem",
+            "mm_page_free_batched",
+            &["struct page *"],
+        ),
+    ],
+};
+
+/// Per-CPU allocations (`memtrace slab --percpu`).
+pub const PERCPU: HookGroup = HookGroup {
+    name: "percpu",
+    purpose: "per-CPU allocations: percpu_alloc_percpu adds, percpu_free_percpu removes",
+    hooks: &[
+        raw_only(
+            "percpu_alloc_percpu_raw",
+            "percpu",
+            "percpu_alloc_percpu",
+            &[
+                "unsigned long",
+                "bool",
+                "bool",
+                "size_t",
+                "size_t",
+                "void *",
+                "int",
+                "void *",
+                "size_t",
+                "gfp_t",
+            ],
+        ),
+        raw_only(
+            "percpu_free_percpu_raw",
+            "percpu",
+            "percpu_free_percpu",
+            &["void *", "int", "void *"],
+        ),
+    ],
+};
+
+/// vmalloc areas (`memtrace slab --vmalloc`).
+pub const VMALLOC: HookGroup = HookGroup {
+    name: "vmalloc",
+    purpose: "vmalloc areas: alloc_vmap_area adds, free_vmap_area_noflush removes",
+    hooks: &[
+        raw_only(
+            "alloc_vmap_area_raw",
+            "vmalloc",
+            "alloc_vmap_area",
+            &[
+                "unsigned long",
+                "unsigned long",
+                "unsigned long",
+                "unsigned long",
+                "unsigned long",
+                "int",
+            ],
+        ),
+        raw_only(
+            "free_vmap_area_noflush_raw",
+            "vmalloc",
+            "free_vmap_area_noflush",
+            &["unsigned long"],
+        ),
+    ],
+};
+
 /// Every group, for `memtrace check`.
-pub const ALL: &[&HookGroup] = &[&PROCESSES, &MAPPINGS, &FAULTS, &SLAB];
+pub const ALL: &[&HookGroup] = &[
+    &PROCESSES, &MAPPINGS, &FAULTS, &SLAB, &PAGES, &PERCPU, &VMALLOC,
+];

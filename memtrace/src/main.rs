@@ -179,6 +179,15 @@ struct SlabArgs {
     /// User stacks of the allocating tasks: which code of theirs made the kernel allocate.
     #[arg(long)]
     user_stacks: bool,
+    /// Also page allocations (kmem:mm_page_alloc/free; no call site: add --stacks).
+    #[arg(long)]
+    pages: bool,
+    /// Also per-CPU allocations (percpu:percpu_alloc_percpu/free_percpu; bytes per CPU).
+    #[arg(long)]
+    percpu: bool,
+    /// Also vmalloc areas (vmalloc:alloc_vmap_area/free_vmap_area_noflush; no call site).
+    #[arg(long)]
+    vmalloc: bool,
     /// Outstanding objects tracked at most (the kernel map is preallocated: ~140 bytes each).
     /// Default: a million, or fewer on machines under 14 GiB.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
@@ -271,6 +280,9 @@ fn slab(args: SlabArgs) -> anyhow::Result<ExitCode> {
         stacks: args.stacks,
         user_stacks: args.user_stacks,
         max_tracked,
+        pages: args.pages,
+        percpu: args.percpu,
+        vmalloc: args.vmalloc,
     });
     run_analysis(&mut analysis, &opts, run, report)
 }

@@ -421,3 +421,45 @@ fn a_cache_filter_keeps_only_that_cache() {
         assert_eq!(g["cache"], "filp", "{g}");
     }
 }
+
+#[test]
+fn pages_percpu_and_vmalloc_are_tracked_on_request() {
+    let _serial = SERIAL.lock();
+    let w = workload();
+    let (reports, out) = run_slab(&[
+        "--pages",
+        "--percpu",
+        "--vmalloc",
+        "--by",
+        "process",
+        "-i",
+        "300ms",
+        "--top",
+        "50",
+        "--",
+        w.to_str().unwrap(),
+        "pipes",
+        "200",
+        "1000",
+        "0",
+    ]);
+    let pid = workload_pid(&out, "phase=held");
+    // The workload's own memory (heap, stack, page tables) is pages it holds while it runs.
+    let caches: Vec<&str> = reports
+        .iter()
+        .filter(|r| r["report"] == "interval")
+        .flat_map(|r| r["caches"].as_array().unwrap().iter())
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(caches.contains(&"pages-order-0"), "{caches:?}");
+    assert!(
+        reports
+            .iter()
+            .flat_map(|r| groups(r).iter())
+            .any(|g| g["pid"] == pid && g["bytes"].as_u64().unwrap() >= 4096),
+        "{reports:#?}"
+    );
+    for r in &reports {
+        assert_nothing_lost(r);
+    }
+}

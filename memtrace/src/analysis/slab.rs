@@ -11,8 +11,9 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use memtrace_common::{
-    counter, ProcRecord, SlabCacheInfo, SlabSiteCounts, SlabSiteKey, SlabSiteSlot, SlabStack,
-    PROC_EXEC, PROC_EXIT, PROC_FORK, SLAB_SITE_SLOT_COUNT,
+    counter, is_other_memory_id, ProcRecord, SlabCacheInfo, SlabSiteCounts, SlabSiteKey,
+    SlabSiteSlot, SlabStack, PAGES_CACHE_ID, PERCPU_CACHE_ID, PROC_EXEC, PROC_EXIT, PROC_FORK,
+    SLAB_SITE_SLOT_COUNT,
 };
 
 use crate::{
@@ -46,6 +47,10 @@ pub struct SlabReportOptions {
     pub stacks: bool,
     pub user_stacks: bool,
     pub max_tracked: u32,
+    /// Also track page, per-CPU and vmalloc allocations.
+    pub pages: bool,
+    pub percpu: bool,
+    pub vmalloc: bool,
 }
 
 /// User addresses to `function+0xoff (file)`, through the memory maps of a process that
@@ -128,6 +133,18 @@ pub fn check_cache_names(names: &[String]) -> Result<(), String> {
 
 /// The name and sizes of cache `id`, inferred for a kmalloc size class.
 fn cache_meta(caches: &mut HashMap<u64, CacheMeta>, id: u64) -> &CacheMeta {
+    if is_other_memory_id(id) {
+        return caches.entry(id).or_insert_with(|| CacheMeta {
+            name: match id & !0xff {
+                PAGES_CACHE_ID => format!("pages-order-{}", id & 0xff),
+                PERCPU_CACHE_ID => "percpu".into(),
+                _ => "vmalloc".into(),
+            },
+            inferred: false,
+            object_size: 0,
+            size: 0,
+        });
+    }
     caches.entry(id).or_insert_with(|| CacheMeta {
         name: if caches::is_inferred(id) {
             caches::kmalloc_cache_name(id)
@@ -182,8 +199,6 @@ impl CacheFilter<'_> {
         wanted
     }
 }
-
-const HOOK_GROUPS: &[&HookGroup] = &[&hooks::PROCESSES, &hooks::SLAB];
 
 /// Objects younger than this are not growth: in flight, not held (an RCU grace period, a
 /// socket buffer in transit). A leak shows in growth this much later.
@@ -247,6 +262,7 @@ struct Previous {
 
 pub struct SlabAnalysis {
     opts: SlabReportOptions,
+    hook_groups: &'static [&'static HookGroup],
     maps: Option<SlabMaps>,
     comms: HashMap<u32, String>,
     exited: HashSet<u32>,
@@ -276,7 +292,19 @@ pub struct SlabAnalysis {
 
 impl SlabAnalysis {
     pub fn new(opts: SlabReportOptions) -> Self {
+        let mut groups: Vec<&'static HookGroup> = vec![&hooks::PROCESSES, &hooks::SLAB];
+        for (wanted, group) in [
+            (opts.pages, &hooks::PAGES),
+            (opts.percpu, &hooks::PERCPU),
+            (opts.vmalloc, &hooks::VMALLOC),
+        ] {
+            if wanted {
+                groups.push(group);
+            }
+        }
         Self {
+            // Once per run: the engine takes the groups for the run's whole life.
+            hook_groups: Vec::leak(groups),
             opts,
             maps: None,
             comms: HashMap::new(),
@@ -610,7 +638,8 @@ impl SlabAnalysis {
         let mut groups = Vec::new();
         for &(key, growth, _) in order.iter().take(shown) {
             let g = &agg.groups[&key];
-            let call_site = g.call_site.get();
+            // Page and vmalloc events name no call site.
+            let call_site = g.call_site.get().filter(|&cs| cs != 0);
             let cache = g.cache.get();
             let pid = g.pid.get();
             let top_stack = g
@@ -831,7 +860,7 @@ impl Analysis for SlabAnalysis {
     }
 
     fn hook_groups(&self) -> &'static [&'static HookGroup] {
-        HOOK_GROUPS
+        self.hook_groups
     }
 
     fn start(&mut self, tracer: &mut Tracer, _system_wide: bool) -> Result<(), Error> {
