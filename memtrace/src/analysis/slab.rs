@@ -774,9 +774,9 @@ impl SlabAnalysis {
                 "callsite counter map full: allocations left out of per-callsite rates",
             ),
             loss(
-                "kernel_stack_empty",
+                "stack_empty",
                 tracer.counter(counter::SLAB_STACK_LOST),
-                "kernel stack walk found no frame",
+                "stack walks found no frame (a kernel thread or an interrupt has no user stack)",
             ),
             loss(
                 "stack_table_full",
