@@ -531,43 +531,21 @@ enum Tracked {
 /// keep theirs through the compiler).
 #[inline(always)]
 fn track(ptr: u64, alloc: &SlabAlloc) -> Tracked {
-    let mask = config().slab_bucket_mask;
-    let first = slab_bucket(ptr, mask);
-    let mut free: Option<(*mut SlabBucket, usize)> = None;
-    let mut probe = 0;
-    while probe < 2 {
-        let b = (first + probe) & mask;
-        probe += 1;
-        let Some(bucket_ptr) = SLAB_TABLE.get_ptr_mut(b) else {
-            continue;
-        };
-        // SAFETY: an array value from a successful lookup, valid while the program runs.
-        // Other CPUs write other ways of it; a racing insert into the very same way at the
-        // same moment can lose one of the two objects (it then frees as untracked).
-        let bucket = unsafe { &mut *bucket_ptr };
-        let mut way = 0;
-        while way < SLAB_BUCKET_WAYS {
-            let key = bucket.keys[way];
-            if key == ptr {
-                // SAFETY: a field of the value above.
-                let old = unsafe { core::ptr::read_volatile(&bucket.allocs[way]) };
-                // SAFETY: as above.
-                unsafe { core::ptr::write_volatile(&mut bucket.allocs[way], *alloc) };
-                return Tracked::Replaced(old);
-            }
-            if key == 0 && free.is_none() {
-                free = Some((bucket_ptr, way));
-            }
-            way += 1;
+    let (found, free) = find(ptr);
+    if let Some((bucket, way)) = found {
+        // SAFETY: a way of an array value from a successful lookup, valid while the program
+        // runs (`find` checked the index).
+        unsafe {
+            let old = core::ptr::read_volatile(&(*bucket).allocs[way]);
+            core::ptr::write_volatile(&mut (*bucket).allocs[way], *alloc);
+            return Tracked::Replaced(old);
         }
     }
     let Some((bucket, way)) = free else {
         return Tracked::Full;
     };
-    if way >= SLAB_BUCKET_WAYS {
-        return Tracked::Full;
-    }
-    // SAFETY: fields of an array value from a successful lookup, valid while the program runs.
+    // SAFETY: as above. Other CPUs write other ways of the bucket; a racing insert into the
+    // very same way at the same moment can lose one of the two objects (it frees untracked).
     unsafe {
         core::ptr::write_volatile(&mut (*bucket).allocs[way], *alloc);
         core::ptr::write_volatile(&mut (*bucket).keys[way], ptr);
@@ -578,8 +556,23 @@ fn track(ptr: u64, alloc: &SlabAlloc) -> Tracked {
 /// Forgets an outstanding object; false if it was not tracked.
 #[inline(always)]
 fn untrack(ptr: u64) -> bool {
+    let Some((bucket, way)) = find(ptr).0 else {
+        return false;
+    };
+    // SAFETY: a way of an array value from a successful lookup; one aligned 8-byte store.
+    unsafe { core::ptr::write_volatile(&mut (*bucket).keys[way], 0) };
+    true
+}
+
+/// A bucket and one of its ways (always below `SLAB_BUCKET_WAYS`).
+type Way = (*mut SlabBucket, usize);
+
+/// Where `ptr` is tracked, and the first free way of its two buckets.
+#[inline(always)]
+fn find(ptr: u64) -> (Option<Way>, Option<Way>) {
     let mask = config().slab_bucket_mask;
     let first = slab_bucket(ptr, mask);
+    let mut free = None;
     let mut probe = 0;
     while probe < 2 {
         let b = (first + probe) & mask;
@@ -587,19 +580,21 @@ fn untrack(ptr: u64) -> bool {
         let Some(bucket) = SLAB_TABLE.get_ptr_mut(b) else {
             continue;
         };
-        // SAFETY: an array value from a successful lookup; a plain aligned store of one way.
-        let bucket = unsafe { &mut *bucket };
         let mut way = 0;
         while way < SLAB_BUCKET_WAYS {
-            if bucket.keys[way] == ptr {
-                // SAFETY: as above.
-                unsafe { core::ptr::write_volatile(&mut bucket.keys[way], 0) };
-                return true;
+            // SAFETY: an array value from a successful lookup, valid while the program runs;
+            // the way is below SLAB_BUCKET_WAYS.
+            let key = unsafe { core::ptr::read_volatile(&(*bucket).keys[way]) };
+            if key == ptr {
+                return (Some((bucket, way)), free);
+            }
+            if key == 0 && free.is_none() {
+                free = Some((bucket, way));
             }
             way += 1;
         }
     }
-    false
+    (None, free)
 }
 
 /// This CPU's slot for `site`, taken over from the site that held it if need be: that site's

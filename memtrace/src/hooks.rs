@@ -64,17 +64,7 @@ const fn tracepoint(
     name: &'static str,
     raw: Option<&'static str>,
 ) -> Hook {
-    Hook {
-        program,
-        point: HookPoint::Tracepoint {
-            category,
-            name,
-            raw,
-            raw_args: &[],
-        },
-        optional: false,
-        without: "",
-    }
+    tracepoint_with(program, raw, category, name, &[])
 }
 
 /// A tracepoint with a raw program that reads the leading arguments `raw_args`, checked
@@ -86,12 +76,22 @@ const fn checked_raw_tracepoint(
     name: &'static str,
     raw_args: &'static [&'static str],
 ) -> Hook {
+    tracepoint_with(program, Some(raw), category, name, raw_args)
+}
+
+const fn tracepoint_with(
+    program: &'static str,
+    raw: Option<&'static str>,
+    category: &'static str,
+    name: &'static str,
+    raw_args: &'static [&'static str],
+) -> Hook {
     Hook {
         program,
         point: HookPoint::Tracepoint {
             category,
             name,
-            raw: Some(raw),
+            raw,
             raw_args,
         },
         optional: false,
