@@ -382,6 +382,27 @@ fn fails_with(args: &[&str], code: i32, message: &str) {
 }
 
 #[test]
+fn not_root_is_refused_with_its_exit_code() {
+    require_root();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(memtrace())
+        .args(["slab", "-d", "300ms"])
+        .output();
+    let Ok(out) = out else {
+        eprintln!("skipped: no setpriv");
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.starts_with("setpriv:") {
+        eprintln!("skipped: {stderr}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(77), "{stderr}");
+    assert!(stderr.contains("needs root"), "{stderr}");
+}
+
+#[test]
 fn bad_input_is_a_clear_error() {
     fails_with(
         &["--cache", "no_such_cache", "-d", "1s"],

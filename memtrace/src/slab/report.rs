@@ -220,8 +220,9 @@ pub fn render(r: &SlabReport, format: Format, top: usize) -> String {
             }
         }
     }
-    if r.groups_total > top {
-        let _ = writeln!(out, "... {} more groups (--top)", r.groups_total - top);
+    let shown = r.groups.len().min(top);
+    if r.groups_total > shown {
+        let _ = writeln!(out, "... {} more groups (--top)", r.groups_total - shown);
     }
     if r.groups.iter().any(|g| g.cache_inferred) {
         let _ = writeln!(
@@ -341,6 +342,88 @@ mod tests {
         assert_eq!(human_age(950), "950ms");
         assert_eq!(human_age(90_000), "1.5m");
         assert_eq!(truncate("abcdef", 4), "abc…");
+    }
+
+    fn sample() -> SlabReport {
+        let group = GroupReport {
+            callsite: Some("alloc_pipe_info+0xd7".into()),
+            cache: Some("kmalloc-cg-1k".into()),
+            cache_inferred: true,
+            pid: Some(42),
+            comm: Some("pipe maker".into()),
+            objects: 2000,
+            bytes: 2000 * 1024,
+            requested_bytes: 2000 * 640,
+            max_age_ms: 1500,
+            growth_objects: 2000,
+            allocs: Some(2000),
+            frees: Some(0),
+            age_histogram: age_histogram(&[0, 0, 0, 2000, 0, 0, 0, 0]),
+            kernel_stack: Some(vec!["alloc_pipe_info+0xd7".into(), "do_pipe2+0x55".into()]),
+            user_stack: Some(vec![
+                "__GI_pipe2+0x7 (libc.so.6)".into(),
+                "main+0x2d (app)".into(),
+            ]),
+        };
+        SlabReport {
+            scope: Scope::Interval,
+            duration_s: 2.0,
+            covers_s: 1.0,
+            by: GroupBy::Callsite,
+            min_age_ms: None,
+            groups_total: 3,
+            groups: vec![group],
+            caches: vec![CacheReport {
+                name: "signal_cache".into(),
+                inferred: false,
+                aliases: vec!["UNIX".into()],
+                objects: 10,
+                frees_untraced: false,
+                implicit_frees: 0,
+                bytes: 11520,
+                slabinfo_delta: Some(9),
+                slabinfo_active: Some(150),
+            }],
+            totals: Totals::default(),
+            lost: LostReport {
+                events: 0,
+                causes: Vec::new(),
+            },
+            slabinfo_unavailable: None,
+            agent: AgentStats::current(0),
+        }
+    }
+
+    #[test]
+    fn folded_lines_read_from_the_outermost_frame_to_the_cache() {
+        let text = render(&sample(), Format::Folded, 10);
+        assert_eq!(
+            text,
+            "pipe_maker;main+0x2d_(app);__GI_pipe2+0x7_(libc.so.6);do_pipe2+0x55;\
+             alloc_pipe_info+0xd7;kmalloc-cg-1k* 2000\n"
+        );
+    }
+
+    #[test]
+    fn the_table_names_rows_caches_and_what_was_cut() {
+        let text = render(&sample(), Format::Table, 10);
+        assert!(text.contains("interval of 1.0s"), "{text}");
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("alloc_pipe_info+0xd7"))
+            .unwrap_or_else(|| panic!("{text}"));
+        for column in ["kmalloc-cg-1k*", "2000", "1.5s", "+2000"] {
+            assert!(row.contains(column), "{column} missing: {row}");
+        }
+        assert!(text.contains("    do_pipe2+0x55"), "{text}");
+        assert!(text.contains("    -- user --"), "{text}");
+        assert!(text.contains("... 2 more groups (--top)"), "{text}");
+        assert!(text.contains("* kmalloc size class inferred"), "{text}");
+        let cache = text
+            .lines()
+            .find(|l| l.starts_with("signal_cache"))
+            .unwrap();
+        assert!(cache.contains("+9") && cache.ends_with("UNIX"), "{cache}");
     }
 
     #[test]
