@@ -179,6 +179,9 @@ struct SlabArgs {
     /// User stacks of the allocating tasks: which code of theirs made the kernel allocate.
     #[arg(long)]
     user_stacks: bool,
+    /// Draw each row's age histogram.
+    #[arg(long)]
+    hist: bool,
     /// Also page allocations (kmem:mm_page_alloc/free; no call site: add --stacks).
     #[arg(long)]
     pages: bool,
@@ -269,7 +272,7 @@ fn slab(args: SlabArgs) -> anyhow::Result<ExitCode> {
         format: run.format,
         top: run.top,
         threads: false,
-        hist: false,
+        hist: args.hist,
     };
     let mut analysis = SlabAnalysis::new(SlabReportOptions {
         by: args.by,

@@ -27,7 +27,7 @@ impl Report for FaultReport {
 
 impl Report for SlabReport {
     fn render(&self, opts: &ReportOptions) -> String {
-        memtrace::slab::render(self, opts.format, opts.top)
+        memtrace::slab::render(self, opts.format, opts.top, opts.hist)
     }
 }
 

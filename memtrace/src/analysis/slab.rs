@@ -930,8 +930,23 @@ impl SlabAnalysis {
     }
 
     fn report_or_error(&mut self, ctx: &ReportContext<'_>) -> SlabReport {
+        let started = std::time::Instant::now();
         match self.build(ctx) {
-            Ok(r) => r,
+            Ok(r) => {
+                // A diagnostic for developers, as for `faults`.
+                if std::env::var_os("MEMTRACE_FOOTPRINT").is_some() {
+                    eprintln!(
+                        "footprint: slab report of {} objects ({} groups) built in {} ms; \
+                         rss {} MiB, peak {} MiB",
+                        r.totals.objects + r.totals.objects_frees_untraced,
+                        r.groups_total,
+                        started.elapsed().as_millis(),
+                        r.agent.rss_bytes >> 20,
+                        r.agent.peak_rss_bytes >> 20
+                    );
+                }
+                r
+            }
             Err(e) => {
                 crate::engine::say(format_args!("memtrace: slab report incomplete: {e}"));
                 SlabReport {

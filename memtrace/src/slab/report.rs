@@ -149,7 +149,7 @@ fn cache_label(g: &GroupReport) -> String {
 }
 
 /// The table, or folded stacks (`frames;...;cache objects`, outermost frame first).
-pub fn render(r: &SlabReport, format: Format, top: usize) -> String {
+pub fn render(r: &SlabReport, format: Format, top: usize, hist: bool) -> String {
     if format == Format::Folded {
         return folded(r);
     }
@@ -210,6 +210,9 @@ pub fn render(r: &SlabReport, format: Format, top: usize) -> String {
             for f in stack.iter().take(12) {
                 let _ = writeln!(out, "    {f}");
             }
+        }
+        if hist {
+            draw_ages(&mut out, &g.age_histogram);
         }
         if let Some(stack) = &g.user_stack {
             if g.kernel_stack.is_some() {
@@ -283,6 +286,25 @@ pub fn render(r: &SlabReport, format: Format, top: usize) -> String {
         r.agent.cpu_user_s + r.agent.cpu_sys_s
     );
     out
+}
+
+/// A group's ages as bars, the way the classic BPF tools draw histograms.
+fn draw_ages(out: &mut String, buckets: &[AgeBucket]) {
+    const WIDTH: u64 = 40;
+    let most = buckets.iter().map(|b| b.objects).max().unwrap_or(0).max(1);
+    let mut lower = 0;
+    for b in buckets {
+        let label = match b.lt_ms {
+            Some(lt) => format!("{} .. {}", human_age(lower), human_age(lt)),
+            None => format!("{} ..", human_age(lower)),
+        };
+        lower = b.lt_ms.unwrap_or(lower);
+        if b.objects == 0 {
+            continue;
+        }
+        let bar = "#".repeat(((b.objects * WIDTH).div_ceil(most)) as usize);
+        let _ = writeln!(out, "    {label:>16} {:>9} |{bar:<40}|", b.objects);
+    }
 }
 
 fn truncate(s: &str, n: usize) -> String {
@@ -396,7 +418,7 @@ mod tests {
 
     #[test]
     fn folded_lines_read_from_the_outermost_frame_to_the_cache() {
-        let text = render(&sample(), Format::Folded, 10);
+        let text = render(&sample(), Format::Folded, 10, false);
         assert_eq!(
             text,
             "pipe_maker;main+0x2d_(app);__GI_pipe2+0x7_(libc.so.6);do_pipe2+0x55;\
@@ -406,7 +428,7 @@ mod tests {
 
     #[test]
     fn the_table_names_rows_caches_and_what_was_cut() {
-        let text = render(&sample(), Format::Table, 10);
+        let text = render(&sample(), Format::Table, 10, true);
         assert!(text.contains("interval of 1.0s"), "{text}");
         let row = text
             .lines()
@@ -416,6 +438,10 @@ mod tests {
             assert!(row.contains(column), "{column} missing: {row}");
         }
         assert!(text.contains("    do_pipe2+0x55"), "{text}");
+        assert!(
+            text.contains("1.0s .. 10.0s      2000 |########################################|"),
+            "{text}"
+        );
         assert!(text.contains("    -- user --"), "{text}");
         assert!(text.contains("... 2 more groups (--top)"), "{text}");
         assert!(text.contains("* kmalloc size class inferred"), "{text}");
