@@ -394,17 +394,27 @@ impl Config {
 pub const SLAB_BUCKET_WAYS: usize = 8;
 
 /// A bucket of the outstanding-object table: the addresses of outstanding objects (0: a free
-/// way) in one cache line, then their records.
+/// way), one cache line. The record of the object at way `w` is `allocs[w]` of the bucket's
+/// [`SlabRecords`], in a second array: the keys alone (16 MiB for a million objects) stay in
+/// the CPU's cache, where keys and records together (150 MiB) did not, and a free then touches
+/// one cached line (redis on loopback, whose skbs come and go on both CPUs: 245 ns per
+/// allocation with records beside the keys).
 ///
 /// The table is a set-associative array rather than a BPF hash map: a hash map insert and
 /// delete each take a bucket spinlock with interrupts off and a free-list lock, about 90 ns
 /// per object on this machine kind, where scanning one cache line of keys takes a few. Each
 /// address has two candidate buckets (its hash's and the next), so a table of twice the
-/// objects tracked rarely refuses one. The agent reads it a bucket at a time in bulk.
+/// objects tracked rarely refuses one. The agent reads it a few hundred buckets at a time.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlabBucket {
     pub keys: [u64; SLAB_BUCKET_WAYS],
+}
+
+/// The records of one bucket's objects.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlabRecords {
     pub allocs: [SlabAlloc; SLAB_BUCKET_WAYS],
 }
 
@@ -519,6 +529,8 @@ pub struct SlabSiteCounts {
     /// Objects of this site found freed without an event (their address was allocated again
     /// while still tracked). A site where these are common frees out of the tracer's sight.
     pub implicit_frees: u64,
+    /// Allocations not tracked because the site frees out of sight (`SlabSiteSlot::untracked`).
+    pub skipped: u64,
 }
 
 /// A CPU's running counts for one (call site, cache), direct-mapped by [`slab_site_slot`]:
@@ -534,7 +546,11 @@ pub struct SlabSiteSlot {
     pub stack_id: u64,
     /// Allocations that may still reuse `stack_id` before the next walk.
     pub stack_hits_left: u32,
-    pub _pad: u32,
+    /// Non-zero: the agent found this site (or its cache) freeing out of sight; its objects
+    /// are counted but not tracked, or they would fill the table with objects long freed.
+    pub untracked: u32,
+    /// The `SLAB_UNTRACKED_GENERATION` `untracked` was looked up at.
+    pub generation: u64,
 }
 
 /// Site slots per CPU (a power of two).
@@ -685,6 +701,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for SlabBucket {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for SlabRecords {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for SlabStackRecord {}
 }
 
@@ -708,15 +726,16 @@ mod tests {
         assert_eq!(size_of::<ProcRecord>(), 4 * 4 + 16 + 8);
         assert_eq!(size_of::<SlabStackRecord>(), 4 * 2 + 8 * 2);
         assert_eq!(size_of::<Config>(), 4 * 10);
+        assert_eq!(size_of::<SlabBucket>(), 8 * SLAB_BUCKET_WAYS);
         assert_eq!(
-            size_of::<SlabBucket>(),
-            (8 + size_of::<SlabAlloc>()) * SLAB_BUCKET_WAYS
+            size_of::<SlabRecords>(),
+            size_of::<SlabAlloc>() * SLAB_BUCKET_WAYS
         );
         assert_eq!(size_of::<SlabAlloc>(), 8 * 5 + 4 * 6);
         assert_eq!(size_of::<SlabCacheInfo>(), SLAB_CACHE_NAME_LEN + 4 * 2);
         assert_eq!(size_of::<SlabSiteKey>(), 8 * 2);
-        assert_eq!(size_of::<SlabSiteCounts>(), 8 * 2);
-        assert_eq!(size_of::<SlabSiteSlot>(), 8 * 5 + 4 * 2);
+        assert_eq!(size_of::<SlabSiteCounts>(), 8 * 3);
+        assert_eq!(size_of::<SlabSiteSlot>(), 8 * 7 + 4 * 2);
         assert_eq!(
             size_of::<SlabStack>(),
             8 * (SLAB_STACK_DEPTH + SLAB_USER_STACK_DEPTH)

@@ -18,19 +18,21 @@ use aya_ebpf::{
 };
 use memtrace_common::{
     counter, is_kmalloc_cache_id, is_other_memory_id, kmalloc_cache_id, layout, slab_bucket,
-    slab_site_slot, stack_hash, RecordKind, SlabAlloc, SlabBucket, SlabCacheInfo, SlabSiteCounts,
-    SlabSiteKey, SlabSiteSlot, SlabStack, SlabStackRecord, GFP_ACCOUNT, OFFSET_UNKNOWN,
-    PAGES_CACHE_ID, PERCPU_CACHE_ID, SLAB_ACCOUNTED, SLAB_BUCKET_WAYS, SLAB_CACHE_NAME_LEN,
-    SLAB_KMALLOC, SLAB_SITE_SLOT_COUNT, SLAB_STACK_DEPTH, SLAB_STACK_REWALK_MEAN,
-    SLAB_USER_STACK_DEPTH, VMALLOC_CACHE_ID,
+    slab_site_slot, stack_hash, RecordKind, SlabAlloc, SlabBucket, SlabCacheInfo, SlabRecords,
+    SlabSiteCounts, SlabSiteKey, SlabSiteSlot, SlabStack, SlabStackRecord, GFP_ACCOUNT,
+    OFFSET_UNKNOWN, PAGES_CACHE_ID, PERCPU_CACHE_ID, SLAB_ACCOUNTED, SLAB_BUCKET_WAYS,
+    SLAB_CACHE_NAME_LEN, SLAB_KMALLOC, SLAB_SITE_SLOT_COUNT, SLAB_STACK_DEPTH,
+    SLAB_STACK_REWALK_MEAN, SLAB_USER_STACK_DEPTH, VMALLOC_CACHE_ID,
 };
 
 use crate::maps::{bump, config, current_ids, is_target, tp_field, EVENTS};
 
-/// Outstanding objects, by bucket (see `SlabBucket`). Sized by the agent (`memtrace slab
-/// --max-tracked`).
+/// Outstanding objects: their addresses by bucket (see `SlabBucket`), and their records at the
+/// same bucket and way. Sized by the agent (`memtrace slab --max-tracked`).
 #[map]
-pub static SLAB_TABLE: Array<SlabBucket> = Array::with_max_entries(2, 0);
+pub static SLAB_KEYS: Array<SlabBucket> = Array::with_max_entries(2, 0);
+#[map]
+pub static SLAB_RECORDS: Array<SlabRecords> = Array::with_max_entries(2, 0);
 
 /// Allocations per (call site, cache), per CPU: rates per callsite without a shared counter.
 #[map]
@@ -44,6 +46,16 @@ pub static SLAB_CACHES: HashMap<u64, SlabCacheInfo> = HashMap::with_max_entries(
 /// Kernel stacks of allocations (with `--stacks`), by content hash.
 #[map]
 pub static SLAB_STACKS: HashMap<u64, SlabStack> = HashMap::with_max_entries(1, 0);
+
+/// Sites and caches whose objects are counted but not tracked: the agent found them freeing
+/// with no event (kfree_rcu, bulk frees). Changes bump the generation, which every CPU's site
+/// slots compare against.
+#[map]
+pub static SLAB_UNTRACKED_SITES: HashMap<SlabSiteKey, u8> = HashMap::with_max_entries(4096, 0);
+#[map]
+pub static SLAB_UNTRACKED_CACHES: HashMap<u64, u8> = HashMap::with_max_entries(256, 0);
+#[map]
+pub static SLAB_UNTRACKED_GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Per CPU, running counts of the sites allocating now (see `SlabSiteSlot`).
 #[map]
@@ -420,6 +432,10 @@ fn on_alloc(
     let Some(slot) = site_slot(&site) else {
         return;
     };
+    if slot.untracked != 0 {
+        slot.counts.skipped += 1;
+        return;
+    }
     let cfg = config();
     let stack_id = if cfg.slab_kernel_stacks != 0 || cfg.slab_user_stacks != 0 {
         sampled_stack(ctx, slot)
@@ -460,8 +476,8 @@ fn on_alloc(
             add_site_counts(
                 &old_site,
                 &SlabSiteCounts {
-                    allocs: 0,
                     implicit_frees: 1,
+                    ..SlabSiteCounts::default()
                 },
             );
         }
@@ -532,23 +548,30 @@ enum Tracked {
 #[inline(always)]
 fn track(ptr: u64, alloc: &SlabAlloc) -> Tracked {
     let (found, free) = find(ptr);
-    if let Some((bucket, way)) = found {
-        // SAFETY: a way of an array value from a successful lookup, valid while the program
-        // runs (`find` checked the index).
+    if let Some((b, way)) = found {
+        let Some(records) = SLAB_RECORDS.get_ptr_mut(b) else {
+            return Tracked::Full;
+        };
+        // SAFETY: a way (below SLAB_BUCKET_WAYS, `find` says) of an array value from a
+        // successful lookup, valid while the program runs.
         unsafe {
-            let old = core::ptr::read_volatile(&(*bucket).allocs[way]);
-            core::ptr::write_volatile(&mut (*bucket).allocs[way], *alloc);
+            let old = core::ptr::read_volatile(&(*records).allocs[way]);
+            core::ptr::write_volatile(&mut (*records).allocs[way], *alloc);
             return Tracked::Replaced(old);
         }
     }
-    let Some((bucket, way)) = free else {
+    let Some((b, way)) = free else {
+        return Tracked::Full;
+    };
+    let (Some(keys), Some(records)) = (SLAB_KEYS.get_ptr_mut(b), SLAB_RECORDS.get_ptr_mut(b))
+    else {
         return Tracked::Full;
     };
     // SAFETY: as above. Other CPUs write other ways of the bucket; a racing insert into the
     // very same way at the same moment can lose one of the two objects (it frees untracked).
     unsafe {
-        core::ptr::write_volatile(&mut (*bucket).allocs[way], *alloc);
-        core::ptr::write_volatile(&mut (*bucket).keys[way], ptr);
+        core::ptr::write_volatile(&mut (*records).allocs[way], *alloc);
+        core::ptr::write_volatile(&mut (*keys).keys[way], ptr);
     }
     Tracked::New
 }
@@ -556,16 +579,19 @@ fn track(ptr: u64, alloc: &SlabAlloc) -> Tracked {
 /// Forgets an outstanding object; false if it was not tracked.
 #[inline(always)]
 fn untrack(ptr: u64) -> bool {
-    let Some((bucket, way)) = find(ptr).0 else {
+    let Some((b, way)) = find(ptr).0 else {
+        return false;
+    };
+    let Some(keys) = SLAB_KEYS.get_ptr_mut(b) else {
         return false;
     };
     // SAFETY: a way of an array value from a successful lookup; one aligned 8-byte store.
-    unsafe { core::ptr::write_volatile(&mut (*bucket).keys[way], 0) };
+    unsafe { core::ptr::write_volatile(&mut (*keys).keys[way], 0) };
     true
 }
 
 /// A bucket and one of its ways (always below `SLAB_BUCKET_WAYS`).
-type Way = (*mut SlabBucket, usize);
+type Way = (u32, usize);
 
 /// Where `ptr` is tracked, and the first free way of its two buckets.
 #[inline(always)]
@@ -577,7 +603,7 @@ fn find(ptr: u64) -> (Option<Way>, Option<Way>) {
     while probe < 2 {
         let b = (first + probe) & mask;
         probe += 1;
-        let Some(bucket) = SLAB_TABLE.get_ptr_mut(b) else {
+        let Some(bucket) = SLAB_KEYS.get_ptr(b) else {
             continue;
         };
         let mut way = 0;
@@ -586,10 +612,10 @@ fn find(ptr: u64) -> (Option<Way>, Option<Way>) {
             // the way is below SLAB_BUCKET_WAYS.
             let key = unsafe { core::ptr::read_volatile(&(*bucket).keys[way]) };
             if key == ptr {
-                return (Some((bucket, way)), free);
+                return (Some((b, way)), free);
             }
             if key == 0 && free.is_none() {
-                free = Some((bucket, way));
+                free = Some((b, way));
             }
             way += 1;
         }
@@ -609,13 +635,34 @@ fn site_slot(site: &SlabSiteKey) -> Option<&'static mut SlabSiteSlot> {
     let slot = unsafe { &mut *slot };
     if slot.key != *site {
         take_slot(slot, site);
+    } else if let Some(generation) = SLAB_UNTRACKED_GENERATION.get_ptr(0) {
+        // SAFETY: an array value from a successful lookup; a torn read only re-checks.
+        if slot.generation != unsafe { core::ptr::read_volatile(generation) } {
+            check_untracked(slot);
+        }
     }
     Some(slot)
 }
 
+/// Looks up whether the agent asked for the slot's site not to be tracked.
+#[inline(never)]
+fn check_untracked(slot: &mut SlabSiteSlot) {
+    if let Some(generation) = SLAB_UNTRACKED_GENERATION.get_ptr(0) {
+        // SAFETY: as above. Read before the maps, so a change racing with this check bumps
+        // the generation after and is seen at the next allocation.
+        slot.generation = unsafe { core::ptr::read_volatile(generation) };
+    }
+    // SAFETY: presence only.
+    let untracked = unsafe {
+        SLAB_UNTRACKED_SITES.get(slot.key).is_some()
+            || SLAB_UNTRACKED_CACHES.get(slot.key.cache).is_some()
+    };
+    slot.untracked = untracked as u32;
+}
+
 #[inline(never)]
 fn take_slot(slot: &mut SlabSiteSlot, site: &SlabSiteKey) {
-    if slot.counts.allocs != 0 || slot.counts.implicit_frees != 0 {
+    if slot.counts != SlabSiteCounts::default() {
         add_site_counts(&slot.key, &slot.counts);
     }
     // SAFETY: presence only.
@@ -629,6 +676,7 @@ fn take_slot(slot: &mut SlabSiteSlot, site: &SlabSiteKey) {
         key: *site,
         ..SlabSiteSlot::default()
     };
+    check_untracked(slot);
 }
 
 #[inline(always)]
@@ -639,6 +687,7 @@ fn add_site_counts(site: &SlabSiteKey, counts: &SlabSiteCounts) {
             let total = unsafe { &mut *total };
             total.allocs += counts.allocs;
             total.implicit_frees += counts.implicit_frees;
+            total.skipped += counts.skipped;
         }
         None => {
             if SLAB_SITES.insert(site, counts, BPF_NOEXIST as u64).is_err() {

@@ -222,6 +222,10 @@ fn allocation_frames<'a>(ips: &'a [u64], call_site: Option<u64>, ksyms: &Kallsym
     }
 }
 
+/// How often sites that free out of sight are looked for between reports: their objects would
+/// fill the table otherwise.
+const CLASSIFY_EVERY: Duration = Duration::from_secs(2);
+
 /// Stacks waiting for their user frames to be symbolized, at most.
 const MAX_NEW_STACKS: usize = 16_384;
 
@@ -232,11 +236,16 @@ const SYMBOLIZE_BUDGET: Duration = Duration::from_millis(50);
 const MAX_COMMS: usize = 65_536;
 
 struct SlabMaps {
-    outstanding: MapData,
+    /// The outstanding-object table: addresses, and their records.
+    keys: MapData,
+    records: MapData,
     sites: PerCpuHashMap<MapData, SlabSiteKey, SlabSiteCounts>,
     site_slots: PerCpuArray<MapData, SlabSiteSlot>,
     caches: BpfHashMap<MapData, u64, SlabCacheInfo>,
     stacks: Option<BpfHashMap<MapData, u64, SlabStack>>,
+    untracked_sites: BpfHashMap<MapData, SlabSiteKey, u8>,
+    untracked_caches: BpfHashMap<MapData, u64, u8>,
+    untracked_generation: aya::maps::Array<MapData, u64>,
 }
 
 /// A cache's name and sizes, as the report shows them.
@@ -287,6 +296,9 @@ pub struct SlabAnalysis {
     frees_untraced: HashSet<SlabSiteKey>,
     /// Caches in [`CACHES_FREED_OUT_OF_SIGHT`], by id.
     caches_untraced: HashSet<u64>,
+    /// A site or cache was added to the kernel's untracked maps since the generation was set.
+    untracked_changed: bool,
+    last_classified: std::time::Instant,
     records: u64,
 }
 
@@ -322,6 +334,8 @@ impl SlabAnalysis {
             stacks_unused: HashSet::new(),
             frees_untraced: HashSet::new(),
             caches_untraced: HashSet::new(),
+            untracked_changed: false,
+            last_classified: std::time::Instant::now(),
             records: 0,
         }
     }
@@ -370,12 +384,17 @@ impl SlabAnalysis {
     /// Names and sizes of caches the kernel recorded since the last report.
     fn refresh_caches(&mut self) {
         let Some(maps) = &self.maps else { return };
-        for (id, info) in maps.caches.iter().flatten() {
+        let known: Vec<(u64, SlabCacheInfo)> = maps.caches.iter().flatten().collect();
+        for (id, info) in known {
             if CACHES_FREED_OUT_OF_SIGHT
                 .iter()
                 .any(|n| info.name.starts_with(n.as_bytes()) && info.name.get(n.len()) == Some(&0))
+                && self.caches_untraced.insert(id)
             {
-                self.caches_untraced.insert(id);
+                if let Some(maps) = self.maps.as_mut() {
+                    let _ = maps.untracked_caches.insert(id, 1, 0);
+                }
+                self.untracked_changed = true;
             }
             self.caches.entry(id).or_insert_with(|| {
                 let end = info
@@ -414,6 +433,7 @@ impl SlabAnalysis {
             let e = sites.entry(k).or_default();
             e.allocs += c.allocs;
             e.implicit_frees += c.implicit_frees;
+            e.skipped += c.skipped;
         };
         for (k, per_cpu) in maps.sites.iter().flatten() {
             for c in per_cpu.iter() {
@@ -443,11 +463,30 @@ impl SlabAnalysis {
             let e = per_cache.entry(k.cache).or_default();
             e.allocs += c.allocs;
             e.implicit_frees += c.implicit_frees;
-            if frees_untraced(c) {
-                self.frees_untraced.insert(*k);
+            e.skipped += c.skipped;
+            if frees_untraced(c) && self.frees_untraced.insert(*k) {
+                if let Some(maps) = self.maps.as_mut() {
+                    let _ = maps.untracked_sites.insert(k, 1, 0);
+                }
+                self.untracked_changed = true;
             }
         }
         per_cache
+    }
+
+    /// Finds sites (and caches) that free out of sight, and has the kernel stop tracking their
+    /// objects: every CPU re-checks its site slots when the generation changes.
+    fn stop_tracking_untraced(&mut self) {
+        self.refresh_caches();
+        let sites = self.read_sites();
+        self.classify_sites(&sites);
+        if !self.untracked_changed {
+            return;
+        }
+        self.untracked_changed = false;
+        if let Some(maps) = self.maps.as_mut() {
+            let _ = maps.untracked_generation.set(0, monotonic_ns(), 0);
+        }
     }
 
     /// The frames of stack `id` (kernel, then user), read from the kernel's map the first time.
@@ -561,6 +600,12 @@ impl SlabAnalysis {
             .collect();
         let sites = self.read_sites();
         let per_cache = self.classify_sites(&sites);
+        if self.untracked_changed {
+            self.untracked_changed = false;
+            if let Some(maps) = self.maps.as_mut() {
+                let _ = maps.untracked_generation.set(0, monotonic_ns(), 0);
+            }
+        }
         let mut agg = Aggregate::default();
         let mut untraced: HashMap<u64, CacheAcc> = HashMap::new();
         let mut filter = CacheFilter {
@@ -575,7 +620,7 @@ impl SlabAnalysis {
             let caches = &mut self.caches;
             let frees_untraced = &self.frees_untraced;
             let caches_untraced = &self.caches_untraced;
-            outstanding::for_each(&maps.outstanding, |_, a| {
+            outstanding::for_each(&maps.keys, &maps.records, |_, a| {
                 tracked += 1;
                 if a.stack_id != 0 {
                     *in_use.entry(a.stack_id).or_default() += 1;
@@ -728,6 +773,8 @@ impl SlabAnalysis {
 
         let tracer = ctx.tracer;
         let (allocs_total, frees_total) = Self::counters(&sites, tracked);
+        let skipped: u64 = sites.values().map(|c| c.skipped).sum();
+        let skipped_before: u64 = base.sites.values().map(|c| c.skipped).sum();
         let (allocs, frees) = (
             allocs_total.saturating_sub(base.allocs),
             frees_total.saturating_sub(base.frees),
@@ -820,6 +867,7 @@ impl SlabAnalysis {
                 objects: agg.objects,
                 bytes: agg.bytes,
                 objects_frees_untraced: untraced.values().map(|c| c.objects).sum(),
+                allocs_not_tracked: skipped.saturating_sub(skipped_before),
                 allocs,
                 frees,
                 allocs_per_s: allocs as f64 / covers,
@@ -865,10 +913,12 @@ impl Analysis for SlabAnalysis {
 
     fn start(&mut self, tracer: &mut Tracer, _system_wide: bool) -> Result<(), Error> {
         let map_err = |e: aya::maps::MapError| Error::Map(e.to_string());
-        let outstanding = match tracer.take_map("SLAB_TABLE")? {
-            Map::Array(d) => d,
-            _ => return Err(Error::Map("map SLAB_TABLE is not an array".into())),
+        let array = |m: Map, name: &str| match m {
+            Map::Array(d) => Ok(d),
+            _ => Err(Error::Map(format!("map {name} is not an array"))),
         };
+        let keys = array(tracer.take_map("SLAB_KEYS")?, "SLAB_KEYS")?;
+        let records = array(tracer.take_map("SLAB_RECORDS")?, "SLAB_RECORDS")?;
         let sites = PerCpuHashMap::try_from(tracer.take_map("SLAB_SITES")?).map_err(map_err)?;
         let site_slots =
             PerCpuArray::try_from(tracer.take_map("SLAB_SITE_SLOTS")?).map_err(map_err)?;
@@ -878,8 +928,19 @@ impl Analysis for SlabAnalysis {
         } else {
             None
         };
+        let untracked_sites =
+            BpfHashMap::try_from(tracer.take_map("SLAB_UNTRACKED_SITES")?).map_err(map_err)?;
+        let untracked_caches =
+            BpfHashMap::try_from(tracer.take_map("SLAB_UNTRACKED_CACHES")?).map_err(map_err)?;
+        let untracked_generation =
+            aya::maps::Array::try_from(tracer.take_map("SLAB_UNTRACKED_GENERATION")?)
+                .map_err(map_err)?;
         self.maps = Some(SlabMaps {
-            outstanding,
+            untracked_sites,
+            untracked_caches,
+            untracked_generation,
+            keys,
+            records,
             sites,
             site_slots,
             caches,
@@ -897,6 +958,10 @@ impl Analysis for SlabAnalysis {
     fn drain(&mut self, ring: &mut Ring) -> bool {
         let more = self.drain_ring(ring);
         self.symbolize_new_stacks();
+        if self.last_classified.elapsed() >= CLASSIFY_EVERY {
+            self.last_classified = std::time::Instant::now();
+            self.stop_tracking_untraced();
+        }
         more
     }
 
@@ -968,5 +1033,51 @@ impl SlabAnalysis {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(allocs: u64, implicit_frees: u64) -> SlabSiteCounts {
+        SlabSiteCounts {
+            allocs,
+            implicit_frees,
+            skipped: 0,
+        }
+    }
+
+    #[test]
+    fn a_site_frees_out_of_sight_when_its_addresses_come_back_tracked() {
+        assert!(frees_untraced(&counts(1000, 50)));
+        assert!(!frees_untraced(&counts(1000, 49)), "under one in twenty");
+        assert!(!frees_untraced(&counts(20, 15)), "too few to tell");
+        assert!(!frees_untraced(&counts(1_000_000, 0)));
+    }
+
+    #[test]
+    fn allocation_stacks_start_at_the_call_site() {
+        let ksyms = Kallsyms::parse(
+            "ffffffff81000000 T bpf_trace_run6\n\
+             ffffffff81001000 T __kmalloc_node_noprof\n\
+             ffffffff81002000 T alloc_pipe_info\n\
+             ffffffff81003000 T do_pipe2\n\
+             ffffffffc0000000 t bpf_prog_1_kmalloc_raw [bpf]\n",
+        );
+        let stack = [
+            0xffffffffc0000010,
+            0xffffffff81000010,
+            0xffffffff81001010,
+            0xffffffff81002010,
+            0xffffffff81003010,
+        ];
+        assert_eq!(
+            allocation_frames(&stack, Some(0xffffffff81002010), &ksyms),
+            &stack[3..]
+        );
+        // Without the call site in the stack: past the dispatch and the allocator.
+        assert_eq!(allocation_frames(&stack, None, &ksyms), &stack[3..]);
+        assert_eq!(allocation_frames(&stack[3..], None, &ksyms), &stack[3..]);
     }
 }

@@ -111,6 +111,9 @@ pub struct Totals {
     pub bytes: u64,
     /// Objects of caches whose frees this kernel does not trace, left out of `objects`.
     pub objects_frees_untraced: u64,
+    /// Allocations, in what the report covers, at sites that free out of sight: counted, not
+    /// tracked (and left out of `allocs`).
+    pub allocs_not_tracked: u64,
     /// In what the report covers.
     pub allocs: u64,
     pub frees: u64,
