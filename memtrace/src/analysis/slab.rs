@@ -53,20 +53,29 @@ pub struct SlabReportOptions {
     pub vmalloc: bool,
 }
 
+/// A user stack as text, innermost first, and whether the walk was cut.
+type UserFrames = (Vec<String>, bool);
+
 /// User addresses to `function+0xoff (file)`, through the memory maps of a process that
 /// allocated there (blazesym reads them from /proc). A process gone by report time leaves its
 /// frames as addresses.
 #[derive(Default)]
 struct UserSymbols {
-    cache: HashMap<(u32, u64), String>,
+    /// `None`: not code (where a walk through code without frame pointers ends).
+    cache: HashMap<(u32, u64), Option<String>>,
 }
 
 impl UserSymbols {
     /// Symbolized entries kept between reports, at most.
     const MAX_CACHED: usize = 65_536;
 
-    fn describe(&mut self, pid: u32, ips: &[u64]) -> Vec<String> {
-        use blazesym::symbolize::{source::Process, source::Source, Input, Symbolized, Symbolizer};
+    /// `ips` as frames, and whether the walk was cut: frame-pointer walks through code built
+    /// without frame pointers read stack data as return addresses, and a frame after the first
+    /// that is not in a mapped file (heap, stack, nothing at all) ends the stack there.
+    fn describe(&mut self, pid: u32, ips: &[u64]) -> UserFrames {
+        use blazesym::symbolize::{
+            source::Process, source::Source, Input, Reason, Symbolized, Symbolizer,
+        };
         let missing: Vec<u64> = ips
             .iter()
             .copied()
@@ -82,7 +91,7 @@ impl UserSymbols {
                 .symbolize(&src, Input::AbsAddr(&missing))
                 .unwrap_or_default();
             for (i, &ip) in missing.iter().enumerate() {
-                let text = match found.get(i) {
+                let frame = match found.get(i) {
                     Some(Symbolized::Sym(sym)) => {
                         let module = sym
                             .module
@@ -90,16 +99,25 @@ impl UserSymbols {
                             .map(|m| m.to_string_lossy())
                             .unwrap_or_default();
                         let module = module.rsplit('/').next().unwrap_or_default().to_string();
-                        format!("{}+0x{:x} ({module})", sym.name, sym.offset)
+                        Some(format!("{}+0x{:x} ({module})", sym.name, sym.offset))
                     }
-                    _ => format!("0x{ip:x}"),
+                    Some(Symbolized::Unknown(Reason::Unmapped | Reason::MissingComponent)) => None,
+                    // Non-canonical: no user address at all.
+                    _ if ip >= 1 << 47 => None,
+                    _ => Some(format!("0x{ip:x}")),
                 };
-                self.cache.insert((pid, ip), text);
+                self.cache.insert((pid, ip), frame);
             }
         }
-        ips.iter()
-            .map(|ip| self.cache.get(&(pid, *ip)).cloned().unwrap_or_default())
-            .collect()
+        let mut frames = Vec::with_capacity(ips.len());
+        for (i, ip) in ips.iter().enumerate() {
+            match self.cache.get(&(pid, *ip)) {
+                Some(Some(text)) => frames.push(text.clone()),
+                _ if i == 0 => frames.push(format!("0x{ip:x}")),
+                _ => return (frames, true),
+            }
+        }
+        (frames, false)
     }
 }
 
@@ -288,7 +306,7 @@ pub struct SlabAnalysis {
     /// Stacks with user frames the kernel announced and not symbolized yet: (pid, id).
     new_stacks: Vec<(u32, u64)>,
     /// User frames symbolized when their stack was new, by stack id.
-    user_text: HashMap<u64, Vec<String>>,
+    user_text: HashMap<u64, UserFrames>,
     /// Stacks no outstanding object referred to at the last report: removed from the kernel
     /// map if still unused at the next.
     stacks_unused: HashSet<u64>,
@@ -535,7 +553,7 @@ impl SlabAnalysis {
         id: u64,
         pid: u32,
         call_site: Option<u64>,
-    ) -> (Option<Vec<String>>, Option<Vec<String>>) {
+    ) -> (Option<Vec<String>>, Option<UserFrames>) {
         let Some((kernel, user)) = self.stack_frames(id).cloned() else {
             return (None, None);
         };
@@ -673,7 +691,12 @@ impl SlabAnalysis {
                 (*k, growth, g.bytes)
             })
             .collect();
-        order.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
+        // Interval reports lead with what grows; the final one with what holds most.
+        if interval {
+            order.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
+        } else {
+            order.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.cmp(&a.1)).then(a.0.cmp(&b.0)));
+        }
         let groups_total = order.len();
         let shown = if self.opts.format == Format::Folded {
             groups_total
@@ -707,14 +730,21 @@ impl SlabAnalysis {
                 }
                 None => (None, false),
             };
+            let cache_aliases = cache_name
+                .as_deref()
+                .map(|n| self.aliases.aliases_of(n))
+                .unwrap_or_default();
             let comm = pid.map(|p| self.comm(p));
-            let (kernel_stack, user_stack) = match top_stack {
+            let (kernel_stack, user) = match top_stack {
                 Some((id, pid)) => self.stack(id, pid, call_site),
                 None => (None, None),
             };
+            let user_stack_truncated = user.as_ref().is_some_and(|u| u.1);
+            let user_stack = user.map(|u| u.0);
             groups.push(GroupReport {
                 callsite,
                 cache: cache_name,
+                cache_aliases,
                 cache_inferred: inferred,
                 pid,
                 comm,
@@ -730,6 +760,7 @@ impl SlabAnalysis {
                 age_histogram: age_histogram(&g.ages),
                 kernel_stack,
                 user_stack,
+                user_stack_truncated,
             });
         }
 
@@ -859,6 +890,7 @@ impl SlabAnalysis {
             duration_s: ctx.elapsed.as_secs_f64(),
             covers_s: ctx.covers.as_secs_f64(),
             by: self.opts.by,
+            other_memory: self.opts.pages || self.opts.percpu || self.opts.vmalloc,
             min_age_ms: self.opts.min_age.map(|d| d.as_millis() as u64),
             groups_total,
             groups,
@@ -1019,6 +1051,7 @@ impl SlabAnalysis {
                     duration_s: ctx.elapsed.as_secs_f64(),
                     covers_s: ctx.covers.as_secs_f64(),
                     by: self.opts.by,
+                    other_memory: false,
                     min_age_ms: None,
                     groups_total: 0,
                     groups: Vec::new(),

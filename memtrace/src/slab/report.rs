@@ -14,12 +14,16 @@ pub struct SlabReport {
     /// What allocation and free counts cover: the interval, or the whole run.
     pub covers_s: f64,
     pub by: GroupBy,
+    /// Pages, per-CPU or vmalloc memory is tracked too.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub other_memory: bool,
     /// Objects younger than this are left out of `groups` (`--min-age`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_age_ms: Option<u64>,
     /// Groups before `--top` cut the list.
     pub groups_total: usize,
-    /// Sorted by growth since the previous report, then by bytes.
+    /// Interval reports: sorted by growth since the previous report, then by bytes. The
+    /// final report: by bytes.
     pub groups: Vec<GroupReport>,
     /// Caches holding outstanding objects, by bytes, with the kernel's slabinfo beside them.
     pub caches: Vec<CacheReport>,
@@ -38,6 +42,10 @@ pub struct GroupReport {
     pub callsite: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<String>,
+    /// Other names merged into the cache (`UNIX` for `signal_cache` here): the objects may be
+    /// any of these.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cache_aliases: Vec<String>,
     /// The cache is a kmalloc size class inferred from the size and gfp flags.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub cache_inferred: bool,
@@ -69,6 +77,10 @@ pub struct GroupReport {
     /// pointers only: code built without them shows its innermost frames).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_stack: Option<Vec<String>>,
+    /// The user stack went on into memory that is not code (a caller built without frame
+    /// pointers): it is cut there.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub user_stack_truncated: bool,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -163,7 +175,12 @@ pub fn render(r: &SlabReport, format: Format, top: usize, hist: bool) -> String 
     };
     let _ = writeln!(
         out,
-        "slab: {} objects outstanding ({}); {} allocs, {} frees in {what} ({:.0}/s, {:.0}/s)",
+        "{}: {} objects outstanding ({}); {} allocs, {} frees in {what} ({:.0}/s, {:.0}/s)",
+        if r.other_memory {
+            "kernel memory"
+        } else {
+            "slab"
+        },
         r.totals.objects,
         human_bytes(r.totals.bytes),
         r.totals.allocs,
@@ -181,10 +198,16 @@ pub fn render(r: &SlabReport, format: Format, top: usize, hist: bool) -> String 
         GroupBy::Process => "PROCESS",
         GroupBy::Stack => "STACK (innermost)",
     };
+    // By cache, the second column names the process when the row has one.
+    let second = if r.by == GroupBy::Cache {
+        "PROCESS"
+    } else {
+        "CACHE"
+    };
     let _ = writeln!(
         out,
         "{:<44} {:<20} {:>9} {:>10} {:>8} {:>9} {:>9}  MAX AGE",
-        first, "CACHE", "OBJECTS", "BYTES", "GROWTH", "ALLOCS", "FREES"
+        first, second, "OBJECTS", "BYTES", "GROWTH", "ALLOCS", "FREES"
     );
     for g in r.groups.iter().take(top) {
         let label = match r.by {
@@ -197,11 +220,18 @@ pub fn render(r: &SlabReport, format: Format, top: usize, hist: bool) -> String 
             _ => g.callsite.clone().unwrap_or_else(|| "(several)".into()),
         };
         let opt = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
+        let column = match r.by {
+            GroupBy::Cache => match (g.pid, &g.comm) {
+                (Some(pid), Some(comm)) => format!("{pid} {comm}"),
+                _ => "(several)".into(),
+            },
+            _ => cache_label(g),
+        };
         let _ = writeln!(
             out,
             "{:<44} {:<20} {:>9} {:>10} {:>+8} {:>9} {:>9}  {}",
             truncate(&label, 44),
-            truncate(&cache_label(g), 20),
+            truncate(&column, 20),
             g.objects,
             human_bytes(g.bytes),
             g.growth_objects,
@@ -223,6 +253,9 @@ pub fn render(r: &SlabReport, format: Format, top: usize, hist: bool) -> String 
             }
             for f in stack.iter().take(12) {
                 let _ = writeln!(out, "    {f}");
+            }
+            if g.user_stack_truncated {
+                let _ = writeln!(out, "    [cut: the caller has no frame pointer]");
             }
         }
     }
@@ -272,7 +305,11 @@ pub fn render(r: &SlabReport, format: Format, top: usize, hist: bool) -> String 
     if let Some(why) = &r.slabinfo_unavailable {
         let _ = writeln!(out, "slabinfo: {why}");
     }
-    let _ = writeln!(out, "implicit frees {}", r.totals.implicit_frees);
+    let _ = writeln!(
+        out,
+        "implicit frees {} (objects found freed with no event when their address came back)",
+        r.totals.implicit_frees
+    );
     if r.lost.events == 0 {
         let _ = writeln!(out, "lost: 0");
     } else {
@@ -373,6 +410,7 @@ mod tests {
         let group = GroupReport {
             callsite: Some("alloc_pipe_info+0xd7".into()),
             cache: Some("kmalloc-cg-1k".into()),
+            cache_aliases: Vec::new(),
             cache_inferred: true,
             pid: Some(42),
             comm: Some("pipe maker".into()),
@@ -389,12 +427,14 @@ mod tests {
                 "__GI_pipe2+0x7 (libc.so.6)".into(),
                 "main+0x2d (app)".into(),
             ]),
+            user_stack_truncated: true,
         };
         SlabReport {
             scope: Scope::Interval,
             duration_s: 2.0,
             covers_s: 1.0,
             by: GroupBy::Callsite,
+            other_memory: false,
             min_age_ms: None,
             groups_total: 3,
             groups: vec![group],
@@ -446,6 +486,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("    -- user --"), "{text}");
+        assert!(
+            text.contains("    [cut: the caller has no frame pointer]"),
+            "{text}"
+        );
         assert!(text.contains("... 2 more groups (--top)"), "{text}");
         assert!(text.contains("* kmalloc size class inferred"), "{text}");
         let cache = text
