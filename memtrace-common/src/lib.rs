@@ -321,28 +321,23 @@ pub mod counter {
     pub const STACK_CACHE_HITS: u32 = 7;
     /// Syscall entries not stashed (map full).
     pub const SYSCALL_PENDING_FULL: u32 = 8;
-    /// Unused (was: slab allocations; they are counted per site now).
-    pub const SLAB_UNUSED: u32 = 9;
-    /// Slab allocations not tracked: the outstanding-allocation map was full.
-    pub const SLAB_UNTRACKED: u32 = 10;
+    /// Slab allocations not tracked: the outstanding-object table was full.
+    pub const SLAB_UNTRACKED: u32 = 9;
     /// Allocations at an address still tracked: the old object was freed without an event
     /// (kfree_rcu on sheaf caches, bulk frees); it counts as freed.
-    pub const SLAB_IMPLICIT_FREES: u32 = 11;
-    /// Unused (frees are counted as allocations less what is outstanding).
-    pub const SLAB_UNUSED_12: u32 = 12;
-    pub const SLAB_UNUSED_13: u32 = 13;
-    /// Allocations left out of the per-callsite allocation counts (that map was full).
-    pub const SLAB_GROUPS_FULL: u32 = 14;
-    /// Kernel stacks not captured (the walk failed).
-    pub const SLAB_STACK_LOST: u32 = 15;
-    /// Kernel stacks captured but not kept (the stack map was full).
-    pub const SLAB_STACKS_FULL: u32 = 16;
+    pub const SLAB_IMPLICIT_FREES: u32 = 10;
+    /// Site counts not kept when a site slot was handed over (the counter map was full).
+    pub const SLAB_SITES_FULL: u32 = 11;
+    /// Stack walks that found no frame, or nested too deep to have room.
+    pub const SLAB_STACK_LOST: u32 = 12;
+    /// Stacks captured but not kept (the stack map was full).
+    pub const SLAB_STACKS_FULL: u32 = 13;
     /// kmem_cache names not recorded (the cache map was full, or the name could not be read).
-    pub const SLAB_CACHE_UNNAMED: u32 = 17;
+    pub const SLAB_CACHE_UNNAMED: u32 = 14;
     /// Frees the second free program saw unhandled by the first (which was skipped: the free
     /// came while it ran on that CPU).
-    pub const SLAB_FREES_NESTED: u32 = 18;
-    pub const COUNT: u32 = 19;
+    pub const SLAB_FREES_NESTED: u32 = 15;
+    pub const COUNT: u32 = 16;
 }
 
 /// Configuration written into the kernel programs at load time.
@@ -477,7 +472,8 @@ pub const SLAB_ACCOUNTED: u32 = 1 << 0;
 /// the cache's sizes hold (kmem_cache_alloc).
 pub const SLAB_KMALLOC: u32 = 1 << 1;
 
-/// An outstanding slab object, in `SLAB_OUTSTANDING` under its address until it is freed.
+/// An outstanding slab object's record, in the outstanding-object table (see [`SlabBucket`])
+/// until it is freed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlabAlloc {
@@ -531,6 +527,15 @@ pub struct SlabSiteCounts {
     pub implicit_frees: u64,
     /// Allocations not tracked because the site frees out of sight (`SlabSiteSlot::untracked`).
     pub skipped: u64,
+}
+
+impl core::ops::AddAssign<&SlabSiteCounts> for SlabSiteCounts {
+    #[inline(always)]
+    fn add_assign(&mut self, other: &SlabSiteCounts) {
+        self.allocs += other.allocs;
+        self.implicit_frees += other.implicit_frees;
+        self.skipped += other.skipped;
+    }
 }
 
 /// A CPU's running counts for one (call site, cache), direct-mapped by [`slab_site_slot`]:

@@ -62,9 +62,16 @@ pub static SLAB_UNTRACKED_GENERATION: Array<u64> = Array::with_max_entries(1, 0)
 pub static SLAB_SITE_SLOTS: PerCpuArray<SlabSiteSlot> =
     PerCpuArray::with_max_entries(SLAB_SITE_SLOT_COUNT, 0);
 
-/// Per-CPU room for a kernel stack while it is hashed.
+/// Per-CPU room for a stack while it is hashed, one per nesting level (task, softirq,
+/// hardirq, NMI).
 #[map]
-static SLAB_STACK_SCRATCH: PerCpuArray<SlabStack> = PerCpuArray::with_max_entries(1, 0);
+static SLAB_STACK_SCRATCH: PerCpuArray<SlabStack> =
+    PerCpuArray::with_max_entries(STACK_SCRATCH_LEVELS, 0);
+const STACK_SCRATCH_LEVELS: u32 = 4;
+
+/// Per CPU, how many stack captures are in progress (nested by interrupts).
+#[map]
+static SLAB_STACK_DEPTH_NOW: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// `ZERO_SIZE_PTR`: what kmalloc(0) returns; never a real object.
 const ZERO_SIZE_PTR: u64 = 16;
@@ -110,18 +117,14 @@ pub fn kmem_cache_alloc_raw(ctx: RawTracePointContext) -> u32 {
 /// `kfree(call_site, ptr)`
 #[raw_tracepoint(tracepoint = "kfree")]
 pub fn kfree_raw(ctx: RawTracePointContext) -> u32 {
-    let ptr = ctx.arg::<u64>(1);
-    on_free(ptr);
-    mark_freed(ptr);
+    free_and_mark(ctx.arg::<u64>(1));
     0
 }
 
 /// `kmem_cache_free(call_site, ptr, struct kmem_cache *s)`
 #[raw_tracepoint(tracepoint = "kmem_cache_free")]
 pub fn kmem_cache_free_raw(ctx: RawTracePointContext) -> u32 {
-    let ptr = ctx.arg::<u64>(1);
-    on_free(ptr);
-    mark_freed(ptr);
+    free_and_mark(ctx.arg::<u64>(1));
     0
 }
 
@@ -149,14 +152,26 @@ pub fn mm_page_alloc_raw(ctx: RawTracePointContext) -> u32 {
 /// `mm_page_free(struct page *page, unsigned int order)`
 #[raw_tracepoint(tracepoint = "mm_page_free")]
 pub fn mm_page_free_raw(ctx: RawTracePointContext) -> u32 {
-    on_free(ctx.arg::<u64>(0));
+    free_and_mark(ctx.arg::<u64>(0));
+    0
+}
+
+#[raw_tracepoint(tracepoint = "mm_page_free")]
+pub fn mm_page_free_backup_raw(ctx: RawTracePointContext) -> u32 {
+    on_free_backup(ctx.arg::<u64>(0));
     0
 }
 
 /// `mm_page_free_batched(struct page *page)`
 #[raw_tracepoint(tracepoint = "mm_page_free_batched")]
 pub fn mm_page_free_batched_raw(ctx: RawTracePointContext) -> u32 {
-    on_free(ctx.arg::<u64>(0));
+    free_and_mark(ctx.arg::<u64>(0));
+    0
+}
+
+#[raw_tracepoint(tracepoint = "mm_page_free_batched")]
+pub fn mm_page_free_batched_backup_raw(ctx: RawTracePointContext) -> u32 {
+    on_free_backup(ctx.arg::<u64>(0));
     0
 }
 
@@ -179,7 +194,13 @@ pub fn percpu_alloc_percpu_raw(ctx: RawTracePointContext) -> u32 {
 /// `percpu_free_percpu(base_addr, off, ptr)`
 #[raw_tracepoint(tracepoint = "percpu_free_percpu")]
 pub fn percpu_free_percpu_raw(ctx: RawTracePointContext) -> u32 {
-    on_free(ctx.arg::<u64>(2));
+    free_and_mark(ctx.arg::<u64>(2));
+    0
+}
+
+#[raw_tracepoint(tracepoint = "percpu_free_percpu")]
+pub fn percpu_free_percpu_backup_raw(ctx: RawTracePointContext) -> u32 {
+    on_free_backup(ctx.arg::<u64>(2));
     0
 }
 
@@ -204,7 +225,13 @@ pub fn alloc_vmap_area_raw(ctx: RawTracePointContext) -> u32 {
 /// `free_vmap_area_noflush(va_start, nr_lazy, nr_lazy_max)`
 #[raw_tracepoint(tracepoint = "free_vmap_area_noflush")]
 pub fn free_vmap_area_noflush_raw(ctx: RawTracePointContext) -> u32 {
-    on_free(ctx.arg::<u64>(0));
+    free_and_mark(ctx.arg::<u64>(0));
+    0
+}
+
+#[raw_tracepoint(tracepoint = "free_vmap_area_noflush")]
+pub fn free_vmap_area_noflush_backup_raw(ctx: RawTracePointContext) -> u32 {
+    on_free_backup(ctx.arg::<u64>(0));
     0
 }
 
@@ -218,8 +245,10 @@ pub fn free_vmap_area_noflush_raw(ctx: RawTracePointContext) -> u32 {
 #[map]
 static FREE_MARK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// The first program's free: untracks the object and marks it handled for the second.
 #[inline(always)]
-fn mark_freed(ptr: u64) {
+fn free_and_mark(ptr: u64) {
+    on_free(ptr);
     if let Some(mark) = FREE_MARK.get_ptr_mut(0) {
         // SAFETY: this CPU's value from a successful lookup.
         unsafe { *mark = ptr };
@@ -229,10 +258,15 @@ fn mark_freed(ptr: u64) {
 /// Handles a free the first program skipped (it was running, interrupted, on this CPU).
 #[inline(always)]
 fn on_free_backup(ptr: u64) {
-    if let Some(mark) = FREE_MARK.get_ptr(0) {
+    if let Some(mark) = FREE_MARK.get_ptr_mut(0) {
         // SAFETY: this CPU's value from a successful lookup.
-        if unsafe { *mark } == ptr {
-            return;
+        unsafe {
+            if *mark == ptr {
+                // Handled. Cleared, so a later free of the same address (slab freelists hand
+                // the last freed address out first) that the first program misses is taken.
+                *mark = 0;
+                return;
+            }
         }
     }
     // The first program did not handle this free: it was skipped (or, rarely, interrupted
@@ -486,7 +520,18 @@ fn on_alloc(
             return;
         }
     }
-    slot.counts.allocs += 1;
+    if slot.key == site {
+        slot.counts.allocs += 1;
+    } else {
+        // An allocation in an interrupt took the slot over meanwhile.
+        add_site_counts(
+            &site,
+            &SlabSiteCounts {
+                allocs: 1,
+                ..SlabSiteCounts::default()
+            },
+        );
+    }
 }
 
 /// A CPU's last clock reading and cgroup answer (see [`clock_and_cgroup`]).
@@ -658,6 +703,9 @@ fn check_untracked(slot: &mut SlabSiteSlot) {
             || SLAB_UNTRACKED_CACHES.get(slot.key.cache).is_some()
     };
     slot.untracked = untracked as u32;
+    // The agent also bumps the generation after dropping stacks no object uses: walk again
+    // rather than hand out an id it may have dropped.
+    slot.stack_hits_left = 0;
 }
 
 #[inline(never)]
@@ -684,14 +732,11 @@ fn add_site_counts(site: &SlabSiteKey, counts: &SlabSiteCounts) {
     match SLAB_SITES.get_ptr_mut(site) {
         Some(total) => {
             // SAFETY: this CPU's value from a successful lookup; no other CPU writes it.
-            let total = unsafe { &mut *total };
-            total.allocs += counts.allocs;
-            total.implicit_frees += counts.implicit_frees;
-            total.skipped += counts.skipped;
+            unsafe { *total += counts };
         }
         None => {
             if SLAB_SITES.insert(site, counts, BPF_NOEXIST as u64).is_err() {
-                bump(counter::SLAB_GROUPS_FULL);
+                bump(counter::SLAB_SITES_FULL);
             }
         }
     }
@@ -701,23 +746,48 @@ fn add_site_counts(site: &SlabSiteKey, counts: &SlabSiteCounts) {
 /// a fresh walk serving a random number of the next ones.
 #[inline(always)]
 fn sampled_stack(ctx: *mut core::ffi::c_void, slot: &mut SlabSiteSlot) -> u64 {
-    if slot.stack_id != 0 && slot.stack_hits_left > 0 {
+    // A failed walk (no user stack in a kernel thread) is remembered like a good one.
+    if slot.stack_hits_left > 0 {
         slot.stack_hits_left -= 1;
         return slot.stack_id;
     }
-    let id = kernel_stack(ctx);
+    let id = capture_stacks(ctx);
     // SAFETY: no preconditions.
     let random = unsafe { bpf_get_prandom_u32() };
     slot.stack_id = id;
-    slot.stack_hits_left = random & (2 * SLAB_STACK_REWALK_MEAN - 1);
+    // At least 1: the walk just made counts as taken.
+    slot.stack_hits_left = (random & (2 * SLAB_STACK_REWALK_MEAN - 1)).max(1) - 1;
     id
 }
 
-/// Captures the current kernel stack and (with `--user-stacks`) the task's user stack into
-/// `SLAB_STACKS`; returns their id, or 0 when nothing was captured.
+/// Captures the current kernel stack (`--stacks`) and the task's user stack
+/// (`--user-stacks`) into `SLAB_STACKS`; returns their id, or 0 when nothing was captured.
 #[inline(never)]
-fn kernel_stack(ctx: *mut core::ffi::c_void) -> u64 {
-    let Some(scratch) = SLAB_STACK_SCRATCH.get_ptr_mut(0) else {
+fn capture_stacks(ctx: *mut core::ffi::c_void) -> u64 {
+    // An allocation in an interrupt can run another allocation program on this CPU while this
+    // one walks: each nesting level has its own scratch.
+    let Some(depth) = SLAB_STACK_DEPTH_NOW.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's value from a successful lookup.
+    let level = unsafe {
+        let level = *depth;
+        *depth = level + 1;
+        level
+    };
+    let id = capture_stacks_at(ctx, level);
+    // SAFETY: as above.
+    unsafe { *depth = level };
+    id
+}
+
+#[inline(always)]
+fn capture_stacks_at(ctx: *mut core::ffi::c_void, level: u32) -> u64 {
+    if level >= STACK_SCRATCH_LEVELS {
+        bump(counter::SLAB_STACK_LOST);
+        return 0;
+    }
+    let Some(scratch) = SLAB_STACK_SCRATCH.get_ptr_mut(level) else {
         return 0;
     };
     // SAFETY: a per-CPU value from a successful lookup, used by this CPU alone meanwhile.

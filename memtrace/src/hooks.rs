@@ -308,6 +308,12 @@ pub const PERCPU: HookGroup = HookGroup {
             "percpu_free_percpu",
             &["void *", "int", "void *"],
         ),
+        raw_only(
+            "percpu_free_percpu_backup_raw",
+            "percpu",
+            "percpu_free_percpu",
+            &["void *", "int", "void *"],
+        ),
     ],
 };
 
@@ -331,6 +337,12 @@ pub const VMALLOC: HookGroup = HookGroup {
         ),
         raw_only(
             "free_vmap_area_noflush_raw",
+            "vmalloc",
+            "free_vmap_area_noflush",
+            &["unsigned long"],
+        ),
+        raw_only(
+            "free_vmap_area_noflush_backup_raw",
             "vmalloc",
             "free_vmap_area_noflush",
             &["unsigned long"],

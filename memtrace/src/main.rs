@@ -191,8 +191,9 @@ struct SlabArgs {
     /// Also vmalloc areas (vmalloc:alloc_vmap_area/free_vmap_area_noflush; no call site).
     #[arg(long)]
     vmalloc: bool,
-    /// Outstanding objects tracked at most (the kernel map is preallocated: ~140 bytes each).
-    /// Default: a million, or fewer on machines under 14 GiB.
+    /// Outstanding objects tracked at most. The kernel table is preallocated, 576 bytes per
+    /// four objects rounded up to a power of two (a million: 144 MiB). Default: a million, or
+    /// fewer under ~15 GiB of memory (1% of it at most).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
     max_tracked: Option<u32>,
     /// Attach classic tracepoints where raw tracepoints would work (for comparison).
@@ -236,8 +237,12 @@ fn faults(args: FaultsArgs) -> anyhow::Result<ExitCode> {
 
 /// Distinct stacks kept with `memtrace slab --stacks` or `--user-stacks` (640 bytes each).
 const SLAB_MAX_STACKS: u32 = 16 << 10;
-/// Distinct (call site, cache) allocation counters.
-const SLAB_MAX_SITES: u32 = 64 << 10;
+/// Distinct (call site, cache) allocation counters: a per-CPU map, so fewer per CPU on large
+/// machines (64k on 2-16 CPUs: 3 MiB on 2; 8k on 128: 24 MiB).
+fn slab_max_sites() -> u32 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    ((1u32 << 20) / cpus.max(1)).clamp(4 << 10, 64 << 10)
+}
 
 fn slab(args: SlabArgs) -> anyhow::Result<ExitCode> {
     if args.by == GroupBy::Stack && !args.stacks && !args.user_stacks {
@@ -256,7 +261,7 @@ fn slab(args: SlabArgs) -> anyhow::Result<ExitCode> {
             classic_tracepoints: args.classic_tracepoints,
             slab: SlabOptions {
                 max_tracked,
-                max_sites: SLAB_MAX_SITES,
+                max_sites: slab_max_sites(),
                 max_stacks: if args.stacks || args.user_stacks {
                     SLAB_MAX_STACKS
                 } else {

@@ -11,9 +11,9 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use memtrace_common::{
-    counter, is_other_memory_id, ProcRecord, SlabCacheInfo, SlabSiteCounts, SlabSiteKey,
-    SlabSiteSlot, SlabStack, PAGES_CACHE_ID, PERCPU_CACHE_ID, PROC_EXEC, PROC_EXIT, PROC_FORK,
-    SLAB_SITE_SLOT_COUNT,
+    counter, is_kmalloc_cache_id, is_other_memory_id, ProcRecord, SlabCacheInfo, SlabSiteCounts,
+    SlabSiteKey, SlabSiteSlot, SlabStack, PAGES_CACHE_ID, PERCPU_CACHE_ID, PROC_EXEC, PROC_EXIT,
+    PROC_FORK, SLAB_SITE_SLOT_COUNT,
 };
 
 use crate::{
@@ -121,8 +121,13 @@ impl UserSymbols {
     }
 }
 
-/// The default `--max-tracked`: a million objects, or fewer on a small machine, so the
-/// preallocated map (about 140 bytes an entry in the kernel) stays near 1% of its memory.
+/// Kernel memory per bucket of the outstanding-object table (its keys and records).
+const BUCKET_BYTES: u64 = (std::mem::size_of::<memtrace_common::SlabBucket>()
+    + std::mem::size_of::<memtrace_common::SlabRecords>()) as u64;
+
+/// The default `--max-tracked`: a million objects, or fewer on a machine with under ~15 GiB,
+/// so the preallocated table (576 bytes per four objects, in buckets of a power of two) stays
+/// within 1% of its memory.
 pub fn default_max_tracked() -> u32 {
     let mem_total = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -132,7 +137,15 @@ pub fn default_max_tracked() -> u32 {
                 .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         })
         .map_or(u64::MAX, |kib| kib * 1024);
-    (mem_total / 100 / 140).clamp(16 << 10, 1 << 20) as u32
+    let buckets = (mem_total / 100 / BUCKET_BYTES).clamp(1 << 12, 1 << 18);
+    // The largest power of two that fits: the table is sized in powers of two anyway.
+    let buckets = 1u64 << (63 - buckets.leading_zeros());
+    (buckets * memtrace_common::SLAB_BUCKET_WAYS as u64 / 2) as u32
+}
+
+/// Kernel memory the outstanding-object table takes for `--max-tracked n`.
+pub fn table_bytes(max_tracked: u32) -> u64 {
+    memtrace_common::slab_buckets_for(max_tracked) as u64 * BUCKET_BYTES
 }
 
 /// Checks `--cache` names against the caches this kernel has (an alias counts), and the
@@ -140,7 +153,12 @@ pub fn default_max_tracked() -> u32 {
 pub fn check_cache_names(names: &[String]) -> Result<(), String> {
     let groups = AliasGroups::read();
     for name in names {
-        if !groups.knows(name) && name != "kmalloc-large" {
+        let other_memory = name == "percpu"
+            || name == "vmalloc"
+            || name
+                .strip_prefix("pages-order-")
+                .is_some_and(|o| o.parse::<u8>().is_ok());
+        if !groups.knows(name) && name != "kmalloc-large" && !other_memory {
             return Err(format!(
                 "no slab cache named '{name}' on this kernel (see /proc/slabinfo or /sys/kernel/slab)"
             ));
@@ -153,6 +171,7 @@ pub fn check_cache_names(names: &[String]) -> Result<(), String> {
 fn cache_meta(caches: &mut HashMap<u64, CacheMeta>, id: u64) -> &CacheMeta {
     if is_other_memory_id(id) {
         return caches.entry(id).or_insert_with(|| CacheMeta {
+            placeholder: false,
             name: match id & !0xff {
                 PAGES_CACHE_ID => format!("pages-order-{}", id & 0xff),
                 PERCPU_CACHE_ID => "percpu".into(),
@@ -164,14 +183,15 @@ fn cache_meta(caches: &mut HashMap<u64, CacheMeta>, id: u64) -> &CacheMeta {
         });
     }
     caches.entry(id).or_insert_with(|| CacheMeta {
-        name: if caches::is_inferred(id) {
+        placeholder: !is_kmalloc_cache_id(id),
+        name: if is_kmalloc_cache_id(id) {
             caches::kmalloc_cache_name(id)
         } else {
             format!("cache@{id:x}")
         },
-        inferred: caches::is_inferred(id),
+        inferred: is_kmalloc_cache_id(id),
         object_size: 0,
-        size: if caches::is_inferred(id) {
+        size: if is_kmalloc_cache_id(id) {
             (id & 0xffff_ffff) as u32
         } else {
             0
@@ -244,6 +264,9 @@ fn allocation_frames<'a>(ips: &'a [u64], call_site: Option<u64>, ksyms: &Kallsym
 /// fill the table otherwise.
 const CLASSIFY_EVERY: Duration = Duration::from_secs(2);
 
+/// How often stacks no object uses are dropped between reports.
+const STACK_GC_EVERY: Duration = Duration::from_secs(30);
+
 /// Stacks waiting for their user frames to be symbolized, at most.
 const MAX_NEW_STACKS: usize = 16_384;
 
@@ -270,6 +293,8 @@ struct SlabMaps {
 #[derive(Clone, Debug)]
 struct CacheMeta {
     name: String,
+    /// Not read from the kernel yet (`cache@<address>`, sizes 0).
+    placeholder: bool,
     inferred: bool,
     object_size: u32,
     size: u32,
@@ -285,6 +310,7 @@ struct Previous {
     sites: HashMap<SlabSiteKey, SlabSiteCounts>,
     allocs: u64,
     frees: u64,
+    implicit_frees: u64,
 }
 
 pub struct SlabAnalysis {
@@ -317,6 +343,7 @@ pub struct SlabAnalysis {
     /// A site or cache was added to the kernel's untracked maps since the generation was set.
     untracked_changed: bool,
     last_classified: std::time::Instant,
+    last_stack_gc: std::time::Instant,
     records: u64,
 }
 
@@ -354,6 +381,7 @@ impl SlabAnalysis {
             caches_untraced: HashSet::new(),
             untracked_changed: false,
             last_classified: std::time::Instant::now(),
+            last_stack_gc: std::time::Instant::now(),
             records: 0,
         }
     }
@@ -414,24 +442,28 @@ impl SlabAnalysis {
                 }
                 self.untracked_changed = true;
             }
-            self.caches.entry(id).or_insert_with(|| {
-                let end = info
-                    .name
-                    .iter()
-                    .position(|&b| b == 0)
-                    .unwrap_or(info.name.len());
-                let name = String::from_utf8_lossy(&info.name[..end]).into_owned();
-                CacheMeta {
-                    name: if name.is_empty() {
-                        format!("cache@{id:x}")
-                    } else {
-                        name
-                    },
-                    inferred: false,
-                    object_size: info.object_size,
-                    size: info.size,
-                }
-            });
+            // A cache first met in the table before its name was read has a placeholder.
+            if self.caches.get(&id).is_some_and(|m| !m.placeholder) {
+                continue;
+            }
+            let end = info
+                .name
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(info.name.len());
+            let name = String::from_utf8_lossy(&info.name[..end]).into_owned();
+            let meta = CacheMeta {
+                placeholder: name.is_empty(),
+                name: if name.is_empty() {
+                    format!("cache@{id:x}")
+                } else {
+                    name
+                },
+                inferred: false,
+                object_size: info.object_size,
+                size: info.size,
+            };
+            self.caches.insert(id, meta);
         }
     }
 
@@ -447,12 +479,7 @@ impl SlabAnalysis {
         let Some(maps) = &self.maps else {
             return sites;
         };
-        let mut add = |k: SlabSiteKey, c: &SlabSiteCounts| {
-            let e = sites.entry(k).or_default();
-            e.allocs += c.allocs;
-            e.implicit_frees += c.implicit_frees;
-            e.skipped += c.skipped;
-        };
+        let mut add = |k: SlabSiteKey, c: &SlabSiteCounts| *sites.entry(k).or_default() += c;
         for (k, per_cpu) in maps.sites.iter().flatten() {
             for c in per_cpu.iter() {
                 add(k, c);
@@ -478,10 +505,7 @@ impl SlabAnalysis {
     ) -> HashMap<u64, SlabSiteCounts> {
         let mut per_cache: HashMap<u64, SlabSiteCounts> = HashMap::new();
         for (k, c) in sites {
-            let e = per_cache.entry(k.cache).or_default();
-            e.allocs += c.allocs;
-            e.implicit_frees += c.implicit_frees;
-            e.skipped += c.skipped;
+            *per_cache.entry(k.cache).or_default() += c;
             if frees_untraced(c) && self.frees_untraced.insert(*k) {
                 if let Some(maps) = self.maps.as_mut() {
                     let _ = maps.untracked_sites.insert(k, 1, 0);
@@ -498,10 +522,15 @@ impl SlabAnalysis {
         self.refresh_caches();
         let sites = self.read_sites();
         self.classify_sites(&sites);
-        if !self.untracked_changed {
+        self.publish_untracked();
+    }
+
+    /// Has every CPU re-check its site slots if sites were added to the untracked maps (or
+    /// stacks dropped) since the last call.
+    fn publish_untracked(&mut self) {
+        if !std::mem::take(&mut self.untracked_changed) {
             return;
         }
-        self.untracked_changed = false;
         if let Some(maps) = self.maps.as_mut() {
             let _ = maps.untracked_generation.set(0, monotonic_ns(), 0);
         }
@@ -575,6 +604,24 @@ impl SlabAnalysis {
         )
     }
 
+    /// [`Self::collect_stacks`] between reports, so a run without `-i` does not fill the
+    /// stack map: one pass over the table for the stacks its objects use.
+    fn gc_stacks(&mut self) {
+        let mut in_use: HashMap<u64, u64> = HashMap::new();
+        if let Some(maps) = &self.maps {
+            let scanned = outstanding::for_each(&maps.keys, &maps.records, |_, a| {
+                if a.stack_id != 0 {
+                    *in_use.entry(a.stack_id).or_default() += 1;
+                }
+            });
+            if scanned.is_err() {
+                return;
+            }
+        }
+        self.collect_stacks(&in_use);
+        self.publish_untracked();
+    }
+
     /// Drops kernel stacks no outstanding object has used for a whole report interval, so the
     /// stack map never fills with stacks of objects long freed.
     fn collect_stacks(&mut self, in_use: &HashMap<u64, u64>) {
@@ -586,9 +633,12 @@ impl SlabAnalysis {
             .flatten()
             .filter(|id| !in_use.contains_key(id))
             .collect();
+        let mut dropped = false;
         for id in unused.intersection(&self.stacks_unused) {
-            let _ = stacks.remove(id);
+            dropped |= stacks.remove(id).is_ok();
         }
+        // Site slots may still hand out a dropped id: have them walk again.
+        self.untracked_changed |= dropped;
         self.stack_frames.retain(|id, _| in_use.contains_key(id));
         self.user_text.retain(|id, _| in_use.contains_key(id));
         self.stacks_unused = unused;
@@ -618,12 +668,7 @@ impl SlabAnalysis {
             .collect();
         let sites = self.read_sites();
         let per_cache = self.classify_sites(&sites);
-        if self.untracked_changed {
-            self.untracked_changed = false;
-            if let Some(maps) = self.maps.as_mut() {
-                let _ = maps.untracked_generation.set(0, monotonic_ns(), 0);
-            }
-        }
+        self.publish_untracked();
         let mut agg = Aggregate::default();
         let mut untraced: HashMap<u64, CacheAcc> = HashMap::new();
         let mut filter = CacheFilter {
@@ -661,6 +706,9 @@ impl SlabAnalysis {
                 }
             })?;
         }
+        // Read after the table: every object seen there was counted as an allocation by then
+        // (read before, an object allocated in between would outnumber its site's count).
+        let sites = self.read_sites();
         let interval = ctx.kind == ReportKind::Interval;
         let empty = Previous::default();
         let prev = std::mem::take(&mut self.prev);
@@ -669,6 +717,10 @@ impl SlabAnalysis {
         let mut group_allocs: HashMap<GroupKey, u64> = HashMap::new();
         if matches!(self.opts.by, GroupBy::Callsite | GroupBy::Cache) {
             for (k, &n) in &sites {
+                // Their objects are counted apart, not in the rows.
+                if self.frees_untraced.contains(k) || self.caches_untraced.contains(&k.cache) {
+                    continue;
+                }
                 let before = base.sites.get(k).map_or(0, |c| c.allocs);
                 let since = n.allocs.saturating_sub(before);
                 let key = match self.opts.by {
@@ -805,6 +857,7 @@ impl SlabAnalysis {
         let tracer = ctx.tracer;
         let (allocs_total, frees_total) = Self::counters(&sites, tracked);
         let skipped: u64 = sites.values().map(|c| c.skipped).sum();
+        let implicit_total = tracer.counter(counter::SLAB_IMPLICIT_FREES);
         let skipped_before: u64 = base.sites.values().map(|c| c.skipped).sum();
         let (allocs, frees) = (
             allocs_total.saturating_sub(base.allocs),
@@ -820,20 +873,39 @@ impl SlabAnalysis {
         let misses = |name: &str| tracer.recursion_misses(name).unwrap_or(0);
         // A free is lost when its first program skipped it and the second did not pick it up
         // (nested twice, or no second program).
-        let frees_missed = (misses("kfree_raw") + misses("kmem_cache_free_raw"))
+        let first_free_misses: u64 = [
+            "kfree_raw",
+            "kmem_cache_free_raw",
+            "mm_page_free_raw",
+            "mm_page_free_batched_raw",
+            "percpu_free_percpu_raw",
+            "free_vmap_area_noflush_raw",
+        ]
+        .iter()
+        .map(|p| misses(p))
+        .sum();
+        let frees_missed = first_free_misses
             .saturating_sub(tracer.counter(counter::SLAB_FREES_NESTED))
             + misses("kfree")
             + misses("kmem_cache_free");
-        let allocs_missed = misses("kmalloc_raw")
-            + misses("kmem_cache_alloc_raw")
-            + misses("kmalloc")
-            + misses("kmem_cache_alloc");
+        let allocs_missed: u64 = [
+            "kmalloc_raw",
+            "kmem_cache_alloc_raw",
+            "kmalloc",
+            "kmem_cache_alloc",
+            "mm_page_alloc_raw",
+            "percpu_alloc_percpu_raw",
+            "alloc_vmap_area_raw",
+        ]
+        .iter()
+        .map(|p| misses(p))
+        .sum();
         let causes = vec![
             loss(
                 "frees_missed",
                 frees_missed,
-                "frees the kernel skipped while a free program ran on that CPU, at most \
-                 (their objects stay outstanding until their address is allocated again)",
+                "frees neither free program saw (nested twice in interrupts; estimated): their \
+                 objects stay outstanding until their address is allocated again",
             ),
             loss(
                 "allocs_missed",
@@ -848,8 +920,8 @@ impl SlabAnalysis {
             ),
             loss(
                 "slab_sites_full",
-                tracer.counter(counter::SLAB_GROUPS_FULL),
-                "callsite counter map full: allocations left out of per-callsite rates",
+                tracer.counter(counter::SLAB_SITES_FULL),
+                "callsite counter map full: a site's counts not kept when its slot was handed over",
             ),
             loss(
                 "stack_empty",
@@ -904,8 +976,9 @@ impl SlabAnalysis {
                 frees,
                 allocs_per_s: allocs as f64 / covers,
                 frees_per_s: frees as f64 / covers,
-                implicit_frees: tracer.counter(counter::SLAB_IMPLICIT_FREES),
+                implicit_frees: implicit_total.saturating_sub(base.implicit_frees),
                 max_tracked: self.opts.max_tracked,
+                table_bytes: table_bytes(self.opts.max_tracked),
             },
             lost,
             slabinfo_unavailable: slabinfo_now
@@ -914,6 +987,7 @@ impl SlabAnalysis {
             agent: AgentStats::current(self.records),
         };
         self.collect_stacks(&in_use);
+        self.publish_untracked();
         // Growth is always since the previous report; interval counts since the previous
         // interval report.
         self.prev = prev;
@@ -927,6 +1001,7 @@ impl SlabAnalysis {
             self.prev.sites = sites;
             self.prev.allocs = allocs_total;
             self.prev.frees = frees_total;
+            self.prev.implicit_frees = implicit_total;
         }
         Ok(report)
     }
@@ -993,6 +1068,12 @@ impl Analysis for SlabAnalysis {
         if self.last_classified.elapsed() >= CLASSIFY_EVERY {
             self.last_classified = std::time::Instant::now();
             self.stop_tracking_untraced();
+        }
+        if (self.opts.stacks || self.opts.user_stacks)
+            && self.last_stack_gc.elapsed() >= STACK_GC_EVERY
+        {
+            self.last_stack_gc = std::time::Instant::now();
+            self.gc_stacks();
         }
         more
     }

@@ -3,7 +3,7 @@
 //! names were merged into one cache: UNIX sockets live in `signal_cache` on 6.18).
 use std::{collections::HashMap, path::Path};
 
-use memtrace_common::{is_kmalloc_cache_id, GFP_ACCOUNT, GFP_DMA, GFP_RECLAIMABLE};
+use memtrace_common::{GFP_ACCOUNT, GFP_DMA, GFP_RECLAIMABLE};
 
 pub const SLABINFO: &str = "/proc/slabinfo";
 pub const SYS_SLAB: &str = "/sys/kernel/slab";
@@ -34,11 +34,6 @@ pub fn kmalloc_cache_name(cache_id: u64) -> String {
         "kmalloc-"
     };
     format!("{family}{size}")
-}
-
-/// Is `cache_id` a kmalloc size class (its name inferred, not read from the kernel)?
-pub fn is_inferred(cache_id: u64) -> bool {
-    is_kmalloc_cache_id(cache_id)
 }
 
 /// One row of /proc/slabinfo.
@@ -177,8 +172,6 @@ mod tests {
             "kmalloc-rcl-96"
         );
         assert_eq!(kmalloc_cache_name(id(16384, GFP_KERNEL)), "kmalloc-large");
-        assert!(is_inferred(id(8, 0)));
-        assert!(!is_inferred(0xffff_8880_1234_5600));
     }
 
     #[test]

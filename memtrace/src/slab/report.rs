@@ -126,15 +126,19 @@ pub struct Totals {
     /// Allocations, in what the report covers, at sites that free out of sight: counted, not
     /// tracked (and left out of `allocs`).
     pub allocs_not_tracked: u64,
-    /// In what the report covers.
+    /// In what the report covers, every tracked allocation and free (`--cache` narrows the
+    /// rows and `objects`, not these).
     pub allocs: u64,
     pub frees: u64,
     pub allocs_per_s: f64,
     pub frees_per_s: f64,
-    /// Objects found freed without an event (their address was allocated again).
+    /// Objects found freed without an event (their address was allocated again), in what the
+    /// report covers.
     pub implicit_frees: u64,
-    /// The most objects tracked at once (`--max-tracked`).
+    /// `--max-tracked`: objects the table was sized for.
     pub max_tracked: u32,
+    /// Kernel memory the outstanding-object table takes.
+    pub table_bytes: u64,
 }
 
 fn human_bytes(b: u64) -> String {
