@@ -385,8 +385,9 @@ impl Config {
     };
 }
 
-/// Addresses per bucket of the outstanding-object table: one cache line of keys.
-pub const SLAB_BUCKET_WAYS: usize = 8;
+/// Addresses per bucket of the outstanding-object table: with the overflow word, one cache
+/// line.
+pub const SLAB_BUCKET_WAYS: usize = 7;
 
 /// A bucket of the outstanding-object table: the addresses of outstanding objects (0: a free
 /// way), one cache line. The record of the object at way `w` is `allocs[w]` of the bucket's
@@ -404,6 +405,9 @@ pub const SLAB_BUCKET_WAYS: usize = 8;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlabBucket {
     pub keys: [u64; SLAB_BUCKET_WAYS],
+    /// Non-zero once an address of this bucket went to the next one (this one was full):
+    /// until then a lookup reads this one line only.
+    pub overflowed: u64,
 }
 
 /// The records of one bucket's objects.
@@ -419,16 +423,17 @@ pub const fn slab_bucket(ptr: u64, mask: u32) -> u32 {
     ((ptr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32 & mask
 }
 
-/// Buckets for a table tracking `max_tracked` objects: twice as many ways as objects.
+/// Buckets for a table tracking `max_tracked` objects: a power of two, with 1.5 to 3 ways an
+/// object (a million objects: 2^18 buckets, 1.75 ways each).
 pub const fn slab_buckets_for(max_tracked: u32) -> u32 {
-    let ways = (max_tracked as u64 * 2).div_ceil(SLAB_BUCKET_WAYS as u64);
-    let pow2 = ways.next_power_of_two();
-    if pow2 > 1 << 28 {
+    let needed = (max_tracked as u64 * 3).div_ceil(2 * SLAB_BUCKET_WAYS as u64);
+    let buckets = needed.next_power_of_two();
+    if buckets > 1 << 28 {
         1 << 28
-    } else if pow2 < 2 {
+    } else if buckets < 2 {
         2
     } else {
-        pow2 as u32
+        buckets as u32
     }
 }
 
@@ -731,7 +736,7 @@ mod tests {
         assert_eq!(size_of::<ProcRecord>(), 4 * 4 + 16 + 8);
         assert_eq!(size_of::<SlabStackRecord>(), 4 * 2 + 8 * 2);
         assert_eq!(size_of::<Config>(), 4 * 10);
-        assert_eq!(size_of::<SlabBucket>(), 8 * SLAB_BUCKET_WAYS);
+        assert_eq!(size_of::<SlabBucket>(), 64);
         assert_eq!(
             size_of::<SlabRecords>(),
             size_of::<SlabAlloc>() * SLAB_BUCKET_WAYS
@@ -823,11 +828,12 @@ mod tests {
 
     #[test]
     fn the_outstanding_table_has_room_for_twice_the_objects() {
-        assert_eq!(
-            slab_buckets_for(1 << 20),
-            (1 << 21) / SLAB_BUCKET_WAYS as u32
-        );
-        assert_eq!(slab_buckets_for(1000), 256);
+        for n in [1000u32, 1 << 20, 3_000_000] {
+            let ways = slab_buckets_for(n) as u64 * SLAB_BUCKET_WAYS as u64;
+            assert!(ways * 2 >= n as u64 * 3, "{n}: {ways} ways");
+            assert!(ways <= n as u64 * 3, "{n}: {ways} ways");
+        }
+        assert_eq!(slab_buckets_for(1 << 20), 1 << 18);
         assert_eq!(slab_buckets_for(1), 2);
         // Nearby objects of one slab spread over buckets.
         let mask = slab_buckets_for(1 << 20) - 1;

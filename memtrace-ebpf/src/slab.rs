@@ -69,10 +69,6 @@ static SLAB_STACK_SCRATCH: PerCpuArray<SlabStack> =
     PerCpuArray::with_max_entries(STACK_SCRATCH_LEVELS, 0);
 const STACK_SCRATCH_LEVELS: u32 = 4;
 
-/// Per CPU, how many stack captures are in progress (nested by interrupts).
-#[map]
-static SLAB_STACK_DEPTH_NOW: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
-
 /// `ZERO_SIZE_PTR`: what kmalloc(0) returns; never a real object.
 const ZERO_SIZE_PTR: u64 = 16;
 
@@ -241,26 +237,23 @@ pub fn free_vmap_area_noflush_backup_raw(ctx: RawTracePointContext) -> u32 {
 // program on each free tracepoint, run after the first, handles the frees the first did not
 // (it is free to run when the first is the one interrupted, and the other way round).
 
-/// The last address the first free program handled on each CPU.
-#[map]
-static FREE_MARK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
 /// The first program's free: untracks the object and marks it handled for the second.
 #[inline(always)]
 fn free_and_mark(ptr: u64) {
     on_free(ptr);
-    if let Some(mark) = FREE_MARK.get_ptr_mut(0) {
+    if let Some(cpu) = SLAB_CPU.get_ptr_mut(0) {
         // SAFETY: this CPU's value from a successful lookup.
-        unsafe { *mark = ptr };
+        unsafe { (*cpu).free_mark = ptr };
     }
 }
 
 /// Handles a free the first program skipped (it was running, interrupted, on this CPU).
 #[inline(always)]
 fn on_free_backup(ptr: u64) {
-    if let Some(mark) = FREE_MARK.get_ptr_mut(0) {
+    if let Some(cpu) = SLAB_CPU.get_ptr_mut(0) {
         // SAFETY: this CPU's value from a successful lookup.
         unsafe {
+            let mark = &mut (*cpu).free_mark;
             if *mark == ptr {
                 // Handled. Cleared, so a later free of the same address (slab freelists hand
                 // the last freed address out first) that the first program misses is taken.
@@ -534,15 +527,19 @@ fn on_alloc(
     }
 }
 
-/// A CPU's last clock reading and cgroup answer (see [`clock_and_cgroup`]).
+/// A CPU's small state in one cache line: its last clock reading and cgroup answer (see
+/// [`clock_and_cgroup`]), the free mark, the stack-capture depth.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SlabCpu {
     jiffies: u64,
     time_ns: u64,
     tgid: u32,
-    _pad: u32,
+    /// Stack captures in progress on this CPU (nested by interrupts).
+    stack_depth: u32,
     cgroup: u64,
+    /// The last address the first free program handled (see `on_free_backup`).
+    free_mark: u64,
 }
 
 #[map]
@@ -608,6 +605,14 @@ fn track(ptr: u64, alloc: &SlabAlloc) -> Tracked {
     let Some((b, way)) = free else {
         return Tracked::Full;
     };
+    let first = slab_bucket(ptr, config().slab_bucket_mask);
+    if b != first {
+        // The first bucket is full: from now on its lookups read the next one too.
+        if let Some(home) = SLAB_KEYS.get_ptr_mut(first) {
+            // SAFETY: an array value from a successful lookup; one aligned 8-byte store.
+            unsafe { core::ptr::write_volatile(&mut (*home).overflowed, 1) };
+        }
+    }
     let (Some(keys), Some(records)) = (SLAB_KEYS.get_ptr_mut(b), SLAB_RECORDS.get_ptr_mut(b))
     else {
         return Tracked::Full;
@@ -638,7 +643,8 @@ fn untrack(ptr: u64) -> bool {
 /// A bucket and one of its ways (always below `SLAB_BUCKET_WAYS`).
 type Way = (u32, usize);
 
-/// Where `ptr` is tracked, and the first free way of its two buckets.
+/// Where `ptr` is tracked, and the first free way of its two buckets. The second bucket is
+/// read only if the first has overflowed into it, or is full.
 #[inline(always)]
 fn find(ptr: u64) -> (Option<Way>, Option<Way>) {
     let mask = config().slab_bucket_mask;
@@ -664,6 +670,11 @@ fn find(ptr: u64) -> (Option<Way>, Option<Way>) {
             }
             way += 1;
         }
+        // SAFETY: as above.
+        let overflowed = unsafe { core::ptr::read_volatile(&(*bucket).overflowed) } != 0;
+        if probe == 1 && !overflowed && free.is_some() {
+            break;
+        }
     }
     (None, free)
 }
@@ -680,13 +691,24 @@ fn site_slot(site: &SlabSiteKey) -> Option<&'static mut SlabSiteSlot> {
     let slot = unsafe { &mut *slot };
     if slot.key != *site {
         take_slot(slot, site);
-    } else if let Some(generation) = SLAB_UNTRACKED_GENERATION.get_ptr(0) {
+    } else if (slot.counts.allocs + slot.counts.skipped) % GENERATION_CHECK_EVERY == 0 {
+        check_generation(slot);
+    }
+    Some(slot)
+}
+
+/// Allocations of a site slot between looks at the generation: a change takes effect within
+/// this many allocations of a site on a CPU, and each allocation reads one line less.
+const GENERATION_CHECK_EVERY: u64 = 64;
+
+#[inline(always)]
+fn check_generation(slot: &mut SlabSiteSlot) {
+    if let Some(generation) = SLAB_UNTRACKED_GENERATION.get_ptr(0) {
         // SAFETY: an array value from a successful lookup; a torn read only re-checks.
         if slot.generation != unsafe { core::ptr::read_volatile(generation) } {
             check_untracked(slot);
         }
     }
-    Some(slot)
 }
 
 /// Looks up whether the agent asked for the slot's site not to be tracked.
@@ -766,18 +788,18 @@ fn sampled_stack(ctx: *mut core::ffi::c_void, slot: &mut SlabSiteSlot) -> u64 {
 fn capture_stacks(ctx: *mut core::ffi::c_void) -> u64 {
     // An allocation in an interrupt can run another allocation program on this CPU while this
     // one walks: each nesting level has its own scratch.
-    let Some(depth) = SLAB_STACK_DEPTH_NOW.get_ptr_mut(0) else {
+    let Some(cpu) = SLAB_CPU.get_ptr_mut(0) else {
         return 0;
     };
     // SAFETY: this CPU's value from a successful lookup.
     let level = unsafe {
-        let level = *depth;
-        *depth = level + 1;
+        let level = (*cpu).stack_depth;
+        (*cpu).stack_depth = level + 1;
         level
     };
     let id = capture_stacks_at(ctx, level);
     // SAFETY: as above.
-    unsafe { *depth = level };
+    unsafe { (*cpu).stack_depth = level };
     id
 }
 

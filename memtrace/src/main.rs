@@ -191,9 +191,9 @@ struct SlabArgs {
     /// Also vmalloc areas (vmalloc:alloc_vmap_area/free_vmap_area_noflush; no call site).
     #[arg(long)]
     vmalloc: bool,
-    /// Outstanding objects tracked at most. The kernel table is preallocated, 576 bytes per
-    /// four objects rounded up to a power of two (a million: 144 MiB). Default: a million, or
-    /// fewer under ~15 GiB of memory (1% of it at most).
+    /// Outstanding objects tracked at most. The kernel table is preallocated: about 128 bytes
+    /// an object (a million: 128 MiB). Default: a million, or fewer under ~13 GiB of memory
+    /// (1% of it at most).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
     max_tracked: Option<u32>,
     /// Attach classic tracepoints where raw tracepoints would work (for comparison).

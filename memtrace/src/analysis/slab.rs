@@ -125,9 +125,9 @@ impl UserSymbols {
 const BUCKET_BYTES: u64 = (std::mem::size_of::<memtrace_common::SlabBucket>()
     + std::mem::size_of::<memtrace_common::SlabRecords>()) as u64;
 
-/// The default `--max-tracked`: a million objects, or fewer on a machine with under ~15 GiB,
-/// so the preallocated table (576 bytes per four objects, in buckets of a power of two) stays
-/// within 1% of its memory.
+/// The default `--max-tracked`: a million objects, or fewer on a machine with under ~13 GiB,
+/// so the preallocated table (a 512-byte bucket per four objects, in a power of two of
+/// buckets) stays within 1% of its memory.
 pub fn default_max_tracked() -> u32 {
     let mem_total = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -140,7 +140,7 @@ pub fn default_max_tracked() -> u32 {
     let buckets = (mem_total / 100 / BUCKET_BYTES).clamp(1 << 12, 1 << 18);
     // The largest power of two that fits: the table is sized in powers of two anyway.
     let buckets = 1u64 << (63 - buckets.leading_zeros());
-    (buckets * memtrace_common::SLAB_BUCKET_WAYS as u64 / 2) as u32
+    (buckets * 4) as u32
 }
 
 /// Kernel memory the outstanding-object table takes for `--max-tracked n`.
