@@ -425,6 +425,28 @@ impl Tracer {
     }
 }
 
+/// The `bpf(2)` system call with `cmd` and `attr`, for the commands aya does not offer.
+///
+/// # Safety
+/// `attr` must be the `union bpf_attr` member `cmd` reads, and every pointer in it must be
+/// valid for what the kernel reads or writes there.
+pub(crate) unsafe fn bpf_syscall<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
+    // SAFETY: per the function contract.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as u32,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// `recursion_misses` from `BPF_OBJ_GET_INFO_BY_FD` on a program (kernels since 5.12).
 fn prog_recursion_misses(fd: std::os::fd::RawFd) -> Option<u64> {
     /// `BPF_OBJ_GET_INFO_BY_FD`, and where `struct bpf_prog_info` keeps `recursion_misses`.
@@ -442,17 +464,10 @@ fn prog_recursion_misses(fd: std::os::fd::RawFd) -> Option<u64> {
         info_len: info.len() as u32,
         info: info.as_mut_ptr() as u64,
     };
-    // SAFETY: `attr` points at a buffer of `info_len` bytes that outlives the call; the kernel
-    // writes at most that many and updates `info_len`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut InfoAttr,
-            std::mem::size_of::<InfoAttr>() as u32,
-        )
-    };
-    if rc != 0 || (attr.info_len as usize) < RECURSION_MISSES_AT + 8 {
+    // SAFETY: `attr` is the `info` member of `union bpf_attr` and points at a buffer of
+    // `info_len` bytes that outlives the call; the kernel writes at most that many.
+    let done = unsafe { bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &mut attr) };
+    if done.is_err() || (attr.info_len as usize) < RECURSION_MISSES_AT + 8 {
         return None;
     }
     let bytes = info.get(RECURSION_MISSES_AT..RECURSION_MISSES_AT + 8)?;

@@ -55,17 +55,9 @@ fn read_batch<T>(
     // values of type T, which callers pass as the map's value type (the kernel program
     // defines SLAB_KEYS and SLAB_RECORDS with these types); the tokens are u32s like the
     // array's keys.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_BATCH,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as u32,
-        )
-    };
+    let done = unsafe { crate::loader::bpf_syscall(BPF_MAP_LOOKUP_BATCH, &mut attr) };
     let n = (attr.count as usize).min(values.len());
-    if rc < 0 {
-        let e = std::io::Error::last_os_error();
+    if let Err(e) = done {
         if e.raw_os_error() != Some(libc::ENOENT) {
             return Err(Error::Map(format!(
                 "reading the outstanding-object table (BPF_MAP_LOOKUP_BATCH): {e}"
