@@ -245,10 +245,26 @@ fn slab_max_sites() -> u32 {
 }
 
 fn slab(args: SlabArgs) -> anyhow::Result<ExitCode> {
+    // Usage errors, reported and exited with as clap does (exit 2).
+    let usage = |msg: String| -> ! {
+        use clap::CommandFactory as _;
+        let mut cli = Cli::command();
+        let kind = clap::error::ErrorKind::InvalidValue;
+        match cli.find_subcommand_mut("slab") {
+            Some(slab) => slab
+                .clone()
+                .bin_name("memtrace slab")
+                .error(kind, msg)
+                .exit(),
+            None => cli.error(kind, msg).exit(),
+        }
+    };
     if args.by == GroupBy::Stack && !args.stacks && !args.user_stacks {
-        anyhow::bail!("--by stack needs --stacks or --user-stacks");
+        usage("--by stack needs --stacks or --user-stacks".into());
     }
-    check_cache_names(&args.caches).map_err(anyhow::Error::msg)?;
+    if let Err(e) = check_cache_names(&args.caches) {
+        usage(e);
+    }
     let run = &args.run;
     let max_tracked = args.max_tracked.unwrap_or_else(default_max_tracked);
     let opts = RunOptions {

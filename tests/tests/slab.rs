@@ -406,14 +406,14 @@ fn not_root_is_refused_with_its_exit_code() {
 fn bad_input_is_a_clear_error() {
     fails_with(
         &["--cache", "no_such_cache", "-d", "1s"],
-        1,
+        2,
         "no slab cache named",
     );
     fails_with(&["--by", "thread"], 2, "invalid value 'thread'");
     fails_with(&["--min-age", "soon"], 2, "bad duration");
     fails_with(
         &["--by", "stack", "-d", "1s"],
-        1,
+        2,
         "--by stack needs --stacks",
     );
     fails_with(&["-p", "999999999", "-d", "1s"], 3, "no process with pid");

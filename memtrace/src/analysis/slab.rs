@@ -53,6 +53,25 @@ pub struct SlabReportOptions {
     pub vmalloc: bool,
 }
 
+/// Where a thread's user stack begins (`function+0xoff (module)`): `_start` and libc's
+/// `main` caller for the main thread, the clone entries for the others.
+fn is_thread_entry(frame: &str) -> bool {
+    const ENTRIES: &[&str] = &[
+        "_start",
+        "__libc_start_call_main",
+        "__libc_start_main",
+        "__libc_start_main_impl",
+        "start_thread",
+        "clone",
+        "__clone",
+        "clone3",
+        "__clone3",
+        "thread_start",
+    ];
+    let name = frame.split('+').next().unwrap_or(frame);
+    ENTRIES.contains(&name)
+}
+
 /// A user stack as text, innermost first, and whether the walk was cut.
 type UserFrames = (Vec<String>, bool);
 
@@ -117,7 +136,12 @@ impl UserSymbols {
                 _ => return (frames, true),
             }
         }
-        (frames, false)
+        // A whole stack ends where the thread began; one that ends elsewhere stopped at a
+        // caller without a frame pointer (Debian's python3: libc's socketpair, then nothing).
+        let cut = frames
+            .last()
+            .is_some_and(|f| !f.starts_with("0x") && !is_thread_entry(f));
+        (frames, cut)
     }
 }
 
@@ -659,6 +683,7 @@ impl SlabAnalysis {
             min_age_ns: self.opts.min_age.map_or(0, |d| d.as_nanos() as u64),
             settle_ns: SETTLE.as_nanos() as u64,
             now_ns,
+            counted_until: now_ns,
             stacks: self.opts.stacks || self.opts.user_stacks,
         };
         let sizes: HashMap<u64, (u32, u32)> = self
@@ -666,9 +691,17 @@ impl SlabAnalysis {
             .iter()
             .map(|(&id, m)| (id, (m.object_size, m.size)))
             .collect();
+        // Site counts are read first, then the table: an object allocated meanwhile is in the
+        // table but not in its site's count, so frees count only objects older than this
+        // (the time an allocation carries may lag a tick: a few objects at most).
+        let counted_until = monotonic_ns();
         let sites = self.read_sites();
         let per_cache = self.classify_sites(&sites);
         self.publish_untracked();
+        let fold = Fold {
+            counted_until,
+            ..fold
+        };
         let mut agg = Aggregate::default();
         let mut untraced: HashMap<u64, CacheAcc> = HashMap::new();
         let mut filter = CacheFilter {
@@ -677,14 +710,11 @@ impl SlabAnalysis {
             memo: HashMap::new(),
         };
         let mut in_use: HashMap<u64, u64> = HashMap::new();
-        // Every object in the map, whatever the filters.
-        let mut tracked = 0u64;
         if let Some(maps) = &self.maps {
             let caches = &mut self.caches;
             let frees_untraced = &self.frees_untraced;
             let caches_untraced = &self.caches_untraced;
             outstanding::for_each(&maps.keys, &maps.records, |_, a| {
-                tracked += 1;
                 if a.stack_id != 0 {
                     *in_use.entry(a.stack_id).or_default() += 1;
                 }
@@ -706,9 +736,6 @@ impl SlabAnalysis {
                 }
             })?;
         }
-        // Read after the table: every object seen there was counted as an allocation by then
-        // (read before, an object allocated in between would outnumber its site's count).
-        let sites = self.read_sites();
         let interval = ctx.kind == ReportKind::Interval;
         let empty = Previous::default();
         let prev = std::mem::take(&mut self.prev);
@@ -769,7 +796,7 @@ impl SlabAnalysis {
                 .map(|(id, n)| (*id, n.1));
             let allocs = group_allocs.get(&key).copied();
             let all_before = base.all.get(&key).copied().unwrap_or(0);
-            let frees = allocs.map(|a| (a + all_before).saturating_sub(g.all_objects));
+            let frees = allocs.map(|a| (a + all_before).saturating_sub(g.counted));
             let callsite = call_site.map(|cs| {
                 self.kallsyms
                     .get_or_insert_with(Kallsyms::load)
@@ -817,45 +844,71 @@ impl SlabAnalysis {
         }
 
         let slabinfo_now = caches::read_slabinfo();
-        // Every cache's objects, those of sites that free out of sight included.
-        let mut all_caches = agg.caches.clone();
-        for (&id, c) in &untraced {
-            let e = all_caches.entry(id).or_default();
-            e.objects += c.objects;
-            e.bytes += c.bytes;
-        }
-        let mut cache_rows: Vec<(u64, u64, u64)> = all_caches
-            .iter()
-            .map(|(&id, c)| (id, c.objects, c.bytes))
-            .collect();
-        cache_rows.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.cmp(&a.1)).then(a.0.cmp(&b.0)));
-        let mut caches_out = Vec::new();
-        for (id, objects, bytes) in cache_rows {
+        // One row per cache name (kmalloc-large takes several size ids): the objects of sites
+        // that free in sight, and apart those of sites that do not.
+        let mut rows: HashMap<String, CacheReport> = HashMap::new();
+        let ids: HashSet<u64> = agg.caches.keys().chain(untraced.keys()).copied().collect();
+        for id in ids {
             let m = self.cache_meta(id).clone();
-            let start = self
-                .slabinfo_start
-                .as_ref()
-                .ok()
-                .and_then(|s| s.get(&m.name));
-            let now = slabinfo_now.as_ref().ok().and_then(|s| s.get(&m.name));
-            caches_out.push(CacheReport {
-                frees_untraced: untraced.contains_key(&id),
-                implicit_frees: per_cache.get(&id).map_or(0, |c| c.implicit_frees),
-                aliases: self.aliases.aliases_of(&m.name),
-                inferred: m.inferred,
-                objects,
-                bytes,
-                slabinfo_delta: match (start, now) {
-                    (Some(s), Some(n)) => Some(n.active_objs as i64 - s.active_objs as i64),
-                    _ => None,
-                },
-                slabinfo_active: now.map(|n| n.active_objs),
-                name: m.name,
+            let traced = agg.caches.get(&id).copied().unwrap_or_default();
+            let out_of_sight = untraced.get(&id).copied().unwrap_or_default();
+            let implicit = per_cache.get(&id).map_or(0, |c| c.implicit_frees);
+            let row = rows.entry(m.name.clone()).or_insert_with(|| {
+                let start = self
+                    .slabinfo_start
+                    .as_ref()
+                    .ok()
+                    .and_then(|s| s.get(&m.name));
+                let now = slabinfo_now.as_ref().ok().and_then(|s| s.get(&m.name));
+                CacheReport {
+                    frees_untraced: false,
+                    objects_frees_untraced: 0,
+                    implicit_frees: 0,
+                    aliases: self.aliases.aliases_of(&m.name),
+                    inferred: m.inferred,
+                    objects: 0,
+                    bytes: 0,
+                    slabinfo_delta: match (start, now) {
+                        (Some(s), Some(n)) => Some(n.active_objs as i64 - s.active_objs as i64),
+                        _ => None,
+                    },
+                    slabinfo_active: now.map(|n| n.active_objs),
+                    name: m.name.clone(),
+                }
             });
+            row.objects += traced.objects;
+            row.bytes += traced.bytes;
+            row.objects_frees_untraced += out_of_sight.objects;
+            row.frees_untraced |= out_of_sight.objects > 0;
+            row.implicit_frees += implicit;
         }
+        let mut caches_out: Vec<CacheReport> = rows.into_values().collect();
+        caches_out.sort_by(|a, b| {
+            (b.bytes, b.objects, b.objects_frees_untraced)
+                .cmp(&(a.bytes, a.objects, a.objects_frees_untraced))
+                .then_with(|| a.name.cmp(&b.name))
+        });
 
         let tracer = ctx.tracer;
-        let (allocs_total, frees_total) = Self::counters(&sites, tracked);
+        // Totals cover the rows' objects: sites of the caches asked for, that free in sight.
+        let mut memo = HashMap::new();
+        let mut counted_sites = HashMap::new();
+        for (k, c) in &sites {
+            let traced =
+                !self.frees_untraced.contains(k) && !self.caches_untraced.contains(&k.cache);
+            let wanted = *memo.entry(k.cache).or_insert_with(|| {
+                CacheFilter {
+                    names: &self.opts.caches,
+                    aliases: &self.aliases,
+                    memo: HashMap::new(),
+                }
+                .wants(&mut self.caches, k.cache)
+            });
+            if traced && wanted {
+                counted_sites.insert(*k, *c);
+            }
+        }
+        let (allocs_total, frees_total) = Self::counters(&counted_sites, agg.counted);
         let skipped: u64 = sites.values().map(|c| c.skipped).sum();
         let implicit_total = tracer.counter(counter::SLAB_IMPLICIT_FREES);
         let skipped_before: u64 = base.sites.values().map(|c| c.skipped).sum();
@@ -1018,6 +1071,10 @@ impl Analysis for SlabAnalysis {
         self.hook_groups
     }
 
+    fn traces_kernel_threads(&self) -> bool {
+        true
+    }
+
     fn start(&mut self, tracer: &mut Tracer, _system_wide: bool) -> Result<(), Error> {
         let map_err = |e: aya::maps::MapError| Error::Map(e.to_string());
         let array = |m: Map, name: &str| match m {
@@ -1168,6 +1225,14 @@ mod tests {
         assert!(!frees_untraced(&counts(1000, 49)), "under one in twenty");
         assert!(!frees_untraced(&counts(20, 15)), "too few to tell");
         assert!(!frees_untraced(&counts(1_000_000, 0)));
+    }
+
+    #[test]
+    fn a_user_stack_is_whole_when_it_ends_where_the_thread_began() {
+        assert!(is_thread_entry("__libc_start_call_main+0x7a (libc.so.6)"));
+        assert!(is_thread_entry("start_thread+0xf2 (libc.so.6)"));
+        assert!(!is_thread_entry("__GI_socketpair+0xa (libc.so.6)"));
+        assert!(!is_thread_entry("main+0x2d (app)"));
     }
 
     #[test]

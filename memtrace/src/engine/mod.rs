@@ -36,6 +36,11 @@ pub trait Analysis {
     /// The hook groups to load and attach: only these.
     fn hook_groups(&self) -> &'static [&'static HookGroup];
 
+    /// May `-p` name a kernel thread? (Page faults: no, they take none; slab: yes.)
+    fn traces_kernel_threads(&self) -> bool {
+        false
+    }
+
     /// The programs are loaded and attached, no target has started: take the maps read at
     /// report time, open side channels, say what the run goes without.
     fn start(&mut self, tracer: &mut Tracer, system_wide: bool) -> Result<(), Error>;
@@ -166,7 +171,7 @@ pub async fn run<A: Analysis>(
     tune_allocator();
     // Refuse what cannot be traced before loading anything.
     let watched = match &opts.target {
-        Target::Pids(pids) => watch_pids(pids)?,
+        Target::Pids(pids) => watch_pids(pids, analysis.traces_kernel_threads())?,
         Target::Command(argv) => {
             if let Some(program) = argv.first() {
                 resolve_command(program)?;

@@ -111,8 +111,9 @@ fn pidfd_exited(pidfd: &OwnedFd) -> bool {
 }
 
 /// Resolves the `-p` pids: a thread stands for its process (said on stderr), a kernel thread
-/// is refused (it takes no user page faults), and each process is held by a pidfd from now on.
-pub(crate) fn watch_pids(pids: &[u32]) -> Result<Vec<WatchedProcess>, Error> {
+/// is refused unless the analysis traces them (it takes no user page faults, but allocates
+/// kernel memory), and each process is held by a pidfd from now on.
+pub(crate) fn watch_pids(pids: &[u32], kernel_threads: bool) -> Result<Vec<WatchedProcess>, Error> {
     let mut watched: Vec<WatchedProcess> = Vec::new();
     for &pid in pids {
         let process = thread_group(pid)?;
@@ -121,7 +122,7 @@ pub(crate) fn watch_pids(pids: &[u32]) -> Result<Vec<WatchedProcess>, Error> {
                 "memtrace: pid {pid} is a thread of process {process}; tracing process {process}"
             ));
         }
-        if is_kernel_thread(process) == Some(true) {
+        if !kernel_threads && is_kernel_thread(process) == Some(true) {
             return Err(Error::KernelThread {
                 pid,
                 comm: comm(process),

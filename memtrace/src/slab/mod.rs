@@ -80,8 +80,11 @@ pub struct GroupAcc {
     pub objects: u64,
     pub bytes: u64,
     pub requested_bytes: u64,
-    /// Every outstanding object of the group, however young (frees count these).
+    /// Every outstanding object of the group, however young.
     pub all_objects: u64,
+    /// Those allocated by [`Fold::counted_until`] (frees count these against the site counts
+    /// read then).
+    pub counted: u64,
     /// Objects shown that are at least [`Fold::settle_ns`] old: growth counts these, so objects
     /// in flight (an RCU grace period, a request in progress) do not register as growth.
     pub settled: u64,
@@ -122,6 +125,8 @@ pub struct Aggregate {
     /// Every outstanding object that passed the cache filter.
     pub objects: u64,
     pub bytes: u64,
+    /// Of those, the ones allocated by [`Fold::counted_until`].
+    pub counted: u64,
     /// Stacks referenced by any outstanding object (kept in the kernel's stack map).
     pub stacks_in_use: HashMap<u64, u64>,
 }
@@ -134,6 +139,8 @@ pub struct Fold {
     pub min_age_ns: u64,
     /// Objects younger than this do not count as growth.
     pub settle_ns: u64,
+    /// When the site counts were read: objects allocated later are not in them.
+    pub counted_until: u64,
     /// Now, on the kernel's clock (`CLOCK_MONOTONIC` ns).
     pub now_ns: u64,
     pub stacks: bool,
@@ -158,6 +165,10 @@ impl Aggregate {
         }
         let g = self.groups.entry(group_key(fold.by, a)).or_default();
         g.all_objects += 1;
+        if a.time_ns <= fold.counted_until {
+            g.counted += 1;
+            self.counted += 1;
+        }
         let age_ns = fold.now_ns.saturating_sub(a.time_ns);
         if age_ns < fold.min_age_ns {
             return;
@@ -215,6 +226,7 @@ mod tests {
             min_age_ns: 0,
             settle_ns: 1_000 * 1_000_000,
             now_ns: 10_000 * 1_000_000,
+            counted_until: 9_000 * 1_000_000,
             stacks: false,
         };
         let mut agg = Aggregate::default();
@@ -226,6 +238,11 @@ mod tests {
         let a = &agg.groups[&(0xa, 192)];
         assert_eq!((a.objects, a.bytes, a.all_objects), (2, 384, 2));
         assert_eq!(a.settled, 1, "only the 5 s old object has settled");
+        assert_eq!(
+            a.counted, 1,
+            "the other came after the site counts were read"
+        );
+        assert_eq!(agg.counted, 2);
         assert_eq!(a.pid, One::Many);
         assert_eq!(a.call_site.get(), Some(0xa));
         assert_eq!(a.oldest_ns, Some(5_000 * 1_000_000));
@@ -250,6 +267,7 @@ mod tests {
             min_age_ns: 1_000 * 1_000_000,
             settle_ns: 1_000 * 1_000_000,
             now_ns: 10_000 * 1_000_000,
+            counted_until: 10_000 * 1_000_000,
             stacks: false,
         };
         let mut agg = Aggregate::default();

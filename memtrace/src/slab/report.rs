@@ -98,13 +98,14 @@ pub struct CacheReport {
     /// Other names merged into this cache (/sys/kernel/slab).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
-    /// Objects allocated since the start and still outstanding.
+    /// Objects allocated since the start and still outstanding (of sites that free in sight).
     pub objects: u64,
     /// Some of the cache's sites free without an event (kfree_rcu, bulk frees): their
-    /// outstanding objects are mostly freed already, and stay out of groups and totals (they
-    /// are in `objects` here).
+    /// outstanding objects are mostly freed already, so they are counted here and nowhere
+    /// else.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub frees_untraced: bool,
+    pub objects_frees_untraced: u64,
     /// Allocations at an address still tracked (the object before was freed without an event).
     pub implicit_frees: u64,
     pub bytes: u64,
@@ -244,7 +245,7 @@ pub fn render(r: &SlabReport, format: Format, top: usize, hist: bool) -> String 
             human_age(g.max_age_ms),
         );
         if let Some(stack) = &g.kernel_stack {
-            for f in stack.iter().take(12) {
+            for f in stack {
                 let _ = writeln!(out, "    {f}");
             }
         }
@@ -255,7 +256,7 @@ pub fn render(r: &SlabReport, format: Format, top: usize, hist: bool) -> String 
             if g.kernel_stack.is_some() {
                 let _ = writeln!(out, "    -- user --");
             }
-            for f in stack.iter().take(12) {
+            for f in stack {
                 let _ = writeln!(out, "    {f}");
             }
             if g.user_stack_truncated {
@@ -298,12 +299,12 @@ pub fn render(r: &SlabReport, format: Format, top: usize, hist: bool) -> String 
             c.aliases.join(",")
         );
     }
-    if r.caches.iter().any(|c| c.frees_untraced) {
+    for c in r.caches.iter().take(top).filter(|c| c.frees_untraced) {
         let _ = writeln!(
             out,
-            "! callsites whose frees this kernel does not trace (kfree_rcu, bulk frees): {} \
-             objects left out of the groups",
-            r.totals.objects_frees_untraced
+            "! {}: {} more objects of callsites whose frees this kernel does not trace \
+             (kfree_rcu, bulk frees): most are freed, none is counted above",
+            c.name, c.objects_frees_untraced
         );
     }
     if let Some(why) = &r.slabinfo_unavailable {
@@ -448,6 +449,7 @@ mod tests {
                 aliases: vec!["UNIX".into()],
                 objects: 10,
                 frees_untraced: false,
+                objects_frees_untraced: 0,
                 implicit_frees: 0,
                 bytes: 11520,
                 slabinfo_delta: Some(9),
