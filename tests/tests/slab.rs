@@ -301,7 +301,7 @@ fn kernel_and_user_stacks_show_the_code_behind_an_allocation() {
         w.to_str().unwrap(),
         "pipes",
         "300",
-        "1500",
+        "3000",
         "0",
     ]);
     let row = reports

@@ -105,7 +105,12 @@ impl UserSymbols {
                 self.cache.clear();
             }
             let src = Source::Process(Process::new(pid.into()));
-            let symbolizer = Symbolizer::new();
+            // Symbol tables only: rows print function+offset, and parsing DWARF (libc6-dbg's
+            // is large) held up the first report by half a second.
+            let symbolizer = Symbolizer::builder()
+                .enable_code_info(false)
+                .enable_inlined_fns(false)
+                .build();
             let found = symbolizer
                 .symbolize(&src, Input::AbsAddr(&missing))
                 .unwrap_or_default();
@@ -581,20 +586,14 @@ impl SlabAnalysis {
         }
         let started = std::time::Instant::now();
         let mut pending = std::mem::take(&mut self.new_stacks);
-        pending.sort_unstable();
         let mut i = 0;
         while i < pending.len() && started.elapsed() < SYMBOLIZE_BUDGET {
-            let pid = pending[i].0;
-            let mut j = i;
-            while j < pending.len() && pending[j].0 == pid {
-                let id = pending[j].1;
-                if let Some((_, user)) = self.stack_frames(id).cloned() {
-                    let text = self.user_symbols.describe(pid, &user);
-                    self.user_text.insert(id, text);
-                }
-                j += 1;
+            let (pid, id) = pending[i];
+            if let Some((_, user)) = self.stack_frames(id).cloned() {
+                let text = self.user_symbols.describe(pid, &user);
+                self.user_text.insert(id, text);
             }
-            i = j;
+            i += 1;
         }
         self.new_stacks = pending.split_off(i);
     }
