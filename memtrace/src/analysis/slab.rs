@@ -1036,7 +1036,9 @@ impl SlabAnalysis {
             slabinfo_unavailable: slabinfo_now
                 .err()
                 .or_else(|| self.slabinfo_start.clone().err()),
-            agent: AgentStats::current(self.records),
+            // Per slab event traced (allocations and frees since the start), not per ring
+            // record: the kernel sends the agent almost none.
+            agent: AgentStats::current(allocs_total + frees_total + skipped),
         };
         self.collect_stacks(&in_use);
         self.publish_untracked();
