@@ -316,8 +316,11 @@ fn two_callers(pages: usize) -> Result<()> {
     report(&format!("pages={pages}"))
 }
 
+// The constants keep the two bodies different: LLVM merges identical functions into one
+// symbol (it did once this crate grew a module), and the test needs two callers.
 #[inline(never)]
 fn first_caller(pages: usize) -> Result<()> {
+    std::hint::black_box(1u32);
     let base = map_anon(pages * PAGE, false)?;
     touch_pages_write(base, pages);
     Ok(())
@@ -325,6 +328,7 @@ fn first_caller(pages: usize) -> Result<()> {
 
 #[inline(never)]
 fn second_caller(pages: usize) -> Result<()> {
+    std::hint::black_box(2u32);
     let base = map_anon(pages * PAGE, false)?;
     touch_pages_write(base, pages);
     Ok(())
