@@ -124,6 +124,16 @@ pub struct Loss {
     pub description: &'static str,
 }
 
+impl Loss {
+    pub fn new(id: &'static str, count: u64, description: &'static str) -> Self {
+        Self {
+            id,
+            count,
+            description,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct LostReport {
     /// Fault records that never reached the agent (counts are low by this much).
@@ -555,11 +565,7 @@ fn all_callsites(collector: &Collector, interval: bool) -> Vec<SiteRef<'_>> {
 
 /// Every source of lost or degraded data, in report order.
 fn loss_table(c: &KernelCounters, stats: &crate::collector::CollectorStats) -> Vec<Loss> {
-    let loss = |id, count, description| Loss {
-        id,
-        count,
-        description,
-    };
+    let loss = Loss::new;
     vec![
         loss(
             "ringbuf_full_fault",

@@ -373,7 +373,6 @@ pub struct SlabAnalysis {
     untracked_changed: bool,
     last_classified: std::time::Instant,
     last_stack_gc: std::time::Instant,
-    records: u64,
 }
 
 impl SlabAnalysis {
@@ -411,7 +410,6 @@ impl SlabAnalysis {
             untracked_changed: false,
             last_classified: std::time::Instant::now(),
             last_stack_gc: std::time::Instant::now(),
-            records: 0,
         }
     }
 
@@ -735,6 +733,17 @@ impl SlabAnalysis {
                 }
             })?;
         }
+        // The sites the rows and totals count: of the caches asked for, freeing in sight.
+        let counted_sites: HashMap<SlabSiteKey, SlabSiteCounts> = sites
+            .iter()
+            .filter(|(k, _)| {
+                !self.frees_untraced.contains(k)
+                    && !self.caches_untraced.contains(&k.cache)
+                    && filter.wants(&mut self.caches, k.cache)
+            })
+            .map(|(k, c)| (*k, *c))
+            .collect();
+        drop(filter);
         let interval = ctx.kind == ReportKind::Interval;
         let empty = Previous::default();
         let prev = std::mem::take(&mut self.prev);
@@ -742,11 +751,7 @@ impl SlabAnalysis {
         // Allocations per group in what the report covers (callsite and cache groups only).
         let mut group_allocs: HashMap<GroupKey, u64> = HashMap::new();
         if matches!(self.opts.by, GroupBy::Callsite | GroupBy::Cache) {
-            for (k, &n) in &sites {
-                // Their objects are counted apart, not in the rows.
-                if self.frees_untraced.contains(k) || self.caches_untraced.contains(&k.cache) {
-                    continue;
-                }
+            for (k, &n) in &counted_sites {
                 let before = base.sites.get(k).map_or(0, |c| c.allocs);
                 let since = n.allocs.saturating_sub(before);
                 let key = match self.opts.by {
@@ -889,24 +894,6 @@ impl SlabAnalysis {
         });
 
         let tracer = ctx.tracer;
-        // Totals cover the rows' objects: sites of the caches asked for, that free in sight.
-        let mut memo = HashMap::new();
-        let mut counted_sites = HashMap::new();
-        for (k, c) in &sites {
-            let traced =
-                !self.frees_untraced.contains(k) && !self.caches_untraced.contains(&k.cache);
-            let wanted = *memo.entry(k.cache).or_insert_with(|| {
-                CacheFilter {
-                    names: &self.opts.caches,
-                    aliases: &self.aliases,
-                    memo: HashMap::new(),
-                }
-                .wants(&mut self.caches, k.cache)
-            });
-            if traced && wanted {
-                counted_sites.insert(*k, *c);
-            }
-        }
         let (allocs_total, frees_total) = Self::counters(&counted_sites, agg.counted);
         let skipped: u64 = sites.values().map(|c| c.skipped).sum();
         let implicit_total = tracer.counter(counter::SLAB_IMPLICIT_FREES);
@@ -917,11 +904,7 @@ impl SlabAnalysis {
         );
         let covers = ctx.covers.as_secs_f64().max(1e-9);
         let c = tracer.counters();
-        let loss = |id, count, description| Loss {
-            id,
-            count,
-            description,
-        };
+        let loss = Loss::new;
         let misses = |name: &str| tracer.recursion_misses(name).unwrap_or(0);
         // A free is lost when its first program skipped it and the second did not pick it up
         // (nested twice, or no second program).
@@ -1153,7 +1136,6 @@ impl SlabAnalysis {
             let Some(item) = ring.next() else {
                 return false;
             };
-            self.records += 1;
             match record::decode(&item) {
                 Some(Record::Proc(p)) => self.on_proc(&p),
                 Some(Record::SlabStack(s)) if self.new_stacks.len() < MAX_NEW_STACKS => {
@@ -1201,7 +1183,7 @@ impl SlabAnalysis {
                         causes: Vec::new(),
                     },
                     slabinfo_unavailable: Some(e.to_string()),
-                    agent: AgentStats::current(self.records),
+                    agent: AgentStats::current(0),
                 }
             }
         }
