@@ -15,6 +15,7 @@ pub mod fault;
 pub mod hooks;
 pub mod ksyms;
 pub mod loader;
+pub mod procmem;
 pub mod record;
 pub mod report;
 pub mod ring;
@@ -23,6 +24,7 @@ pub mod slab;
 pub mod stacks;
 pub mod symbolize;
 pub mod tracefs;
+pub mod units;
 pub mod unwind;
 
 pub use error::Error;

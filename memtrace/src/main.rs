@@ -12,6 +12,7 @@ use memtrace::{
     },
     engine::{self, RunOptions, Target},
     loader::{SlabOptions, TracerOptions},
+    procmem,
     report::{Format, ReportOptions},
     slab::GroupBy,
 };
@@ -36,6 +37,10 @@ enum Cmd {
     /// Outstanding kernel slab objects (kmalloc, kmem_cache_alloc) by callsite, cache, process
     /// or stack, with ages, growth and /proc/slabinfo beside them. No target: the whole system.
     Slab(SlabArgs),
+    /// VSS, RSS, PSS, USS and swap per process, by kind of memory (from /proc: no eBPF, no
+    /// root needed for your own processes). No pid: every process by USS, and the system's
+    /// figures from /proc/meminfo.
+    Snapshot(SnapshotArgs),
     /// What this kernel allows and which probes memtrace will use.
     Check {
         #[arg(long, value_enum, default_value = "table")]
@@ -201,6 +206,25 @@ struct SlabArgs {
     classic_tracepoints: bool,
 }
 
+#[derive(Args)]
+struct SnapshotArgs {
+    /// This process only (a thread's id stands for its process); repeat for several.
+    #[arg(short, long = "pid")]
+    pid: Vec<u32>,
+    /// Rows in the table (0: all).
+    #[arg(long, default_value_t = 20)]
+    top: usize,
+    /// Each process's memory by kind in the table (always with -p; JSON always has it).
+    #[arg(long)]
+    kinds: bool,
+    /// table, or one JSON document.
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+    /// Write the report to this file (created or truncated) instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
 /// memtrace's own exit codes; with `-- CMD` a run otherwise exits with the command's status.
 const EXIT_ERROR: u8 = 1;
 const EXIT_NO_SUCH_PROCESS: u8 = 3;
@@ -354,6 +378,54 @@ where
     })
 }
 
+fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
+    if args.format == Format::Folded {
+        use clap::CommandFactory as _;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::InvalidValue,
+                "memtrace snapshot: --format is table or json",
+            )
+            .exit();
+    }
+    let pids = (!args.pid.is_empty()).then_some(args.pid.as_slice());
+    let mut snap = procmem::snapshot(pids, true).context("reading /proc")?;
+    snap.show_kinds |= args.kinds;
+    let opts = ReportOptions {
+        format: args.format,
+        top: args.top,
+        threads: false,
+        hist: false,
+    };
+    // Asked for by pid and none could be read: say why, and fail as a missing pid does.
+    if pids.is_some() && snap.processes.is_empty() {
+        for s in &snap.skipped {
+            let _ = writeln!(
+                std::io::stderr(),
+                "memtrace: pid {}: {}",
+                s.pid,
+                s.reason.describe()
+            );
+        }
+        let gone = snap.skipped.iter().all(|s| {
+            matches!(
+                s.reason,
+                procmem::Unreadable::Gone | procmem::Unreadable::KernelThread
+            )
+        });
+        return Ok(ExitCode::from(if gone {
+            EXIT_NO_SUCH_PROCESS
+        } else {
+            EXIT_ERROR
+        }));
+    }
+    let mut sink = ReportSink::open(args.output.as_deref(), opts, false)?;
+    if sink.write(&snap, engine::ReportKind::Final)? == Delivery::ReaderGone {
+        return Ok(ExitCode::from(EXIT_READER_GONE));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn check(format: Format) -> anyhow::Result<ExitCode> {
     let (probes, ok) = memtrace::check::run();
     let text = match format {
@@ -394,6 +466,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Faults(args) => faults(args),
         Cmd::Slab(args) => slab(args),
+        Cmd::Snapshot(args) => snapshot(args),
         Cmd::Check { format } => check(format),
     };
     result.unwrap_or_else(|e| {

@@ -31,6 +31,12 @@ impl Report for SlabReport {
     }
 }
 
+impl Report for memtrace::procmem::Snapshot {
+    fn render(&self, opts: &ReportOptions) -> String {
+        memtrace::procmem::render(self, opts.top)
+    }
+}
+
 /// The value of a JSON document's `report` field.
 fn kind_name(kind: ReportKind) -> &'static str {
     match kind {

@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+mod mem_workloads;
 mod slab_workloads;
 
 const PAGE: usize = 4096;
@@ -479,7 +480,9 @@ fn usage() -> ! {
          \x20      kernel-touch PAGES | two-callers PAGES | interleaved-callers PAGES |\n\
          \x20      leaf-touch PAGES | distinct-stacks PATHS |\n\
          \x20      heap PAGES | file PATH PAGES | cow PATH PAGES |\n\
-         \x20      threads N PAGES | forks N PAGES | wait-then-anon PAGES | sleep MS | demo DIR"
+         \x20      threads N PAGES | forks N PAGES | wait-then-anon PAGES | sleep MS | demo DIR |\n\
+         \x20      kinds ANON_PAGES SHM_PAGES PATH FILE_PAGES HOLD_MS |\n\
+         \x20      leak BYTES_PER_S MS | steady BYTES MS"
     );
     std::process::exit(2)
 }
@@ -514,6 +517,9 @@ fn main() -> Result<()> {
         "pipe-churn" => slab_workloads::pipe_churn(num(1)? as u64, num(2).unwrap_or(0)),
         "mmap-churn" => slab_workloads::mmap_churn(num(1)? as u64),
         "files" => slab_workloads::files(s(1), num(2)?, num(3)? as u64),
+        "kinds" => mem_workloads::kinds(num(1)?, num(2)?, s(3), num(4)?, num(5)? as u64),
+        "leak" => mem_workloads::leak(num(1)?, num(2)? as u64),
+        "steady" => mem_workloads::steady(num(1)?, num(2)? as u64),
         _ => usage(),
     }
 }

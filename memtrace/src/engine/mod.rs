@@ -15,7 +15,7 @@ use std::{
 use tokio::{io::unix::AsyncFd, time::MissedTickBehavior};
 
 pub use signals::install_stop_signals;
-pub use target::{process_alive, resolve_command, Target};
+pub use target::{is_kernel_thread, process_alive, resolve_command, Target};
 
 use crate::{
     collector::KernelFaults,

@@ -36,7 +36,7 @@ pub fn process_alive(pid: u32) -> bool {
 const PF_KTHREAD: u64 = 0x0020_0000;
 
 /// Is `pid` a kernel thread? `None` if /proc cannot tell.
-fn is_kernel_thread(pid: u32) -> Option<bool> {
+pub fn is_kernel_thread(pid: u32) -> Option<bool> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(") ")?;
     // After the comm: state (field 3), ppid, pgrp, session, tty_nr, tpgid, flags (field 9).

@@ -4,7 +4,10 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::{GroupBy, AGE_BUCKETS_MS};
-use crate::report::{AgentStats, Format, LostReport, Scope};
+use crate::{
+    report::{AgentStats, Format, LostReport, Scope},
+    units::{human_age, human_bytes},
+};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SlabReport {
@@ -140,24 +143,6 @@ pub struct Totals {
     pub max_tracked: u32,
     /// Kernel memory the outstanding-object table takes.
     pub table_bytes: u64,
-}
-
-fn human_bytes(b: u64) -> String {
-    match b {
-        b if b >= 10 << 30 => format!("{} GiB", b >> 30),
-        b if b >= 10 << 20 => format!("{} MiB", b >> 20),
-        b if b >= 10 << 10 => format!("{} KiB", b >> 10),
-        b => format!("{b} B"),
-    }
-}
-
-fn human_age(ms: u64) -> String {
-    match ms {
-        ms if ms >= 3_600_000 => format!("{:.1}h", ms as f64 / 3_600_000.0),
-        ms if ms >= 60_000 => format!("{:.1}m", ms as f64 / 60_000.0),
-        ms if ms >= 1_000 => format!("{:.1}s", ms as f64 / 1_000.0),
-        ms => format!("{ms}ms"),
-    }
 }
 
 fn cache_label(g: &GroupReport) -> String {
@@ -403,11 +388,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_and_ages_read_as_people_write_them() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(20 << 20), "20 MiB");
-        assert_eq!(human_age(950), "950ms");
-        assert_eq!(human_age(90_000), "1.5m");
+    fn long_names_are_cut() {
         assert_eq!(truncate("abcdef", 4), "abc…");
     }
 

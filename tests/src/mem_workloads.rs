@@ -1,0 +1,82 @@
+//! Workloads with known process memory: each kind of memory touched to a known size, a steady
+//! user-space leak, and a workload of constant size that churns.
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::{cold_file, map_anon, map_file, report, touch_pages_read, touch_pages_write, PAGE};
+
+/// Touches `anon` pages of private anonymous memory, `shm` pages of shared anonymous memory
+/// and `file_pages` of a private mapping of the file `path` (created), then holds them
+/// `hold_ms`.
+pub fn kinds(anon: usize, shm: usize, path: &str, file_pages: usize, hold_ms: u64) -> Result<()> {
+    // A kind of 0 pages is left out (mmap takes no empty mapping).
+    if anon > 0 {
+        touch_pages_write(map_anon(anon * PAGE, false)?, anon);
+    }
+    if shm > 0 {
+        touch_pages_write(map_anon(shm * PAGE, true)?, shm);
+    }
+    let _file = if file_pages > 0 {
+        let f = cold_file(path, file_pages)?;
+        touch_pages_read(
+            map_file(&f, file_pages * PAGE, libc::PROT_READ)?,
+            file_pages,
+        );
+        Some(f)
+    } else {
+        None
+    };
+    report(&format!(
+        "phase=ready anon_bytes={} shm_bytes={} file_bytes={}",
+        anon * PAGE,
+        shm * PAGE,
+        file_pages * PAGE
+    ))?;
+    std::thread::sleep(Duration::from_millis(hold_ms));
+    Ok(())
+}
+
+/// One more buffer of `bytes`, touched and never freed.
+#[inline(never)]
+fn leak_chunk(bytes: usize) -> usize {
+    let chunk = vec![0x6bu8; bytes];
+    let len = chunk.len();
+    std::mem::forget(std::hint::black_box(chunk));
+    len
+}
+
+/// Leaks `bytes_per_s` of heap, a tenth every 100 ms, for `duration_ms`.
+pub fn leak(bytes_per_s: usize, duration_ms: u64) -> Result<()> {
+    let start = Instant::now();
+    let mut leaked = 0;
+    let mut tick = 0u32;
+    while start.elapsed() < Duration::from_millis(duration_ms) {
+        leaked += leak_chunk(bytes_per_s / 10);
+        tick += 1;
+        // On a fixed schedule, so the rate holds however long a chunk takes.
+        let next = Duration::from_millis(100) * tick;
+        if let Some(wait) = next.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    report(&format!("leaked_bytes={leaked}"))
+}
+
+/// Holds `bytes` of heap in ten buffers and, every 100 ms for `duration_ms`, frees one and
+/// allocates it again: busy, constant in size.
+pub fn steady(bytes: usize, duration_ms: u64) -> Result<()> {
+    let start = Instant::now();
+    let mut buffers: Vec<Vec<u8>> = (0..10).map(|_| vec![0x5au8; bytes / 10]).collect();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_millis(duration_ms) {
+        buffers[i % 10] = Vec::new();
+        buffers[i % 10] = vec![i as u8; bytes / 10];
+        i += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    report(&format!(
+        "held_bytes={}",
+        buffers.iter().map(Vec::len).sum::<usize>()
+    ))
+}

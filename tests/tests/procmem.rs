@@ -1,0 +1,254 @@
+//! `memtrace snapshot` and `memtrace watch` against real processes, checked against the
+//! kernel's own accounting (/proc/PID/smaps_rollup). Needs root (to run workloads as another
+//! user and to read every process).
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, Stdio},
+};
+
+use serde_json::Value;
+
+mod common;
+use common::{memtrace, require_root, workload};
+
+const MIB: u64 = 1 << 20;
+
+/// A workload started and read up to its first line; killed when dropped.
+struct Workload {
+    child: Child,
+    line: String,
+}
+
+impl Workload {
+    fn start(args: &[&str], as_nobody: bool) -> Self {
+        let mut cmd = if as_nobody {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(workload());
+            c
+        } else {
+            Command::new(workload())
+        };
+        let mut child = cmd
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the workload");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("the workload's first line");
+        Self { child, line }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `key=value` from its first line.
+    fn value(&self, key: &str) -> u64 {
+        self.line
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {}", self.line))
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs memtrace (as `nobody` when asked): (exit code, stdout, stderr), never a panic.
+fn run(args: &[&str], as_nobody: bool) -> (i32, String, String) {
+    let out = if as_nobody {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(memtrace())
+            .args(args)
+            .output()
+    } else {
+        Command::new(memtrace()).args(args).output()
+    }
+    .expect("run memtrace");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        stderr,
+    )
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// `Name: N kB` of /proc/PID/smaps_rollup, in bytes.
+fn rollup(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).expect("rollup");
+    text.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+            rest.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .unwrap_or_else(|| panic!("no {field} in {text}"))
+        * 1024
+}
+
+fn within(got: u64, want: u64, frac: f64) -> bool {
+    (got as f64 - want as f64).abs() <= want as f64 * frac
+}
+
+fn snapshot_kinds(as_nobody: bool) {
+    let path = format!("/var/tmp/memtrace-kinds-{}-{as_nobody}", std::process::id());
+    let w = Workload::start(
+        &["kinds", "16384", "8192", &path, "16384", "60000"],
+        as_nobody,
+    );
+    let pid = w.pid();
+    let (code, out, err) = run(
+        &["snapshot", "-p", &pid.to_string(), "--format", "json"],
+        as_nobody,
+    );
+    // The workload is idle now: the kernel's totals are those memtrace read.
+    let (rss, pss, swap) = (rollup(pid, "Rss"), rollup(pid, "Pss"), rollup(pid, "Swap"));
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    let p = &v["processes"][0];
+    assert_eq!(p["pid"], pid);
+    assert_eq!(p["comm"], "memtrace-worklo");
+    assert_eq!(p["rss"], rss, "{p}");
+    // PSS divides each shared page by the processes mapping it at that moment: memtrace
+    // itself, mapping libc, was one of them when it read. Only shared pages can move it.
+    let shared = rss - p["uss"].as_u64().unwrap();
+    let read_pss = p["pss"].as_u64().unwrap();
+    assert!(
+        read_pss.abs_diff(pss) <= shared,
+        "{read_pss} vs {pss}, shared {shared}"
+    );
+    assert_eq!(p["swap"], swap, "{p}");
+    let kind = |k: &str| p["kinds"][k]["rss"].as_u64().unwrap();
+    let (anon, shm, file) = (
+        w.value("anon_bytes"),
+        w.value("shm_bytes"),
+        w.value("file_bytes"),
+    );
+    assert!(within(kind("anon_private"), anon, 0.05), "{p}");
+    assert!(within(kind("anon_shared"), shm, 0.05), "{p}");
+    assert!(within(kind("file_private"), file, 0.05), "{p}");
+    // The kinds add up to the whole, and nothing was left unclassified in quantity.
+    let sum: u64 = [
+        "anon_private",
+        "anon_shared",
+        "file_private",
+        "file_shared",
+        "heap",
+        "stack",
+        "other",
+    ]
+    .iter()
+    .map(|k| kind(k))
+    .sum();
+    assert!(within(sum, rss, 0.01), "{sum} vs {rss}");
+    assert!(p["uss"].as_u64().unwrap() >= anon + shm / 2, "{p}");
+    assert!(p["vss"].as_u64().unwrap() >= rss, "{p}");
+}
+
+#[test]
+fn snapshot_reports_each_kind_and_the_kernels_totals() {
+    require_root();
+    snapshot_kinds(false);
+}
+
+#[test]
+fn snapshot_works_without_root_for_your_own_processes() {
+    require_root();
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("skipped: no setpriv");
+        return;
+    }
+    snapshot_kinds(true);
+    // Someone else's process (this test's, root's): a clear refusal, not a panic.
+    let me = std::process::id().to_string();
+    let (code, _, err) = run(&["snapshot", "-p", &me], true);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("permission denied"), "{err}");
+    // System-wide: its own processes, the others counted as not read.
+    let w = Workload::start(&["kinds", "256", "0", "", "0", "60000"], true);
+    let (code, out, err) = run(&["snapshot", "--format", "json"], true);
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    let pids: Vec<u64> = v["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pid"].as_u64().unwrap())
+        .collect();
+    assert!(pids.contains(&u64::from(w.pid())), "{pids:?}");
+    assert!(!v["skipped"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn snapshot_of_every_process_is_quick_and_adds_up() {
+    require_root();
+    let w = Workload::start(&["kinds", "4096", "0", "", "0", "60000"], false);
+    let started = std::time::Instant::now();
+    let (code, out, err) = run(&["snapshot", "--format", "json"], false);
+    let took = started.elapsed();
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    let procs = v["processes"].as_array().unwrap();
+    let row = procs
+        .iter()
+        .find(|p| p["pid"] == w.pid())
+        .expect("the workload listed");
+    assert!(row["uss"].as_u64().unwrap() >= 16 * MIB, "{row}");
+    // Sorted by USS.
+    let uss: Vec<u64> = procs.iter().map(|p| p["uss"].as_u64().unwrap()).collect();
+    assert!(uss.windows(2).all(|w| w[0] >= w[1]), "{uss:?}");
+    let sys = &v["system"];
+    let total = sys["mem_total"].as_u64().unwrap();
+    assert!(
+        total > 0 && sys["anon_pages"].as_u64().unwrap() >= 16 * MIB,
+        "{sys}"
+    );
+    // Processes' private memory is in AnonPages (the seeds' accounting).
+    assert!(
+        sys["anon_pages"].as_u64().unwrap() + sys["shmem"].as_u64().unwrap()
+            >= row["kinds"]["anon_private"]["rss"].as_u64().unwrap()
+    );
+    assert!(!sys["slab_caches"].as_array().unwrap().is_empty(), "{sys}");
+    assert!(v["took_ms"].as_f64().unwrap() < 1000.0, "{v}");
+    assert!(took.as_secs_f64() < 2.0, "{took:?}");
+    // The table names the system's parts.
+    let (code, out, _) = run(&["snapshot"], false);
+    assert_eq!(code, 0);
+    for part in ["AnonPages", "Cached", "Shmem", "Slab", "USS"] {
+        assert!(out.contains(part), "{part}: {out}");
+    }
+}
+
+#[test]
+fn snapshot_bad_pids() {
+    require_root();
+    let (code, _, err) = run(&["snapshot", "-p", "4194305"], false);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("no such process"), "{err}");
+    let (code, _, err) = run(&["snapshot", "-p", "2"], false);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("kernel thread"), "{err}");
+    // One good pid among bad ones: its report, and the others named in it.
+    let w = Workload::start(&["kinds", "16", "0", "", "0", "60000"], false);
+    let (code, out, err) = run(
+        &["snapshot", "-p", &w.pid().to_string(), "-p", "4194305"],
+        false,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("not read: pid 4194305"), "{out}");
+    let (code, _, err) = run(&["snapshot", "--format", "folded"], false);
+    assert_eq!(code, 2, "{err}");
+}
