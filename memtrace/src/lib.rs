@@ -26,5 +26,6 @@ pub mod symbolize;
 pub mod tracefs;
 pub mod units;
 pub mod unwind;
+pub mod watch;
 
 pub use error::Error;

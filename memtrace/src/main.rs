@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use memtrace::{
     analysis::{
-        slab::{check_cache_names, default_max_tracked},
+        slab::{check_cache_names, default_max_tracked, slab_max_sites, SLAB_MAX_STACKS},
         FaultsAnalysis, SlabAnalysis, SlabReportOptions,
     },
     engine::{self, RunOptions, Target},
@@ -41,6 +41,9 @@ enum Cmd {
     /// root needed for your own processes). No pid: every process by USS, and the system's
     /// figures from /proc/meminfo.
     Snapshot(SnapshotArgs),
+    /// Samples process and slab memory over time and flags steady growth (a leak), with its
+    /// rate and how sure it is. No pid: every process and every slab cache.
+    Watch(WatchArgs),
     /// What this kernel allows and which probes memtrace will use.
     Check {
         #[arg(long, value_enum, default_value = "table")]
@@ -225,6 +228,43 @@ struct SnapshotArgs {
     output: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct WatchArgs {
+    /// Watch this process (exact USS from smaps_rollup); repeat for several. Without one:
+    /// every process (resident private memory from statm) and every slab cache.
+    #[arg(short, long = "pid")]
+    pid: Vec<u32>,
+    /// Time between samples.
+    #[arg(short, long, default_value = "1s", value_parser = parse_duration)]
+    interval: Duration,
+    /// The trend window: growth must hold over a third of it at least, steadily.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    window: Duration,
+    /// Stop after this long (default: until Ctrl-C, or every watched process exits).
+    #[arg(short, long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Draw the sampled series to this SVG file at the end.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// table, or one JSON document (the live lines go to stderr either way).
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+    /// Write the summary to this file (created or truncated) instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// No live line per sample.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Once something grows, trace it and name the code responsible: page faults of a
+    /// process whose USS grows, its mmap/munmap/brk for address space, the cache's
+    /// allocations for slab (needs root).
+    #[arg(long)]
+    trace: bool,
+    /// How long each --trace runs.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    trace_for: Duration,
+}
+
 /// memtrace's own exit codes; with `-- CMD` a run otherwise exits with the command's status.
 const EXIT_ERROR: u8 = 1;
 const EXIT_NO_SUCH_PROCESS: u8 = 3;
@@ -257,15 +297,6 @@ fn faults(args: FaultsArgs) -> anyhow::Result<ExitCode> {
     };
     let mut analysis = FaultsAnalysis::new(report);
     run_analysis(&mut analysis, &opts, run, report)
-}
-
-/// Distinct stacks kept with `memtrace slab --stacks` or `--user-stacks` (640 bytes each).
-const SLAB_MAX_STACKS: u32 = 16 << 10;
-/// Distinct (call site, cache) allocation counters: a per-CPU map, so fewer per CPU on large
-/// machines (64k on 2-16 CPUs: 3 MiB on 2; 8k on 128: 24 MiB).
-fn slab_max_sites() -> u32 {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-    ((1u32 << 20) / cpus.max(1)).clamp(4 << 10, 64 << 10)
 }
 
 fn slab(args: SlabArgs) -> anyhow::Result<ExitCode> {
@@ -426,6 +457,106 @@ fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
+    use memtrace::watch::{self, WatchError, WatchOptions, Watcher};
+    if args.format == Format::Folded {
+        use clap::CommandFactory as _;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::InvalidValue,
+                "memtrace watch: --format is table or json",
+            )
+            .exit();
+    }
+    let opts = WatchOptions {
+        pids: args.pid.clone(),
+        interval: args.interval,
+        window: args.window,
+        duration: args.duration,
+        thresholds: watch::Thresholds::default(),
+    };
+    // Opened first: a bad path fails before a long watch, not after it.
+    let report_opts = ReportOptions {
+        format: args.format,
+        top: 0,
+        threads: false,
+        hist: false,
+    };
+    let mut sink = ReportSink::open(args.output.as_deref(), report_opts, false)?;
+    engine::install_stop_signals();
+    let mut watcher = match Watcher::new(opts) {
+        Ok(w) => w,
+        Err(e @ WatchError::NothingToWatch(_)) => {
+            let WatchError::NothingToWatch(refused) = &e;
+            let gone = refused.iter().all(|(_, r)| {
+                matches!(
+                    r,
+                    procmem::Unreadable::Gone | procmem::Unreadable::KernelThread
+                )
+            });
+            let _ = writeln!(std::io::stderr(), "memtrace: error: {e}");
+            return Ok(ExitCode::from(if gone {
+                EXIT_NO_SUCH_PROCESS
+            } else {
+                EXIT_ERROR
+            }));
+        }
+    };
+    let target = if args.pid.is_empty() {
+        "every process and slab cache".to_string()
+    } else {
+        format!("{} process(es)", watcher.watched_processes())
+    };
+    engine::say(format_args!(
+        "memtrace: watching {target} every {:?}, trend window {:?} (Ctrl-C for the summary)",
+        args.interval, args.window
+    ));
+    let quiet = args.quiet;
+    let mut tracing = args.trace.then(watch::trace::Tracing::default);
+    let ended_by = watcher.run(|w, outcome| {
+        if !quiet {
+            engine::say(format_args!("{}", watch::live_line(w)));
+        }
+        if let Some(tracing) = tracing.as_mut() {
+            for (kind, pid, cache) in &outcome.new {
+                engine::say(format_args!(
+                    "memtrace: tracing {} for {:?} to find what grows it",
+                    cache
+                        .clone()
+                        .or(pid.map(|p| format!("pid {p}")))
+                        .unwrap_or_default(),
+                    args.trace_for
+                ));
+                tracing.start(*kind, *pid, cache.clone(), args.trace_for);
+            }
+            w.apply_traces(tracing.results());
+        }
+        ControlFlow::Continue(())
+    });
+    if let Some(tracing) = tracing.as_mut() {
+        if tracing.active() {
+            engine::say(format_args!(
+                "memtrace: waiting for the traces to end (at most {:?}; Ctrl-C ends them now)",
+                args.trace_for
+            ));
+        }
+        watcher.apply_traces(tracing.finish());
+    }
+    let report = watcher.report(ended_by);
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "memtrace watch: {} samples over {:.0}s",
+            report.samples, report.duration_s
+        );
+        std::fs::write(path, watch::plot::svg(&title, &watcher.plot_series()))
+            .with_context(|| format!("writing the plot to {}", path.display()))?;
+    }
+    if sink.write(&report, engine::ReportKind::Final)? == Delivery::ReaderGone {
+        return Ok(ExitCode::from(EXIT_READER_GONE));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn check(format: Format) -> anyhow::Result<ExitCode> {
     let (probes, ok) = memtrace::check::run();
     let text = match format {
@@ -467,6 +598,7 @@ fn main() -> ExitCode {
         Cmd::Faults(args) => faults(args),
         Cmd::Slab(args) => slab(args),
         Cmd::Snapshot(args) => snapshot(args),
+        Cmd::Watch(args) => watch(args),
         Cmd::Check { format } => check(format),
     };
     result.unwrap_or_else(|e| {

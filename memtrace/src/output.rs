@@ -37,6 +37,12 @@ impl Report for memtrace::procmem::Snapshot {
     }
 }
 
+impl Report for memtrace::watch::WatchReport {
+    fn render(&self, _opts: &ReportOptions) -> String {
+        memtrace::watch::render(self)
+    }
+}
+
 /// The value of a JSON document's `report` field.
 fn kind_name(kind: ReportKind) -> &'static str {
     match kind {

@@ -41,6 +41,19 @@ impl Workload {
         Self { child, line }
     }
 
+    /// A workload that prints only at its end.
+    fn start_quiet(args: &[&str]) -> Self {
+        let child = Command::new(workload())
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the workload");
+        Self {
+            child,
+            line: String::new(),
+        }
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -251,4 +264,110 @@ fn snapshot_bad_pids() {
     assert!(out.contains("not read: pid 4194305"), "{out}");
     let (code, _, err) = run(&["snapshot", "--format", "folded"], false);
     assert_eq!(code, 2, "{err}");
+}
+
+/// A background `memtrace watch` run to its end: (exit code, stdout, stderr).
+fn watch(args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["watch"];
+    all.extend_from_slice(args);
+    run(&all, false)
+}
+
+fn findings(v: &Value) -> &Vec<Value> {
+    v["findings"].as_array().expect("findings")
+}
+
+#[test]
+fn watch_flags_a_leak_with_its_rate_and_code_not_a_steady_workload() {
+    require_root();
+    let leak = Workload::start_quiet(&["leak", "1048576", "60000"]);
+    let steady = Workload::start_quiet(&["steady", "33554432", "60000"]);
+    let plot = format!("/tmp/memtrace-watch-{}.svg", std::process::id());
+    let (code, out, err) = watch(&[
+        "-p",
+        &leak.pid().to_string(),
+        "-p",
+        &steady.pid().to_string(),
+        "-d",
+        "30s",
+        "--trace",
+        "--format",
+        "json",
+        "--plot",
+        &plot,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    let f = findings(&v);
+    let leaks: Vec<&Value> = f.iter().filter(|f| f["pid"] == leak.pid()).collect();
+    assert_eq!(leaks.len(), 1, "{out}");
+    let l = leaks[0];
+    assert_eq!(l["kind"], "uss");
+    let rate = l["rate_bytes_per_s"].as_f64().unwrap();
+    assert!(within(rate as u64, MIB, 0.5), "rate {rate}: {l}");
+    assert!(l["confidence"].as_f64().unwrap() >= 0.7, "{l}");
+    assert!(l["flagged_at_s"].as_f64().unwrap() <= 30.0, "{l}");
+    // --trace named the function that leaks.
+    let frames = l["callsites"].to_string();
+    assert!(frames.contains("leak_chunk"), "{l}\n{err}");
+    // The steady workload, as large and as busy, is not flagged.
+    assert!(
+        !f.iter().any(|f| f["pid"] == steady.pid()),
+        "steady workload flagged: {out}"
+    );
+    // The live lines said what grew.
+    assert!(err.contains("growing: uss pid"), "{err}");
+    let svg = std::fs::read_to_string(&plot).expect("the plot");
+    let _ = std::fs::remove_file(&plot);
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<polyline"),
+        "{svg}"
+    );
+    assert!(svg.contains("(growing)"));
+}
+
+#[test]
+fn watch_goes_on_when_a_process_exits_and_refuses_bad_pids() {
+    require_root();
+    // Exits after 2 s: the watch ends with it, with a note and a summary.
+    let short = Workload::start_quiet(&["steady", "1048576", "2000"]);
+    let (code, out, err) = watch(&[
+        "-p",
+        &short.pid().to_string(),
+        "-d",
+        "20s",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    assert_eq!(v["ended_by"], "targets_exited", "{out}");
+    assert!(v["notes"].to_string().contains("exited after"), "{out}");
+    assert!(v["duration_s"].as_f64().unwrap() < 10.0, "{out}");
+    // A kernel thread, and a pid that does not exist.
+    let (code, _, err) = watch(&["-p", "2", "-d", "2s"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("kernel thread"), "{err}");
+    let (code, _, err) = watch(&["-p", "4194305", "-d", "2s"]);
+    assert_eq!(code, 3, "{err}");
+    // Another user's process, without root: a clear refusal.
+    let me = std::process::id().to_string();
+    let (code, _, err) = run(&["watch", "-p", &me, "-d", "2s"], true);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("permission denied"), "{err}");
+    let (code, _, err) = watch(&["--window", "0s"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn watch_of_every_process_samples_statm_and_slab() {
+    require_root();
+    let (code, out, err) = watch(&["-d", "3s", "-i", "500ms", "--format", "json", "-q"]);
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    assert_eq!(v["uss_source"], "statm");
+    assert!(v["processes"].as_u64().unwrap() > 0, "{out}");
+    assert!(v["caches"].as_u64().unwrap() > 10, "{out}");
+    assert!(v["samples"].as_u64().unwrap() >= 5, "{out}");
+    assert!(!err.contains("[ "), "-q prints no live line: {err}");
 }

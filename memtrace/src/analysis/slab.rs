@@ -157,6 +157,15 @@ const BUCKET_BYTES: u64 = (std::mem::size_of::<memtrace_common::SlabBucket>()
 /// The default `--max-tracked`: a million objects, or fewer on a machine with under ~13 GiB,
 /// so the preallocated table (a 512-byte bucket per four objects, in a power of two of
 /// buckets) stays within 1% of its memory.
+/// Distinct stacks kept with `memtrace slab --stacks` or `--user-stacks` (640 bytes each).
+pub const SLAB_MAX_STACKS: u32 = 16 << 10;
+/// Distinct (call site, cache) allocation counters: a per-CPU map, so fewer per CPU on large
+/// machines (64k on 2-16 CPUs: 3 MiB on 2; 8k on 128: 24 MiB).
+pub fn slab_max_sites() -> u32 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    ((1u32 << 20) / cpus.max(1)).clamp(4 << 10, 64 << 10)
+}
+
 pub fn default_max_tracked() -> u32 {
     let mem_total = std::fs::read_to_string("/proc/meminfo")
         .ok()

@@ -14,7 +14,7 @@ use std::{
 
 use tokio::{io::unix::AsyncFd, time::MissedTickBehavior};
 
-pub use signals::install_stop_signals;
+pub use signals::{install_stop_signals, stop_signal};
 pub use target::{is_kernel_thread, process_alive, resolve_command, Target};
 
 use crate::{
@@ -23,7 +23,6 @@ use crate::{
     loader::{Tracer, TracerOptions},
     Error,
 };
-use signals::stop_signal;
 use target::{describe, spawn_held, watch_pids, Traced, WatchedProcess};
 
 /// One analysis (`memtrace faults`, `memtrace slab`, ...) on the shared engine.
@@ -154,7 +153,7 @@ const COMMAND_EXIT_WAIT: Duration = Duration::from_secs(1);
 const FINAL_DRAIN_BUDGET: Duration = Duration::from_millis(500);
 
 /// Writes a line to stderr; a closed stderr is no reason to fail a run.
-pub(crate) fn say(line: std::fmt::Arguments) {
+pub fn say(line: std::fmt::Arguments) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 

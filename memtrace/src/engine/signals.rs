@@ -41,7 +41,7 @@ pub fn install_stop_signals() {
 }
 
 /// The signal that asked the run to end, if one has.
-pub(crate) fn stop_signal() -> Option<i32> {
+pub fn stop_signal() -> Option<i32> {
     match STOP_SIGNAL.load(Ordering::SeqCst) {
         0 => None,
         signal => Some(signal),

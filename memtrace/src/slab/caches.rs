@@ -46,11 +46,18 @@ pub struct SlabinfoRow {
 
 /// Parses /proc/slabinfo (version 2.1): `name active_objs num_objs objsize ...` per cache.
 pub fn parse_slabinfo(text: &str) -> HashMap<String, SlabinfoRow> {
+    slabinfo_rows(text)
+        .map(|(name, row)| (name.to_string(), row))
+        .collect()
+}
+
+/// The rows of /proc/slabinfo text, borrowing the names.
+pub fn slabinfo_rows(text: &str) -> impl Iterator<Item = (&str, SlabinfoRow)> {
     text.lines()
         .filter(|l| !l.starts_with("slabinfo") && !l.starts_with('#'))
         .filter_map(|l| {
             let mut f = l.split_whitespace();
-            let name = f.next()?.to_string();
+            let name = f.next()?;
             let mut num = || f.next()?.parse::<u64>().ok();
             let row = SlabinfoRow {
                 active_objs: num()?,
@@ -59,7 +66,6 @@ pub fn parse_slabinfo(text: &str) -> HashMap<String, SlabinfoRow> {
             };
             Some((name, row))
         })
-        .collect()
 }
 
 /// /proc/slabinfo now; empty (with the reason) when it cannot be read.
