@@ -135,12 +135,46 @@ pub struct VmaRecord {
     pub flags: u32,
     /// mmap: the file descriptor (-1 for anonymous).
     pub fd: i32,
-    pub _pad: u32,
+    /// `VMA_STACK_WALKED`, `VMA_SP_WORDS`.
+    pub stack_flags: u16,
+    /// User frames that follow this record (innermost first), with `VMA_STACK_WALKED`.
+    pub n_user: u16,
     /// mmap: file offset in bytes.
     pub offset: u64,
     /// When the syscall returned (`CLOCK_MONOTONIC`, ns).
     pub time_ns: u64,
+    /// With `VMA_SP_WORDS`: the words at the user stack pointer, `[rsp]` first (the return
+    /// address into the caller of the frameless libc wrapper).
+    pub sp_words: [u64; SP_WORDS],
 }
+
+/// `VmaRecord::stack_flags`: the calling thread's user stack follows the record
+/// (`memtrace vma`).
+pub const VMA_STACK_WALKED: u16 = 1 << 0;
+/// `VmaRecord::stack_flags`: `sp_words` is valid.
+pub const VMA_SP_WORDS: u16 = 1 << 1;
+
+/// A VMA record and room for its user frames: the per-CPU buffer it is built in.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct VmaWithStack {
+    pub header: VmaRecord,
+    pub frames: [u64; MAX_STACK_DEPTH],
+}
+
+/// Where `struct pt_regs` may sit below the top of a task's kernel stack on x86_64
+/// (`THREAD_SIZE` 16 or 32 KiB, `TOP_OF_KERNEL_STACK_PADDING` 0 or 16 with FRED): the
+/// kernel program takes the candidate whose `orig_ax` is the syscall being traced.
+pub const PT_REGS_CANDIDATES: [u32; 4] = [
+    16384 - PT_REGS_SIZE,
+    16384 - 16 - PT_REGS_SIZE,
+    32768 - PT_REGS_SIZE,
+    32768 - 16 - PT_REGS_SIZE,
+];
+/// `sizeof(struct pt_regs)` and the offsets of `orig_ax` and `sp` in it (x86_64 ABI).
+pub const PT_REGS_SIZE: u32 = 168;
+pub const PT_REGS_ORIG_AX: u32 = 120;
+pub const PT_REGS_SP: u32 = 152;
 
 /// A stack new to `SLAB_STACKS` with user frames (`memtrace slab --user-stacks`): sent so the
 /// agent symbolizes them while the process that allocated there still runs.
@@ -365,6 +399,11 @@ pub struct Config {
     pub kmem_cache_size_off: u32,
     /// Buckets in the outstanding-object table, less one (a power of two, less one).
     pub slab_bucket_mask: u32,
+    /// Non-zero: mmap, mremap and brk records carry the caller's user stack (`memtrace vma`).
+    pub vma_stacks: u32,
+    /// Byte offset of `stack` in `struct task_struct` (from BTF), to find the user registers
+    /// of a syscall; [`OFFSET_UNKNOWN`] when unknown.
+    pub task_stack_off: u32,
 }
 
 /// A `Config` offset the agent could not find.
@@ -382,6 +421,8 @@ impl Config {
         kmem_cache_object_size_off: OFFSET_UNKNOWN,
         kmem_cache_size_off: OFFSET_UNKNOWN,
         slab_bucket_mask: 0,
+        vma_stacks: 0,
+        task_stack_off: OFFSET_UNKNOWN,
     };
 }
 

@@ -343,6 +343,12 @@ impl AddressSpace {
         }
     }
 
+    /// Where the brk heap ends (page-aligned), when the model knows the heap.
+    pub fn brk_end(&self) -> Option<u64> {
+        let start = self.heap_start?;
+        Some(self.heap_end(start)).filter(|&end| end > start)
+    }
+
     fn heap_end(&self, heap_start: u64) -> u64 {
         self.vmas
             .get(&heap_start)

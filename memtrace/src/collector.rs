@@ -13,7 +13,7 @@ use std::{
 use memtrace_common::{
     FaultRecord, ProcRecord, VmaRecord, FAULT_HAS_ENTRY, FAULT_KERNEL_MODE, FAULT_MAJOR,
     FAULT_SP_WORDS, FAULT_STACK_REUSED, FAULT_STACK_WALKED, PROC_EXEC, PROC_EXIT, PROC_FORK,
-    VMA_BRK, VMA_MMAP, VMA_MREMAP, VMA_MUNMAP,
+    VMA_BRK, VMA_MMAP, VMA_MREMAP, VMA_MUNMAP, VMA_SP_WORDS, VMA_STACK_WALKED,
 };
 
 use crate::{
@@ -23,7 +23,35 @@ use crate::{
     sideband::{SideEvent, SideKind},
     stacks::{ReusedStacks, StackId, StackTable, StackTree, UserStack},
     unwind::UnwindCache,
+    vma::{Ledger, SiteKey},
 };
+
+/// `memtrace vma`'s ledger of mappings by callsite, fed by the collector after it has
+/// applied each record to its model, and the ledger's own stack tree (never rebuilt, so the
+/// ledger's stack ids stay valid for the whole run).
+#[derive(Debug)]
+pub struct VmaLedger {
+    pub ledger: Ledger,
+    pub stacks: StackTree,
+    /// Mapping calls whose stack the tree had no room for (counted without it).
+    pub stacks_full: u64,
+    /// Calls that came without a user stack.
+    pub no_stack: u64,
+    /// Each process's name as of its last mapping call (its rows outlive it).
+    pub comms: HashMap<u32, Arc<str>>,
+}
+
+impl VmaLedger {
+    pub fn new(keep_exited: bool) -> Self {
+        Self {
+            ledger: Ledger::new(keep_exited),
+            stacks: StackTree::default(),
+            stacks_full: 0,
+            no_stack: 0,
+            comms: HashMap::new(),
+        }
+    }
+}
 
 /// Exited processes kept as rows of their own; later ones fold into one row per name.
 pub const EXITED_ROWS: usize = 256;
@@ -237,6 +265,8 @@ pub struct Collector<S: ProcSource = Procfs> {
     /// An interval report was made: callsites also count what came since the last one
     /// (before the first, that is their totals).
     pub intervals: bool,
+    /// `memtrace vma`: mappings by callsite.
+    pub vma: Option<VmaLedger>,
 }
 
 impl Default for Collector<Procfs> {
@@ -300,6 +330,7 @@ impl<S: ProcSource> Collector<S> {
             sideband: false,
             follow_all: false,
             intervals: false,
+            vma: None,
         }
     }
 
@@ -410,7 +441,7 @@ impl<S: ProcSource> Collector<S> {
     pub fn on_record(&mut self, rec: Record<'_>) {
         match rec {
             Record::Fault(f, frames) => self.on_fault(&f, frames),
-            Record::Vma(v) => self.on_vma(&v),
+            Record::Vma(v, frames) => self.on_vma(&v, frames),
             Record::Proc(p) => self.on_proc(&p),
             // Not a faults record; never sent to this analysis's ring.
             Record::SlabStack(_) => {}
@@ -449,6 +480,14 @@ impl<S: ProcSource> Collector<S> {
 
     fn on_fault(&mut self, r: &FaultRecord, frames: &[u8]) {
         self.observe(r.pid);
+        // A fault on a page not present (error code bit 0 clear) makes it resident: the
+        // mapping's callsite caused that RSS. Without the entry, every fault counts.
+        if let Some(vma) = self.vma.as_mut() {
+            let protection = r.flags & FAULT_HAS_ENTRY != 0 && r.error_code & 1 != 0;
+            if !protection {
+                vma.ledger.touched(r.pid, r.address);
+            }
+        }
         // Only the class and path are needed: no VMA copy on this per-fault path.
         let lookup = |c: &Self| {
             c.processes
@@ -579,8 +618,91 @@ impl<S: ProcSource> Collector<S> {
         }
     }
 
-    fn on_vma(&mut self, r: &VmaRecord) {
+    fn on_vma(&mut self, r: &VmaRecord, frames: &[u8]) {
         self.observe(r.pid);
+        let brk_before = (r.op == VMA_BRK && self.vma.is_some())
+            .then(|| self.processes.get(&r.pid).and_then(|p| p.space.brk_end()))
+            .flatten();
+        self.apply_vma(r);
+        if self.vma.is_some() {
+            self.ledger_vma(r, frames, brk_before);
+        }
+    }
+
+    /// Counts a VMA record in `memtrace vma`'s ledger, against the caller's stack and the
+    /// kind of memory the model now has at the address.
+    fn ledger_vma(&mut self, r: &VmaRecord, frames: &[u8], brk_before: Option<u64>) {
+        let (Some(vma), Some(info)) = (self.vma.as_mut(), self.processes.get(&r.pid)) else {
+            return;
+        };
+        if vma.comms.get(&r.pid) != Some(&info.comm) {
+            vma.comms.insert(r.pid, info.comm.clone());
+        }
+        let ledger = &mut vma.ledger;
+        if r.op == VMA_MUNMAP {
+            ledger.munmap(r.pid, r.addr, r.len);
+            return;
+        }
+        let stack = if r.stack_flags & VMA_STACK_WALKED != 0 {
+            frames_into(frames, &mut self.frames);
+            let mut n_user = usize::from(r.n_user).min(self.frames.len());
+            if r.stack_flags & VMA_SP_WORDS != 0
+                && self
+                    .unwind
+                    .recover_caller(&info.space, &r.sp_words, &mut self.frames, n_user)
+            {
+                n_user += 1;
+            }
+            let resolved = UserStack::resolve(&info.space, &self.frames[..n_user]);
+            let id = vma.stacks.intern(&resolved);
+            if id.is_none() {
+                vma.stacks_full += 1;
+            }
+            id
+        } else {
+            vma.no_stack += 1;
+            None
+        };
+        let at = match r.op {
+            VMA_MREMAP => r.new_addr,
+            _ => r.addr,
+        };
+        let (class, path) = match info.space.find(at) {
+            Some(v) => (v.class, v.path.clone()),
+            None if r.op == VMA_BRK => (MappingClass::Heap, None),
+            None => (MappingClass::Other, None),
+        };
+        // The heap's pseudo-path says nothing the kind does not.
+        let path = path.filter(|p| !p.starts_with('['));
+        let key = SiteKey {
+            pid: r.pid,
+            class: if r.op == VMA_BRK {
+                MappingClass::Heap
+            } else {
+                class
+            },
+            path,
+            stack,
+        };
+        match r.op {
+            VMA_MMAP => {
+                let site = ledger.site(key);
+                ledger.mmap(r.pid, r.addr, r.len, site, r.time_ns);
+            }
+            VMA_MREMAP => ledger.mremap(
+                r.pid,
+                (r.addr, r.len),
+                (r.new_addr, r.new_len),
+                |l| l.site(key),
+                r.time_ns,
+            ),
+            VMA_BRK => ledger.brk(r.pid, r.addr, brk_before, |l| l.site(key), r.time_ns),
+            _ => {}
+        }
+    }
+
+    /// Applies a VMA record to the process's model.
+    fn apply_vma(&mut self, r: &VmaRecord) {
         match r.op {
             VMA_MMAP => {
                 let anonymous = r.flags & mmap_flags::MAP_ANONYMOUS != 0;
@@ -620,6 +742,14 @@ impl<S: ProcSource> Collector<S> {
     }
 
     fn on_proc(&mut self, r: &ProcRecord) {
+        if let Some(vma) = self.vma.as_mut() {
+            match r.op {
+                PROC_FORK => vma.ledger.forked(r.child_pid),
+                PROC_EXEC => vma.ledger.exec(r.pid),
+                PROC_EXIT => vma.ledger.exited(r.pid, r.time_ns),
+                _ => {}
+            }
+        }
         match r.op {
             PROC_FORK => {
                 // The child starts as a copy of its parent's address space.
@@ -712,6 +842,10 @@ impl<S: ProcSource> Collector<S> {
 
     /// A process exited: keep its totals and resolved callsites, drop everything else.
     fn retire(&mut self, pid: u32, comm: Option<String>) {
+        if let Some(vma) = self.vma.as_mut() {
+            // Gone without an exit record read: it exited by now.
+            vma.ledger.exited(pid, crate::sideband::monotonic_ns());
+        }
         self.resolve_callsites(pid);
         self.spawned.remove(&pid);
         let Some(info) = self.processes.remove(&pid) else {

@@ -26,6 +26,7 @@ pub mod symbolize;
 pub mod tracefs;
 pub mod units;
 pub mod unwind;
+pub mod vma;
 pub mod watch;
 
 pub use error::Error;

@@ -36,6 +36,8 @@ pub struct TracerOptions {
     pub classic_tracepoints: bool,
     /// Sizes of the slab maps (left at their minimum unless the slab hooks are loaded).
     pub slab: SlabOptions,
+    /// mmap, mremap and brk records carry the caller's user stack (`memtrace vma`).
+    pub vma_stacks: bool,
 }
 
 /// The slab analysis's maps and kernel-side options.
@@ -72,6 +74,7 @@ impl Default for TracerOptions {
             ringbuf_bytes: 16 * 1024 * 1024,
             classic_tracepoints: false,
             slab: SlabOptions::OFF,
+            vma_stacks: false,
         }
     }
 }
@@ -314,6 +317,17 @@ impl Tracer {
         } else {
             [OFFSET_UNKNOWN; 3]
         };
+        // The user stack pointer of a syscall is found from task_struct.stack (vma stacks).
+        let task_stack_off = if opts.vma_stacks {
+            match btf.get_or_insert_with(Btf::from_sys_fs) {
+                Ok(btf) => btf
+                    .member_offset("task_struct", "stack")
+                    .unwrap_or(OFFSET_UNKNOWN),
+                Err(_) => OFFSET_UNKNOWN,
+            }
+        } else {
+            OFFSET_UNKNOWN
+        };
         let buckets = memtrace_common::slab_buckets_for(slab_opts.max_tracked);
         let config = Config {
             slab_bucket_mask: buckets - 1,
@@ -326,6 +340,8 @@ impl Tracer {
             kmem_cache_name_off: offsets[0],
             kmem_cache_object_size_off: offsets[1],
             kmem_cache_size_off: offsets[2],
+            vma_stacks: opts.vma_stacks as u32,
+            task_stack_off,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)

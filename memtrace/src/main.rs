@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use memtrace::{
     analysis::{
         slab::{check_cache_names, default_max_tracked, slab_max_sites, SLAB_MAX_STACKS},
-        FaultsAnalysis, SlabAnalysis, SlabReportOptions,
+        FaultsAnalysis, SlabAnalysis, SlabReportOptions, VmaAnalysis,
     },
     engine::{self, RunOptions, Target},
     loader::{SlabOptions, TracerOptions},
@@ -37,6 +37,10 @@ enum Cmd {
     /// Outstanding kernel slab objects (kmalloc, kmem_cache_alloc) by callsite, cache, process
     /// or stack, with ages, growth and /proc/slabinfo beside them. No target: the whole system.
     Slab(SlabArgs),
+    /// mmap, munmap, mremap and brk per callsite: what each still holds mapped (address-space
+    /// leaks: VIRT grows, RES need not), by kind of memory, with ages. No target: the whole
+    /// system.
+    Vma(VmaArgs),
     /// VSS, RSS, PSS, USS and swap per process, by kind of memory (from /proc: no eBPF, no
     /// root needed for your own processes). No pid: every process by USS, and the system's
     /// figures from /proc/meminfo.
@@ -207,6 +211,16 @@ struct SlabArgs {
     /// Attach classic tracepoints where raw tracepoints would work (for comparison).
     #[arg(long, hide = true)]
     classic_tracepoints: bool,
+}
+
+#[derive(Args)]
+struct VmaArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Also count, per callsite, the pages of its mappings that were touched (the RSS it
+    /// caused) against what it only reserved.
+    #[arg(long)]
+    faults: bool,
 }
 
 #[derive(Args)]
@@ -409,6 +423,29 @@ where
     })
 }
 
+fn vma(args: VmaArgs) -> anyhow::Result<ExitCode> {
+    let run = &args.run;
+    let opts = RunOptions {
+        target: run.target(),
+        duration: run.duration,
+        interval: run.interval,
+        tracer: TracerOptions {
+            capture_stacks: false,
+            vma_stacks: true,
+            ringbuf_bytes: run.ringbuf_mb.saturating_mul(1024 * 1024),
+            ..TracerOptions::default()
+        },
+    };
+    let report = ReportOptions {
+        format: run.format,
+        top: run.top,
+        threads: false,
+        hist: false,
+    };
+    let mut analysis = VmaAnalysis::new(run.top, args.faults);
+    run_analysis(&mut analysis, &opts, run, report)
+}
+
 fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
     if args.format == Format::Folded {
         use clap::CommandFactory as _;
@@ -597,6 +634,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Faults(args) => faults(args),
         Cmd::Slab(args) => slab(args),
+        Cmd::Vma(args) => vma(args),
         Cmd::Snapshot(args) => snapshot(args),
         Cmd::Watch(args) => watch(args),
         Cmd::Check { format } => check(format),

@@ -43,6 +43,12 @@ impl Report for memtrace::watch::WatchReport {
     }
 }
 
+impl Report for memtrace::vma::VmaReport {
+    fn render(&self, opts: &ReportOptions) -> String {
+        memtrace::vma::render(self, opts.format)
+    }
+}
+
 /// The value of a JSON document's `report` field.
 fn kind_name(kind: ReportKind) -> &'static str {
     match kind {

@@ -6,7 +6,8 @@ pub enum Record<'a> {
     /// A fault, and the raw bytes of the frames that follow it (`n_user` user frames, then
     /// `n_kernel` kernel frames, native-endian u64s); empty unless its stacks were walked.
     Fault(FaultRecord, &'a [u8]),
-    Vma(VmaRecord),
+    /// A VMA change, and the raw bytes of the user frames that follow it (`n_user`).
+    Vma(VmaRecord, &'a [u8]),
     Proc(ProcRecord),
     SlabStack(SlabStackRecord),
 }
@@ -16,7 +17,7 @@ impl Record<'_> {
     pub fn time_ns(&self) -> u64 {
         match self {
             Record::Fault(f, _) => f.time_ns,
-            Record::Vma(v) => v.time_ns,
+            Record::Vma(v, _) => v.time_ns,
             Record::Proc(p) => p.time_ns,
             Record::SlabStack(s) => s.time_ns,
         }
@@ -66,7 +67,12 @@ pub fn decode(bytes: &[u8]) -> Option<Record<'_>> {
             let frames = bytes.get(header..header.checked_add(n.checked_mul(8)?)?)?;
             Some(Record::Fault(rec, frames))
         }
-        RecordKind::Vma => read(bytes).map(Record::Vma),
+        RecordKind::Vma => {
+            let rec: VmaRecord = read(bytes)?;
+            let header = std::mem::size_of::<VmaRecord>();
+            let frames = bytes.get(header..header.checked_add(usize::from(rec.n_user) * 8)?)?;
+            Some(Record::Vma(rec, frames))
+        }
         RecordKind::Proc => read(bytes).map(Record::Proc),
         RecordKind::SlabStack => read(bytes).map(Record::SlabStack),
     }
@@ -129,7 +135,15 @@ mod tests {
             len: 8192,
             ..Default::default()
         };
-        assert!(matches!(decode(&bytes_of(&v)), Some(Record::Vma(r)) if r.len == 8192));
+        assert!(
+            matches!(decode(&bytes_of(&v)), Some(Record::Vma(r, f)) if r.len == 8192 && f.is_empty())
+        );
+        let with_stack = VmaRecord { n_user: 2, ..v };
+        let mut bytes = bytes_of(&with_stack);
+        bytes.extend_from_slice(&0x10u64.to_ne_bytes());
+        assert!(decode(&bytes).is_none(), "frames cut short");
+        bytes.extend_from_slice(&0x20u64.to_ne_bytes());
+        assert!(matches!(decode(&bytes), Some(Record::Vma(_, f)) if f.len() == 16));
         let mut comm = [0u8; 16];
         comm[..4].copy_from_slice(b"bash");
         let p = ProcRecord {

@@ -80,3 +80,62 @@ pub fn steady(bytes: usize, duration_ms: u64) -> Result<()> {
         buffers.iter().map(Vec::len).sum::<usize>()
     ))
 }
+
+/// Maps `n` private anonymous regions of `pages` pages, touching the first page of each.
+#[inline(never)]
+fn map_regions(n: usize, pages: usize) -> Result<Vec<*mut u8>> {
+    let mut regions = Vec::with_capacity(n);
+    for _ in 0..n {
+        let p = map_anon(pages * PAGE, false)?;
+        touch_pages_write(p, 1);
+        regions.push(p);
+    }
+    Ok(regions)
+}
+
+/// `n` regions of `pages` pages mapped by `map_regions`; `unmap` 0 keeps them, 1 unmaps them,
+/// 2 unmaps the second half of each. Then holds `hold_ms`.
+pub fn regions(n: usize, pages: usize, unmap: usize, hold_ms: u64) -> Result<()> {
+    let regions = map_regions(n, pages)?;
+    for &p in &regions {
+        let (at, len) = match unmap {
+            1 => (0, pages),
+            2 => (pages / 2, pages - pages / 2),
+            _ => continue,
+        };
+        // SAFETY: a part of a region this workload mapped and no longer uses.
+        if unsafe { libc::munmap(p.add(at * PAGE).cast(), len * PAGE) } != 0 {
+            anyhow::bail!("munmap: {}", std::io::Error::last_os_error());
+        }
+    }
+    report(&format!("regions={n} pages={pages}"))?;
+    std::thread::sleep(Duration::from_millis(hold_ms));
+    Ok(())
+}
+
+/// malloc and free blocks of `bytes` (touching one byte of each) for `duration_ms`, with
+/// glibc's mmap threshold fixed at 128 KiB so each large block is its own mmap and munmap
+/// (as it is until glibc's dynamic threshold adapts); prints how many per second.
+pub fn malloc_large(duration_ms: u64, bytes: usize) -> Result<()> {
+    // SAFETY: mallopt takes two integers; a fixed threshold also stops the adjustment.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10) };
+    let start = Instant::now();
+    let end = start + Duration::from_millis(duration_ms);
+    let mut n = 0u64;
+    while Instant::now() < end {
+        for _ in 0..64 {
+            // SAFETY: malloc/free of a block used only here; a null result is checked.
+            unsafe {
+                let p = libc::malloc(bytes).cast::<u8>();
+                if p.is_null() {
+                    anyhow::bail!("malloc failed");
+                }
+                std::ptr::write_volatile(p, 1);
+                libc::free(p.cast());
+            }
+        }
+        n += 64;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    report(&format!("blocks={n} blocks_per_s={:.0}", n as f64 / secs))
+}

@@ -482,7 +482,8 @@ fn usage() -> ! {
          \x20      heap PAGES | file PATH PAGES | cow PATH PAGES |\n\
          \x20      threads N PAGES | forks N PAGES | wait-then-anon PAGES | sleep MS | demo DIR |\n\
          \x20      kinds ANON_PAGES SHM_PAGES PATH FILE_PAGES HOLD_MS |\n\
-         \x20      leak BYTES_PER_S MS | steady BYTES MS"
+         \x20      leak BYTES_PER_S MS | steady BYTES MS | regions N PAGES UNMAP(0|1|2) HOLD_MS |\n\
+         \x20      malloc-large MS BYTES"
     );
     std::process::exit(2)
 }
@@ -520,6 +521,8 @@ fn main() -> Result<()> {
         "kinds" => mem_workloads::kinds(num(1)?, num(2)?, s(3), num(4)?, num(5)? as u64),
         "leak" => mem_workloads::leak(num(1)?, num(2)? as u64),
         "steady" => mem_workloads::steady(num(1)?, num(2)? as u64),
+        "regions" => mem_workloads::regions(num(1)?, num(2)?, num(3)?, num(4)? as u64),
+        "malloc-large" => mem_workloads::malloc_large(num(1)? as u64, num(2)?),
         _ => usage(),
     }
 }

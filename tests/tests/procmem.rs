@@ -371,3 +371,138 @@ fn watch_of_every_process_samples_statm_and_slab() {
     assert!(v["samples"].as_u64().unwrap() >= 5, "{out}");
     assert!(!err.contains("[ "), "-q prints no live line: {err}");
 }
+
+/// `memtrace vma -- memtrace-workload regions N PAGES UNMAP HOLD`: its JSON report.
+fn vma_of_regions(n: usize, pages: usize, unmap: usize, faults: bool) -> Value {
+    let out = format!("/tmp/memtrace-vma-{}-{unmap}.json", std::process::id());
+    let (n_s, pages_s, unmap_s) = (n.to_string(), pages.to_string(), unmap.to_string());
+    let mut args = vec!["vma", "--format", "json", "--top", "0", "-o", &out];
+    if faults {
+        args.push("--faults");
+    }
+    args.push("--");
+    let w = workload();
+    let w = w.to_str().unwrap();
+    args.extend([w, "regions", &n_s, &pages_s, &unmap_s, "200"]);
+    let (code, _, err) = run(&args, false);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&out).expect("the report");
+    let _ = std::fs::remove_file(&out);
+    json(&text)
+}
+
+/// The callsite whose stack passes through `function`.
+fn callsite_through<'a>(v: &'a Value, function: &str) -> Vec<&'a Value> {
+    v["callsites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["frames"].to_string().contains(function))
+        .collect()
+}
+
+#[test]
+fn vma_reports_regions_left_mapped_by_their_callsite() {
+    require_root();
+    let (n, pages) = (50u64, 16u64);
+    let v = vma_of_regions(n as usize, pages as usize, 0, true);
+    let sites = callsite_through(&v, "map_regions");
+    assert_eq!(sites.len(), 1, "{v}");
+    let c = sites[0];
+    assert_eq!(c["kind"], "anon_private", "{c}");
+    assert_eq!(c["outstanding_bytes"], n * pages * 4096, "{c}");
+    assert_eq!(c["outstanding_regions"], n, "{c}");
+    assert_eq!(c["mapped_bytes"], n * pages * 4096, "{c}");
+    assert_eq!(c["unmapped_bytes"], 0, "{c}");
+    assert!(c["max_age_ms"].as_u64().unwrap() >= 150, "held 200 ms: {c}");
+    // --faults: one page of each region touched, the rest only reserved.
+    assert_eq!(c["touched_bytes"], n * 4096, "{c}");
+    // The frames name the caller of mmap (recovered past libc's frameless wrapper).
+    let frames = c["frames"].to_string();
+    assert!(frames.contains("map_anon"), "{frames}");
+    assert_eq!(v["lost"]["events"], 0, "{v}");
+    assert!(v["totals"]["calls"]["mmap"].as_u64().unwrap() >= n);
+}
+
+#[test]
+fn vma_counts_unmapped_regions_and_partial_unmaps_exactly() {
+    require_root();
+    let (n, pages) = (40u64, 16u64);
+    let v = vma_of_regions(n as usize, pages as usize, 1, false);
+    let c = callsite_through(&v, "map_regions")[0];
+    assert_eq!(c["outstanding_bytes"], 0, "{c}");
+    assert_eq!(c["outstanding_regions"], 0, "{c}");
+    assert_eq!(c["unmapped_bytes"], n * pages * 4096, "{c}");
+    assert!(c.get("touched_bytes").is_none(), "no --faults: {c}");
+    // Half of each region unmapped: half the bytes, every region still there.
+    let v = vma_of_regions(n as usize, pages as usize, 2, false);
+    let c = callsite_through(&v, "map_regions")[0];
+    assert_eq!(c["outstanding_bytes"], n * pages / 2 * 4096, "{c}");
+    assert_eq!(c["outstanding_regions"], n, "{c}");
+}
+
+#[test]
+fn vma_follows_a_running_process_and_the_whole_system() {
+    require_root();
+    // Attached to a process leaking heap: its brk growth, as heap, byte for byte.
+    let leak = Workload::start_quiet(&["leak", "1048576", "60000"]);
+    let (code, out, err) = run(
+        &[
+            "vma",
+            "-p",
+            &leak.pid().to_string(),
+            "-d",
+            "3s",
+            "--format",
+            "json",
+        ],
+        false,
+    );
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    let heap: u64 = v["callsites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "heap" && c["pid"] == leak.pid())
+        .map(|c| c["outstanding_bytes"].as_u64().unwrap())
+        .sum();
+    assert!((MIB..=5 * MIB).contains(&heap), "heap growth {heap}: {out}");
+    // System-wide: a process holding regions shows with them.
+    let (mut mt, _) = start_vma(&["-d", "4s", "--format", "json", "--top", "0"]);
+    let w = Workload::start(&["regions", "10", "8", "0", "8000"], false);
+    let out = finish(&mut mt);
+    let v = json(&out);
+    let mine: Vec<&Value> = callsite_through(&v, "map_regions")
+        .into_iter()
+        .filter(|c| c["pid"] == w.pid())
+        .collect();
+    assert_eq!(mine.len(), 1, "{out}");
+    assert_eq!(mine[0]["outstanding_bytes"], 10 * 8 * 4096);
+}
+
+/// Starts `memtrace vma ARGS` and waits until it is tracing.
+fn start_vma(args: &[&str]) -> (Child, String) {
+    let mut mt = Command::new(memtrace())
+        .arg("vma")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start memtrace vma");
+    let mut banner = String::new();
+    BufReader::new(mt.stderr.as_mut().expect("stderr"))
+        .read_line(&mut banner)
+        .expect("banner");
+    assert!(banner.contains("tracing mappings"), "{banner}");
+    (mt, banner)
+}
+
+fn finish(mt: &mut Child) -> String {
+    use std::io::Read as _;
+    let mut out = String::new();
+    mt.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let status = mt.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    out
+}

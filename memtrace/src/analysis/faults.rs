@@ -52,6 +52,15 @@ impl FaultsAnalysis {
         }
     }
 
+    pub(crate) fn collector_mut(&mut self) -> &mut Collector {
+        &mut self.collector
+    }
+
+    /// The process table and the symbolizer, for an analysis built on this one.
+    pub(crate) fn parts(&mut self) -> (&Collector, &mut Symbolizer) {
+        (&self.collector, &mut self.symbolizer)
+    }
+
     /// Hands the frames of stacks new since the last call to the symbolizer, and symbolizes
     /// some of them.
     fn symbolize_ahead(&mut self) {

@@ -2,6 +2,8 @@
 //! records and builds its report.
 pub mod faults;
 pub mod slab;
+pub mod vma;
 
 pub use faults::FaultsAnalysis;
 pub use slab::{SlabAnalysis, SlabReportOptions};
+pub use vma::VmaAnalysis;

@@ -1,0 +1,98 @@
+//! `memtrace vma`: mmap, munmap, mremap and brk by callsite. It runs on the faults
+//! analysis's process table (address spaces, exec/exit, the perf side-band for file paths)
+//! with the mapping ledger switched on, and with `--faults` counts the pages each callsite's
+//! mappings had touched.
+use crate::{
+    analysis::FaultsAnalysis,
+    collector::VmaLedger,
+    engine::{Analysis, ReportContext},
+    hooks::{self, HookGroup},
+    loader::Tracer,
+    report::{Format, ReportOptions},
+    ring::Ring,
+    sideband,
+    vma::report::{self, VmaReport, VmaReportInput},
+    Error,
+};
+
+pub struct VmaAnalysis {
+    inner: FaultsAnalysis,
+    top: usize,
+    faults: bool,
+}
+
+const HOOK_GROUPS: &[&HookGroup] = &[&hooks::PROCESSES, &hooks::MAPPINGS];
+const HOOK_GROUPS_FAULTS: &[&HookGroup] = &[&hooks::PROCESSES, &hooks::MAPPINGS, &hooks::FAULTS];
+
+impl VmaAnalysis {
+    /// `faults`: also count the pages each callsite's mappings had touched.
+    pub fn new(top: usize, faults: bool) -> Self {
+        Self {
+            inner: FaultsAnalysis::new(ReportOptions {
+                format: Format::Json,
+                top,
+                threads: false,
+                hist: false,
+            }),
+            top,
+            faults,
+        }
+    }
+}
+
+impl Analysis for VmaAnalysis {
+    type Report = VmaReport;
+
+    fn what(&self) -> &'static str {
+        "mappings (mmap, munmap, mremap, brk)"
+    }
+
+    fn hook_groups(&self) -> &'static [&'static HookGroup] {
+        if self.faults {
+            HOOK_GROUPS_FAULTS
+        } else {
+            HOOK_GROUPS
+        }
+    }
+
+    fn start(&mut self, tracer: &mut Tracer, system_wide: bool) -> Result<(), Error> {
+        self.inner.start(tracer, system_wide)?;
+        // Traced processes' mappings at exit are the leak candidates; system-wide, an exited
+        // process's rows go with its memory.
+        self.inner.collector_mut().vma = Some(VmaLedger::new(!system_wide));
+        Ok(())
+    }
+
+    fn target_added(&mut self, pid: u32) {
+        self.inner.target_added(pid);
+    }
+
+    fn drain(&mut self, ring: &mut Ring) -> bool {
+        self.inner.drain(ring)
+    }
+
+    fn descendants_alive(&self, command: u32) -> bool {
+        self.inner.descendants_alive(command)
+    }
+
+    fn report(&mut self, ctx: &ReportContext<'_>) -> VmaReport {
+        let counters = ctx.tracer.counters();
+        let (collector, symbolizer) = self.inner.parts();
+        let empty = VmaLedger::new(false);
+        let vma = collector.vma.as_ref().unwrap_or(&empty);
+        let comms = |pid: u32| vma.comms.get(&pid).map(|c| c.to_string());
+        let input = VmaReportInput {
+            vma,
+            comms: &comms,
+            counters,
+            sideband_lost: collector.stats.sideband_lost,
+            undecodable: collector.stats.undecodable,
+            records: collector.stats.records,
+            duration_s: ctx.elapsed.as_secs_f64(),
+            now_ns: sideband::monotonic_ns(),
+            top: self.top,
+            faults: self.faults,
+        };
+        report::build(&input, symbolizer)
+    }
+}
