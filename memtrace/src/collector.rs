@@ -1070,17 +1070,20 @@ mod tests {
 
     /// A private 64 KiB mapping of fd 3 at `addr`.
     fn file_mmap(pid: u32, addr: u64, offset: u64) -> Record<'static> {
-        Record::Vma(VmaRecord {
-            kind: RecordKind::Vma as u32,
-            op: VMA_MMAP,
-            pid,
-            addr,
-            len: 0x10000,
-            flags: 0x02,
-            fd: 3,
-            offset,
-            ..Default::default()
-        })
+        Record::Vma(
+            VmaRecord {
+                kind: RecordKind::Vma as u32,
+                op: VMA_MMAP,
+                pid,
+                addr,
+                len: 0x10000,
+                flags: 0x02,
+                fd: 3,
+                offset,
+                ..Default::default()
+            },
+            &[],
+        )
     }
 
     fn fault_rec(pid: u32, address: u64, flags: u32) -> FaultRecord {
