@@ -146,6 +146,9 @@ pub struct VmaRecord {
     /// With `VMA_SP_WORDS`: the words at the user stack pointer, `[rsp]` first (the return
     /// address into the caller of the frameless libc wrapper).
     pub sp_words: [u64; SP_WORDS],
+    /// Names the walk of a walked stack for later calls that reuse it (`VMA_STACK_REUSED`):
+    /// see [`stack_token`]. 0 when not cached.
+    pub stack_token: u64,
 }
 
 /// `VmaRecord::stack_flags`: the calling thread's user stack follows the record
@@ -153,6 +156,13 @@ pub struct VmaRecord {
 pub const VMA_STACK_WALKED: u16 = 1 << 0;
 /// `VmaRecord::stack_flags`: `sp_words` is valid.
 pub const VMA_SP_WORDS: u16 = 1 << 1;
+/// `VmaRecord::stack_flags`: the stack was not walked; it is the one last walked under
+/// `stack_token` (a call from the same instruction with the same frame and stack pointers).
+pub const VMA_STACK_REUSED: u16 = 1 << 2;
+
+/// Per-CPU stack-cache slots of the mapping syscalls (a loop of mallocs calls mmap from a
+/// handful of places).
+pub const VMA_STACK_SLOTS: u32 = 16;
 
 /// A VMA record and room for its user frames: the per-CPU buffer it is built in.
 #[repr(C)]
@@ -171,10 +181,27 @@ pub const PT_REGS_CANDIDATES: [u32; 4] = [
     32768 - PT_REGS_SIZE,
     32768 - 16 - PT_REGS_SIZE,
 ];
-/// `sizeof(struct pt_regs)` and the offsets of `orig_ax` and `sp` in it (x86_64 ABI).
+/// `sizeof(struct pt_regs)` (x86_64 ABI), and the index of each register the mapping
+/// programs read in it, as an array of u64.
 pub const PT_REGS_SIZE: u32 = 168;
-pub const PT_REGS_ORIG_AX: u32 = 120;
-pub const PT_REGS_SP: u32 = 152;
+pub const PT_REGS_WORDS: usize = 21;
+pub mod pt_regs {
+    pub const BP: usize = 4;
+    pub const R10: usize = 7;
+    pub const R9: usize = 8;
+    pub const R8: usize = 9;
+    pub const DX: usize = 12;
+    pub const SI: usize = 13;
+    pub const DI: usize = 14;
+    pub const ORIG_AX: usize = 15;
+    pub const IP: usize = 16;
+    pub const CS: usize = 17;
+    pub const SP: usize = 19;
+    /// Byte offset of `orig_ax`.
+    pub const ORIG_AX_OFFSET: u64 = 120;
+    /// `cs` of a 64-bit user task (`__USER_CS`); compat tasks number syscalls differently.
+    pub const USER_CS_64: u64 = 0x33;
+}
 
 /// A stack new to `SLAB_STACKS` with user frames (`memtrace slab --user-stacks`): sent so the
 /// agent symbolizes them while the process that allocated there still runs.
@@ -371,7 +398,9 @@ pub mod counter {
     /// Frees the second free program saw unhandled by the first (which was skipped: the free
     /// came while it ran on that CPU).
     pub const SLAB_FREES_NESTED: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// A mapping syscall whose saved user registers were not found: the call is missed.
+    pub const SYSCALL_ARGS_UNREAD: u32 = 16;
+    pub const COUNT: u32 = 17;
 }
 
 /// Configuration written into the kernel programs at load time.

@@ -4,23 +4,30 @@
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::{
-        bpf_get_current_task, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_user,
+        bpf_get_current_task, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_get_stack,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
     },
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{Array, PerCpuArray},
-    programs::TracePointContext,
-    EbpfContext as _,
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
+    EbpfContext,
 };
 use memtrace_common::{
-    counter, layout, PendingSyscall, RecordKind, VmaRecord, VmaWithStack, MAX_STACK_DEPTH,
-    OFFSET_UNKNOWN, PT_REGS_CANDIDATES, PT_REGS_ORIG_AX, PT_REGS_SP, SP_WORDS, VMA_BRK, VMA_MMAP,
-    VMA_MREMAP, VMA_MUNMAP, VMA_SP_WORDS, VMA_STACK_WALKED,
+    counter, layout, pt_regs, stack_cache_slot, stack_token, PendingSyscall, RecordKind,
+    StackCacheSlot, VmaRecord, VmaWithStack, MAX_STACK_DEPTH, OFFSET_UNKNOWN, PT_REGS_CANDIDATES,
+    PT_REGS_WORDS, SP_WORDS, VMA_BRK, VMA_MMAP, VMA_MREMAP, VMA_MUNMAP, VMA_SP_WORDS,
+    VMA_STACK_REUSED, VMA_STACK_SLOTS, VMA_STACK_WALKED,
 };
 
 use crate::maps::{
-    bump, config, current_ids, is_target, tp_field, wakeup_flags, EVENTS, PENDING_SYSCALLS,
+    bump, config, cpu_state, current_ids, is_target, tp_field, wakeup_flags, EVENTS,
+    PENDING_SYSCALLS,
 };
+
+/// Recently walked stacks of mapping calls on this CPU, by `stack_cache_slot(ip, bp)`.
+#[map]
+static VMA_STACK_CACHE: PerCpuArray<StackCacheSlot> =
+    PerCpuArray::with_max_entries(VMA_STACK_SLOTS, 0);
 
 /// Per-CPU room to build a VMA record with its user frames.
 #[map]
@@ -121,6 +128,7 @@ pub fn sys_exit_brk(ctx: TracePointContext) -> u32 {
     complete(&ctx, VMA_BRK)
 }
 
+/// A syscall's arguments, stashed by its entry program.
 #[inline(always)]
 fn complete(ctx: &TracePointContext, op: u32) -> u32 {
     let (tgid, tid) = current_ids();
@@ -134,11 +142,127 @@ fn complete(ctx: &TracePointContext, op: u32) -> u32 {
     }
     // SAFETY: `ret` offset checked against the sys_exit_* formats by the agent.
     let ret: i64 = unsafe { tp_field::<i64, { layout::SYSCALL_RET.1 }>(ctx) };
-    // Errors come back as -4095..-1; brk reports failure by returning the old break instead.
-    if (-4095..0).contains(&ret) || (op == VMA_MUNMAP && ret != 0) {
+    emit(ctx, op, (tgid, tid), pending.args, ret, None);
+    0
+}
+
+/// Every syscall's exit, for `memtrace vma`: the mapping calls are picked by their number in
+/// the saved registers, which also hold their arguments. Cheaper than the syscalls' own
+/// tracepoints: no entry program, no record built by the kernel, no map.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit_raw(ctx: RawTracePointContext) -> u32 {
+    let regs_ptr = ctx.arg::<u64>(0);
+    // SAFETY: a checked read of `orig_ax` in the `struct pt_regs` the tracepoint passes.
+    let Ok(nr) =
+        (unsafe { bpf_probe_read_kernel((regs_ptr + pt_regs::ORIG_AX_OFFSET) as *const u64) })
+    else {
+        return 0;
+    };
+    let op = match nr {
+        NR_MMAP => VMA_MMAP,
+        NR_MUNMAP => VMA_MUNMAP,
+        NR_MREMAP => VMA_MREMAP,
+        NR_BRK => VMA_BRK,
+        _ => return 0,
+    };
+    let (tgid, tid) = current_ids();
+    if !is_target(tgid) {
         return 0;
     }
-    let a = pending.args;
+    // SAFETY: a checked read of the whole `struct pt_regs`.
+    let Ok(regs) = (unsafe { bpf_probe_read_kernel(regs_ptr as *const [u64; PT_REGS_WORDS]) })
+    else {
+        bump(counter::SYSCALL_ARGS_UNREAD);
+        return 0;
+    };
+    // A compat (32-bit) task numbers its syscalls otherwise: 9 is not mmap there.
+    if regs[pt_regs::CS] != pt_regs::USER_CS_64 {
+        return 0;
+    }
+    let ret = ctx.arg::<i64>(1);
+    emit(&ctx, op, (tgid, tid), args_of(&regs), ret, Some(&regs));
+    0
+}
+
+/// [`sys_exit_raw`] as a BTF-typed tracepoint, tried first: the verifier knows the first
+/// argument is a `struct pt_regs *`, so its fields are plain loads instead of
+/// `bpf_probe_read_kernel` calls (two per mapping call, one per other syscall).
+#[btf_tracepoint(function = "sys_exit")]
+pub fn sys_exit_btf(ctx: BtfTracePointContext) -> i32 {
+    let regs: *const u64 = ctx.arg(0);
+    // SAFETY: `regs` is the tracepoint's `struct pt_regs *`; the verifier checks each load
+    // against that struct's BTF (constant offsets of whole u64 fields).
+    let nr = unsafe { *regs.add(pt_regs::ORIG_AX) };
+    let op = match nr {
+        NR_MMAP => VMA_MMAP,
+        NR_MUNMAP => VMA_MUNMAP,
+        NR_MREMAP => VMA_MREMAP,
+        NR_BRK => VMA_BRK,
+        _ => return 0,
+    };
+    let (tgid, tid) = current_ids();
+    if !is_target(tgid) {
+        return 0;
+    }
+    let mut r = [0u64; PT_REGS_WORDS];
+    // SAFETY: as above, one field at a time.
+    unsafe {
+        r[pt_regs::CS] = *regs.add(pt_regs::CS);
+        if r[pt_regs::CS] != pt_regs::USER_CS_64 {
+            return 0;
+        }
+        r[pt_regs::DI] = *regs.add(pt_regs::DI);
+        r[pt_regs::SI] = *regs.add(pt_regs::SI);
+        r[pt_regs::DX] = *regs.add(pt_regs::DX);
+        r[pt_regs::R10] = *regs.add(pt_regs::R10);
+        r[pt_regs::R8] = *regs.add(pt_regs::R8);
+        r[pt_regs::R9] = *regs.add(pt_regs::R9);
+        r[pt_regs::IP] = *regs.add(pt_regs::IP);
+        r[pt_regs::BP] = *regs.add(pt_regs::BP);
+        r[pt_regs::SP] = *regs.add(pt_regs::SP);
+    }
+    let ret: i64 = ctx.arg(1);
+    emit(&ctx, op, (tgid, tid), args_of(&r), ret, Some(&r));
+    0
+}
+
+#[inline(always)]
+fn syscall_nr(op: u32) -> u64 {
+    match op {
+        VMA_MMAP => NR_MMAP,
+        VMA_MUNMAP => NR_MUNMAP,
+        VMA_MREMAP => NR_MREMAP,
+        _ => NR_BRK,
+    }
+}
+
+/// The six syscall arguments in the saved registers.
+#[inline(always)]
+fn args_of(regs: &[u64; PT_REGS_WORDS]) -> [u64; 6] {
+    [
+        regs[pt_regs::DI],
+        regs[pt_regs::SI],
+        regs[pt_regs::DX],
+        regs[pt_regs::R10],
+        regs[pt_regs::R8],
+        regs[pt_regs::R9],
+    ]
+}
+
+/// Builds and sends the record of a completed call (nothing for a failed one).
+#[inline(always)]
+fn emit<C: EbpfContext>(
+    ctx: &C,
+    op: u32,
+    (tgid, tid): (u32, u32),
+    a: [u64; 6],
+    ret: i64,
+    regs: Option<&[u64; PT_REGS_WORDS]>,
+) {
+    // Errors come back as -4095..-1; brk reports failure by returning the old break instead.
+    if (-4095..0).contains(&ret) || (op == VMA_MUNMAP && ret != 0) {
+        return;
+    }
     let mut rec = VmaRecord {
         kind: RecordKind::Vma as u32,
         op,
@@ -175,19 +299,19 @@ fn complete(ctx: &TracePointContext, op: u32) -> u32 {
     }
     // munmap takes memory away: its bytes go to the mapping's own callsite, no stack needed.
     if op != VMA_MUNMAP && config().vma_stacks != 0 {
-        emit_with_stack(ctx, rec);
-        return 0;
+        emit_with_stack(ctx, rec, regs);
+        return;
     }
     if EVENTS.output::<VmaRecord>(&rec, wakeup_flags()).is_err() {
         bump(counter::RINGBUF_FULL_OTHER);
     }
-    0
 }
 
-/// The user stack pointer of the current syscall, from the registers saved at syscall entry
-/// on top of the task's kernel stack: the candidate place whose `orig_ax` is `nr`.
+/// The current syscall's saved user registers, from the top of the task's kernel stack:
+/// the candidate place whose `orig_ax` is the syscall `nr` (remembered once found). For the
+/// classic tracepoints, which do not pass them.
 #[inline(always)]
-fn user_sp(nr: u64) -> Option<u64> {
+fn user_regs(nr: u64) -> Option<[u64; PT_REGS_WORDS]> {
     let off = config().task_stack_off;
     if off == OFFSET_UNKNOWN {
         return None;
@@ -200,34 +324,66 @@ fn user_sp(nr: u64) -> Option<u64> {
     let found = PT_REGS_FOUND.get_ptr_mut(0)?;
     // SAFETY: a pointer from a successful array lookup.
     let known = unsafe { *found };
-    let try_at = |i: usize| -> Option<u64> {
-        let regs = stack.wrapping_add(u64::from(*PT_REGS_CANDIDATES.get(i)?));
-        // SAFETY: checked kernel reads; a wrong candidate reads another stack word.
-        let orig_ax: u64 =
-            unsafe { bpf_probe_read_kernel((regs + u64::from(PT_REGS_ORIG_AX)) as *const u64) }
-                .ok()?;
-        if orig_ax != nr {
-            return None;
-        }
-        // SAFETY: as above.
-        unsafe { bpf_probe_read_kernel((regs + u64::from(PT_REGS_SP)) as *const u64) }.ok()
+    let try_at = |i: usize| -> Option<[u64; PT_REGS_WORDS]> {
+        let at = stack.wrapping_add(u64::from(*PT_REGS_CANDIDATES.get(i)?));
+        // SAFETY: a checked kernel read; a wrong candidate reads other words of the stack.
+        let regs: [u64; PT_REGS_WORDS] =
+            unsafe { bpf_probe_read_kernel(at as *const [u64; PT_REGS_WORDS]) }.ok()?;
+        (regs[pt_regs::ORIG_AX] == nr).then_some(regs)
     };
     if known > 0 {
         return try_at((known - 1) as usize & 3);
     }
     for i in 0..PT_REGS_CANDIDATES.len() {
-        if let Some(sp) = try_at(i) {
+        if let Some(regs) = try_at(i) {
             // SAFETY: as above; a racing CPU writes the same value.
             unsafe { *found = i as u32 + 1 };
-            return Some(sp);
+            return Some(regs);
         }
     }
     None
 }
 
-/// Sends the record with the calling thread's user stack and the words at its stack pointer.
+/// Sends the record with the calling thread's user stack: reused from this CPU's stack cache
+/// when the call repeats a recent one's registers, walked otherwise (with the words at the
+/// user stack pointer, for the caller of libc's frameless syscall wrapper).
 #[inline(always)]
-fn emit_with_stack(ctx: &TracePointContext, mut rec: VmaRecord) {
+fn emit_with_stack<C: EbpfContext>(
+    ctx: &C,
+    mut rec: VmaRecord,
+    regs: Option<&[u64; PT_REGS_WORDS]>,
+) {
+    let regs = match regs {
+        Some(r) => Some(*r),
+        None => user_regs(syscall_nr(rec.op)),
+    };
+    // The words at the user stack pointer: `[rsp]` is the return address into the caller of
+    // libc's frameless wrapper, which the frame-pointer walk skips. It is part of the cache
+    // key too, so two callers from the same stack depth do not share a walk.
+    let words = regs.and_then(|r| {
+        let sp = r[pt_regs::SP] as *const [u64; SP_WORDS];
+        // SAFETY: a checked read of user memory.
+        unsafe { bpf_probe_read_user(sp) }.ok()
+    });
+    let cached = regs.and_then(|r| {
+        let ip = r[pt_regs::IP] ^ words.map_or(0, |w| w[0]).rotate_left(17);
+        let (bp, sp) = (r[pt_regs::BP], r[pt_regs::SP]);
+        let index = stack_cache_slot(ip, bp) & (VMA_STACK_SLOTS - 1);
+        VMA_STACK_CACHE
+            .get_ptr_mut(index)
+            .map(|slot| (slot, index, ip, bp, sp))
+    });
+    if let Some((slot, _, ip, bp, sp)) = cached {
+        // SAFETY: a per-CPU slot from a successful lookup; programs are not preempted.
+        if let Some(token) = unsafe { &mut *slot }.lookup(rec.pid, ip, bp, sp) {
+            rec.stack_flags |= VMA_STACK_REUSED;
+            rec.stack_token = token;
+            if EVENTS.output::<VmaRecord>(&rec, wakeup_flags()).is_err() {
+                bump(counter::RINGBUF_FULL_OTHER);
+            }
+            return;
+        }
+    }
     let Some(buf) = VMA_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -248,18 +404,19 @@ fn emit_with_stack(ctx: &TracePointContext, mut rec: VmaRecord) {
         bump(counter::USER_STACK_LOST);
     } else {
         rec.stack_flags |= VMA_STACK_WALKED;
-        let nr = match rec.op {
-            VMA_MMAP => NR_MMAP,
-            VMA_MUNMAP => NR_MUNMAP,
-            VMA_MREMAP => NR_MREMAP,
-            _ => NR_BRK,
-        };
-        if let Some(sp) = user_sp(nr) {
-            // SAFETY: a checked read of user memory; failure leaves the flag unset.
-            if let Ok(words) = unsafe { bpf_probe_read_user(sp as *const [u64; SP_WORDS]) } {
-                rec.sp_words = words;
-                rec.stack_flags |= VMA_SP_WORDS;
-            }
+        if let Some(words) = words {
+            rec.sp_words = words;
+            rec.stack_flags |= VMA_SP_WORDS;
+        }
+        if let (Some((slot, index, ip, bp, sp)), Some(state)) = (cached, cpu_state()) {
+            state.walks = state.walks.wrapping_add(1);
+            // SAFETY: no preconditions.
+            let cpu = unsafe { bpf_get_smp_processor_id() };
+            rec.stack_token = stack_token(cpu, index, state.walks);
+            // SAFETY: no preconditions.
+            let random = unsafe { bpf_get_prandom_u32() };
+            // SAFETY: as above.
+            unsafe { &mut *slot }.fill(rec.pid, ip, bp, sp, rec.stack_token, random);
         }
     }
     rec.n_user = n_user as u16;
@@ -272,5 +429,10 @@ fn emit_with_stack(ctx: &TracePointContext, mut rec: VmaRecord) {
     let bytes = unsafe { core::slice::from_raw_parts((buf as *const _) as *const u8, len) };
     if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_err() {
         bump(counter::RINGBUF_FULL_OTHER);
+        // Nothing to reuse: the walk never reached the agent.
+        if let Some((slot, ..)) = cached {
+            // SAFETY: as above.
+            unsafe { &mut *slot }.token = 0;
+        }
     }
 }

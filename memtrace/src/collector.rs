@@ -11,9 +11,10 @@ use std::{
 };
 
 use memtrace_common::{
-    FaultRecord, ProcRecord, VmaRecord, FAULT_HAS_ENTRY, FAULT_KERNEL_MODE, FAULT_MAJOR,
-    FAULT_SP_WORDS, FAULT_STACK_REUSED, FAULT_STACK_WALKED, PROC_EXEC, PROC_EXIT, PROC_FORK,
-    VMA_BRK, VMA_MMAP, VMA_MREMAP, VMA_MUNMAP, VMA_SP_WORDS, VMA_STACK_WALKED,
+    stack_token_slot, FaultRecord, ProcRecord, VmaRecord, FAULT_HAS_ENTRY, FAULT_KERNEL_MODE,
+    FAULT_MAJOR, FAULT_SP_WORDS, FAULT_STACK_REUSED, FAULT_STACK_WALKED, PROC_EXEC, PROC_EXIT,
+    PROC_FORK, VMA_BRK, VMA_MMAP, VMA_MREMAP, VMA_MUNMAP, VMA_SP_WORDS, VMA_STACK_REUSED,
+    VMA_STACK_WALKED,
 };
 
 use crate::{
@@ -39,6 +40,11 @@ pub struct VmaLedger {
     pub no_stack: u64,
     /// Each process's name as of its last mapping call (its rows outlive it).
     pub comms: HashMap<u32, Arc<str>>,
+    /// The last walk per (CPU, stack-cache slot): its token and stack, for the calls that
+    /// reuse it (records of one CPU arrive in order, the walk first).
+    last_walk: HashMap<(u32, u32), (u64, Option<StackId>)>,
+    /// Calls that reused a walk the agent never got (its record was dropped).
+    pub stack_unresolved: u64,
 }
 
 impl VmaLedger {
@@ -49,6 +55,8 @@ impl VmaLedger {
             stacks_full: 0,
             no_stack: 0,
             comms: HashMap::new(),
+            last_walk: HashMap::new(),
+            stack_unresolved: 0,
         }
     }
 }
@@ -658,7 +666,19 @@ impl<S: ProcSource> Collector<S> {
             if id.is_none() {
                 vma.stacks_full += 1;
             }
+            if r.stack_token != 0 {
+                vma.last_walk
+                    .insert(stack_token_slot(r.stack_token), (r.stack_token, id));
+            }
             id
+        } else if r.stack_flags & VMA_STACK_REUSED != 0 {
+            match vma.last_walk.get(&stack_token_slot(r.stack_token)) {
+                Some(&(token, id)) if token == r.stack_token => id,
+                _ => {
+                    vma.stack_unresolved += 1;
+                    None
+                }
+            }
         } else {
             vma.no_stack += 1;
             None

@@ -145,6 +145,25 @@ pub const MAPPINGS: HookGroup = HookGroup {
     ],
 };
 
+/// mmap/munmap/mremap/brk for `memtrace vma`: one raw tracepoint on every syscall's exit,
+/// which picks the mapping calls by the number in the saved registers and reads their
+/// arguments there (no entry program, no pending-syscall map, no record built by the kernel:
+/// a third of the cost of [`MAPPINGS`] on an mmap-heavy loop). Needs `bpf_probe_read_kernel`.
+pub const MAPPINGS_AT_EXIT: HookGroup = HookGroup {
+    name: "mappings-at-exit",
+    purpose: "mmap/munmap/mremap/brk as they complete, from every syscall's exit",
+    hooks: &[checked_raw_tracepoint(
+        "",
+        "sys_exit_raw",
+        "raw_syscalls",
+        "sys_exit",
+        SYS_EXIT_RAW_ARGS,
+    )],
+};
+
+/// What the raw `sys_exit` tracepoint passes, as [`MAPPINGS_AT_EXIT`] reads it.
+pub const SYS_EXIT_RAW_ARGS: &[&str] = &["struct pt_regs *", "long"];
+
 /// Page faults: the kernel's own accounting (counts, kind, stacks), the fault's entry (access
 /// type, latency start) and the context switches a fault can span.
 pub const FAULTS: HookGroup = HookGroup {

@@ -91,6 +91,8 @@ pub struct KernelCounters {
     pub targets_full: u64,
     pub stack_cache_hits: u64,
     pub syscall_pending_full: u64,
+    /// Mapping syscalls whose saved user registers were not found.
+    pub syscall_args_unread: u64,
 }
 
 /// Loaded and attached kernel programs.
@@ -162,6 +164,16 @@ fn attach_tracepoint(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) ->
 }
 
 fn attach_raw_tracepoint(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), Error> {
+    // A BTF-typed twin (`x_btf` for `x_raw`) reads pointer arguments with plain loads: tried
+    // first where there is one.
+    if let Some(btf_prog) = prog.strip_suffix("_raw").map(|p| format!("{p}_btf")) {
+        if ebpf.program(&btf_prog).is_some() {
+            match attach_btf_tracepoint(ebpf, &btf_prog, name) {
+                Ok(()) => return Ok(()),
+                Err(e) => log::info!("{btf_prog}: {e}; the raw tracepoint instead"),
+            }
+        }
+    }
     let tp: &mut RawTracePoint = program(ebpf, prog)?;
     tp.load().map_err(|e| load_error(prog, e))?;
     if let Err(e) = tp.attach(name) {
@@ -169,6 +181,20 @@ fn attach_raw_tracepoint(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), 
         let _ = tp.unload();
         return Err(Error::Attach {
             what: format!("raw tracepoint {name}"),
+            reason: e.to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn attach_btf_tracepoint(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), Error> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| Error::Load(format!("kernel BTF: {e}")))?;
+    let tp: &mut aya::programs::BtfTracePoint = program(ebpf, prog)?;
+    tp.load(name, &btf).map_err(|e| load_error(prog, e))?;
+    if let Err(e) = tp.attach() {
+        let _ = tp.unload();
+        return Err(Error::Attach {
+            what: format!("BTF tracepoint {name}"),
             reason: e.to_string(),
         });
     }
@@ -317,7 +343,8 @@ impl Tracer {
         } else {
             [OFFSET_UNKNOWN; 3]
         };
-        // The user stack pointer of a syscall is found from task_struct.stack (vma stacks).
+        // A syscall's saved user registers are found from task_struct.stack (for the classic
+        // syscall tracepoints, which do not pass them).
         let task_stack_off = if opts.vma_stacks {
             match btf.get_or_insert_with(Btf::from_sys_fs) {
                 Ok(btf) => btf
@@ -437,6 +464,7 @@ impl Tracer {
             targets_full: sum(counter::TARGETS_FULL),
             stack_cache_hits: sum(counter::STACK_CACHE_HITS),
             syscall_pending_full: sum(counter::SYSCALL_PENDING_FULL),
+            syscall_args_unread: sum(counter::SYSCALL_ARGS_UNREAD),
         }
     }
 }

@@ -425,6 +425,8 @@ where
 
 fn vma(args: VmaArgs) -> anyhow::Result<ExitCode> {
     let run = &args.run;
+    let mut analysis = VmaAnalysis::new(run.top, args.faults);
+    log::debug!("raw sys_exit: {}", analysis.args_from_regs());
     let opts = RunOptions {
         target: run.target(),
         duration: run.duration,
@@ -442,7 +444,6 @@ fn vma(args: VmaArgs) -> anyhow::Result<ExitCode> {
         threads: false,
         hist: false,
     };
-    let mut analysis = VmaAnalysis::new(run.top, args.faults);
     run_analysis(&mut analysis, &opts, run, report)
 }
 

@@ -11,6 +11,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod procmem_bench;
 mod slab_bench;
 
 #[derive(Parser)]
@@ -41,8 +42,9 @@ enum Cmd {
         /// Rounds (each runs every configuration once; medians are reported).
         #[arg(long, default_value_t = 7)]
         runs: usize,
-        /// Only this table: `anon` (the reference), `anon-recycle` (worst case) or `slab`
-        /// (`memtrace slab` on a pipe create/close loop).
+        /// Only this table: `anon` (the reference), `anon-recycle` (worst case), `slab`
+        /// (`memtrace slab` on a pipe create/close loop) or `vma` (`memtrace vma` on a loop of
+        /// large mallocs, `snapshot` and `watch` costs).
         #[arg(long)]
         only: Option<String>,
     },
@@ -391,8 +393,8 @@ fn bpftrace_available() -> bool {
 
 fn bench(pages: u64, runs: usize, only: Option<&str>) -> Result<()> {
     if let Some(w) = only {
-        if !["anon", "anon-recycle", "slab"].contains(&w) {
-            bail!("--only takes anon, anon-recycle or slab, not {w:?}");
+        if !["anon", "anon-recycle", "slab", "vma"].contains(&w) {
+            bail!("--only takes anon, anon-recycle, slab or vma, not {w:?}");
         }
     }
     let wanted = |workload: &str| only.is_none_or(|w| w == workload);
@@ -427,6 +429,9 @@ fn bench(pages: u64, runs: usize, only: Option<&str>) -> Result<()> {
     }
     if wanted("slab") {
         slab_bench::bench(&bin, runs, bpftrace)?;
+    }
+    if wanted("vma") {
+        procmem_bench::bench(&bin, runs, bpftrace)?;
     }
     if !wanted("anon-recycle") {
         return Ok(());

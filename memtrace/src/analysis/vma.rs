@@ -19,10 +19,22 @@ pub struct VmaAnalysis {
     inner: FaultsAnalysis,
     top: usize,
     faults: bool,
+    args_from_regs: bool,
 }
 
-const HOOK_GROUPS: &[&HookGroup] = &[&hooks::PROCESSES, &hooks::MAPPINGS];
-const HOOK_GROUPS_FAULTS: &[&HookGroup] = &[&hooks::PROCESSES, &hooks::MAPPINGS, &hooks::FAULTS];
+const AT_EXIT: &[&HookGroup] = &[&hooks::PROCESSES, &hooks::MAPPINGS_AT_EXIT];
+const AT_EXIT_FAULTS: &[&HookGroup] =
+    &[&hooks::PROCESSES, &hooks::MAPPINGS_AT_EXIT, &hooks::FAULTS];
+const ENTRY_EXIT: &[&HookGroup] = &[&hooks::PROCESSES, &hooks::MAPPINGS];
+const ENTRY_EXIT_FAULTS: &[&HookGroup] = &[&hooks::PROCESSES, &hooks::MAPPINGS, &hooks::FAULTS];
+
+/// Does this kernel pass the raw `sys_exit` tracepoint what [`hooks::MAPPINGS_AT_EXIT`]
+/// reads? (Checked against its BTF; otherwise the classic syscall tracepoints serve.)
+fn raw_sys_exit_usable() -> bool {
+    crate::btf::Btf::from_sys_fs().is_ok_and(|btf| {
+        crate::btf::check_raw_args(&btf, "sys_exit", hooks::SYS_EXIT_RAW_ARGS).is_none()
+    })
+}
 
 impl VmaAnalysis {
     /// `faults`: also count the pages each callsite's mappings had touched.
@@ -36,7 +48,14 @@ impl VmaAnalysis {
             }),
             top,
             faults,
+            args_from_regs: raw_sys_exit_usable(),
         }
+    }
+
+    /// The raw `sys_exit` program reads the calls from the saved registers; else the classic
+    /// syscall tracepoints' entry programs stash their arguments.
+    pub fn args_from_regs(&self) -> bool {
+        self.args_from_regs
     }
 }
 
@@ -48,10 +67,11 @@ impl Analysis for VmaAnalysis {
     }
 
     fn hook_groups(&self) -> &'static [&'static HookGroup] {
-        if self.faults {
-            HOOK_GROUPS_FAULTS
-        } else {
-            HOOK_GROUPS
+        match (self.args_from_regs, self.faults) {
+            (true, true) => AT_EXIT_FAULTS,
+            (true, false) => AT_EXIT,
+            (false, true) => ENTRY_EXIT_FAULTS,
+            (false, false) => ENTRY_EXIT,
         }
     }
 

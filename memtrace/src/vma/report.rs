@@ -175,9 +175,19 @@ pub fn build(input: &VmaReportInput<'_>, symbolizer: &mut Symbolizer) -> VmaRepo
             "pending-syscall map full: calls missed",
         ),
         Loss::new(
+            "syscall_args_unread",
+            c.syscall_args_unread,
+            "saved user registers not found: calls missed",
+        ),
+        Loss::new(
             "user_stack_empty",
             c.user_stack_lost,
             "user stack walk found no frame: counted without a callsite",
+        ),
+        Loss::new(
+            "stack_unresolved",
+            input.vma.stack_unresolved,
+            "call reused a stack walk whose record was dropped: counted without a callsite",
         ),
         Loss::new(
             "stack_table_full",
@@ -191,7 +201,7 @@ pub fn build(input: &VmaReportInput<'_>, symbolizer: &mut Symbolizer) -> VmaRepo
         ),
         Loss::new("undecodable", input.undecodable, "undecodable records"),
     ];
-    let events = c.ringbuf_full_other + c.syscall_pending_full;
+    let events = c.ringbuf_full_other + c.syscall_pending_full + c.syscall_args_unread;
     VmaReport {
         duration_s: input.duration_s,
         faults: input.faults,
