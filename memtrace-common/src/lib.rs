@@ -802,10 +802,19 @@ mod tests {
             size_of::<FaultWithStacks>(),
             size_of::<FaultRecord>() + 8 * 2 * MAX_STACK_DEPTH
         );
-        assert_eq!(size_of::<VmaRecord>(), 4 * 4 + 8 * 4 + 4 * 4 + 8 * 2);
+        // kind..tid, addr..new_len, prot/flags/fd + stack_flags/n_user, offset/time_ns,
+        // sp_words, stack_token.
+        assert_eq!(
+            size_of::<VmaRecord>(),
+            4 * 4 + 8 * 4 + 4 * 3 + 2 * 2 + 8 * 2 + 8 * SP_WORDS + 8
+        );
+        assert_eq!(
+            size_of::<VmaWithStack>(),
+            size_of::<VmaRecord>() + 8 * MAX_STACK_DEPTH
+        );
         assert_eq!(size_of::<ProcRecord>(), 4 * 4 + 16 + 8);
         assert_eq!(size_of::<SlabStackRecord>(), 4 * 2 + 8 * 2);
-        assert_eq!(size_of::<Config>(), 4 * 10);
+        assert_eq!(size_of::<Config>(), 4 * 12);
         assert_eq!(size_of::<SlabBucket>(), 64);
         assert_eq!(
             size_of::<SlabRecords>(),

@@ -21,7 +21,7 @@ pub enum Error {
     },
     #[error("no process with pid {0}")]
     NoSuchProcess(u32),
-    #[error("pid {pid} is a kernel thread ({comm}): kernel threads take no user page faults")]
+    #[error("pid {pid} is a kernel thread ({comm}): it has no user memory (no page faults, no mappings) to trace")]
     KernelThread { pid: u32, comm: String },
     #[error("cannot start {command}")]
     Spawn {

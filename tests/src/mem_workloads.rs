@@ -139,3 +139,28 @@ pub fn malloc_large(duration_ms: u64, bytes: usize) -> Result<()> {
     let secs = start.elapsed().as_secs_f64();
     report(&format!("blocks={n} blocks_per_s={:.0}", n as f64 / secs))
 }
+
+/// One more private anonymous region of `bytes`, mapped and never touched or unmapped.
+#[inline(never)]
+fn reserve_chunk(bytes: usize) -> Result<usize> {
+    map_anon(bytes, false)?;
+    Ok(bytes)
+}
+
+/// Reserves `bytes_per_s` of address space, a tenth every 100 ms, for `duration_ms`,
+/// touching none of it: VIRT grows, RES does not.
+pub fn reserve(bytes_per_s: usize, duration_ms: u64) -> Result<()> {
+    let start = Instant::now();
+    let mut reserved = 0;
+    let mut tick = 0u32;
+    while start.elapsed() < Duration::from_millis(duration_ms) {
+        // Whole pages, so each region is what it says.
+        reserved += reserve_chunk((bytes_per_s / 10).div_ceil(PAGE) * PAGE)?;
+        tick += 1;
+        let next = Duration::from_millis(100) * tick;
+        if let Some(wait) = next.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    report(&format!("reserved_bytes={reserved}"))
+}

@@ -483,7 +483,7 @@ fn usage() -> ! {
          \x20      threads N PAGES | forks N PAGES | wait-then-anon PAGES | sleep MS | demo DIR |\n\
          \x20      kinds ANON_PAGES SHM_PAGES PATH FILE_PAGES HOLD_MS |\n\
          \x20      leak BYTES_PER_S MS | steady BYTES MS | regions N PAGES UNMAP(0|1|2) HOLD_MS |\n\
-         \x20      malloc-large MS BYTES"
+         \x20      malloc-large MS BYTES | reserve BYTES_PER_S MS"
     );
     std::process::exit(2)
 }
@@ -523,6 +523,7 @@ fn main() -> Result<()> {
         "steady" => mem_workloads::steady(num(1)?, num(2)? as u64),
         "regions" => mem_workloads::regions(num(1)?, num(2)?, num(3)?, num(4)? as u64),
         "malloc-large" => mem_workloads::malloc_large(num(1)? as u64, num(2)?),
+        "reserve" => mem_workloads::reserve(num(1)?, num(2)? as u64),
         _ => usage(),
     }
 }

@@ -237,8 +237,11 @@ fn a_hundred_thousand_distinct_stacks_are_all_kept() {
     // at the same registers, so it would serve most faults a sampled stack (the test above
     // checks that sample); here every stack must be walked, kept and reported as its own.
     let paths = 100_000u64;
+    // 100,000 walked stacks are ~32 MB of records in well under a second: a 64 MiB ring
+    // holds them all even while other tests starve the agent of CPU (a 16 MiB one lost a few
+    // hundred so). The point here is the stack tables, not the ring.
     let (r, out) = trace_workload_with(
-        &["--no-stack-cache", "--top", "300"],
+        &["--no-stack-cache", "--top", "300", "--ringbuf-mb", "64"],
         &["distinct-stacks", &paths.to_string()],
     );
     let w = workload_fields(&out);

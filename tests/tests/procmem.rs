@@ -327,6 +327,37 @@ fn watch_flags_a_leak_with_its_rate_and_code_not_a_steady_workload() {
 }
 
 #[test]
+fn watch_flags_address_space_reserved_and_not_touched() {
+    require_root();
+    let w = Workload::start_quiet(&["reserve", "4194304", "60000"]);
+    let (code, out, err) = watch(&[
+        "-p",
+        &w.pid().to_string(),
+        "-d",
+        "25s",
+        "--trace",
+        "--trace-for",
+        "5s",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    let f = findings(&v);
+    let space: Vec<&Value> = f.iter().filter(|f| f["kind"] == "address_space").collect();
+    assert_eq!(space.len(), 1, "{out}");
+    let rate = space[0]["rate_bytes_per_s"].as_f64().unwrap();
+    assert!(within(rate as u64, 4 * MIB, 0.5), "rate {rate}: {out}");
+    // Nothing was touched: no USS growth.
+    assert!(!f.iter().any(|f| f["kind"] == "uss"), "{out}");
+    // vma named the code that maps.
+    assert!(
+        space[0]["callsites"].to_string().contains("reserve_chunk"),
+        "{out}\n{err}"
+    );
+}
+
+#[test]
 fn watch_goes_on_when_a_process_exits_and_refuses_bad_pids() {
     require_root();
     // Exits after 2 s: the watch ends with it, with a note and a summary.

@@ -13,7 +13,7 @@ use crate::{
     addrspace::MappingClass,
     analysis::{
         slab::{default_max_tracked, slab_max_sites},
-        FaultsAnalysis, SlabAnalysis, SlabReportOptions,
+        FaultsAnalysis, SlabAnalysis, SlabReportOptions, VmaAnalysis,
     },
     engine::{self, Analysis, ReportKind, RunOptions, Target},
     loader::{SlabOptions, TracerOptions},
@@ -228,8 +228,35 @@ fn trace(
             })?;
             Ok(found)
         }
-        (FindingKind::AddressSpace, Some(_), _) => {
-            Err("address-space tracing needs `memtrace vma` (not in this build)".into())
+        (FindingKind::AddressSpace, Some(pid), _) => {
+            let mut analysis = VmaAnalysis::new(50, false);
+            let opts = RunOptions {
+                target: Target::Pids(vec![pid]),
+                duration: Some(duration),
+                interval: None,
+                tracer: TracerOptions {
+                    capture_stacks: false,
+                    vma_stacks: true,
+                    ringbuf_bytes,
+                    ..TracerOptions::default()
+                },
+            };
+            let mut found = Vec::new();
+            run_to_end(&mut analysis, &opts, |r| {
+                // What it mapped while traced and still holds: the growth.
+                found = r
+                    .callsites
+                    .iter()
+                    .filter(|c| c.pid == pid && c.outstanding_bytes > 0)
+                    .take(CALLSITES)
+                    .map(|c| TracedCallsite {
+                        frames: c.frames.iter().map(|f| f.display()).collect(),
+                        count: c.outstanding_bytes,
+                        what: "bytes mapped",
+                    })
+                    .collect();
+            })?;
+            Ok(found)
         }
         _ => Err("nothing to trace".into()),
     }
