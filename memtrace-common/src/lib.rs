@@ -219,6 +219,23 @@ pub const PROC_FORK: u32 = 1;
 pub const PROC_EXEC: u32 = 2;
 pub const PROC_EXIT: u32 = 3;
 
+/// `kmem:rss_stat`'s `member` for anonymous pages (`MM_ANONPAGES`).
+pub const MM_ANONPAGES: i32 = 1;
+
+/// What one thread did to its process's anonymous RSS while traced (`kmem:rss_stat` with
+/// `curr`: the change is the current task's own doing), keyed by tid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RssThread {
+    pub pid: u32,
+    pub _pad: u32,
+    /// Sums of the rises and falls of the process's anonymous RSS at this thread's updates.
+    pub grown: u64,
+    pub shrunk: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+}
+
 /// A process fork (new thread group), exec, or thread-group exit.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -711,6 +728,10 @@ pub mod layout {
     pub const CACHE_ALLOC_BYTES_REQ: Field = ("bytes_req", 32, 8);
     pub const CACHE_ALLOC_BYTES_ALLOC: Field = ("bytes_alloc", 40, 8);
     pub const CACHE_ALLOC_GFP: Field = ("gfp_flags", 48, 8);
+    /// kmem:rss_stat.
+    pub const RSS_CURR: Field = ("curr", 12, 4);
+    pub const RSS_MEMBER: Field = ("member", 16, 4);
+    pub const RSS_SIZE: Field = ("size", 24, 8);
 
     /// Every (tracepoint, field) the kernel programs read, for the agent's check.
     pub const CHECKED: &[(&str, &str, Field)] = &[
@@ -744,6 +765,9 @@ pub mod layout {
         ("kmem", "kmem_cache_alloc", CACHE_ALLOC_GFP),
         ("kmem", "kfree", KMEM_PTR),
         ("kmem", "kmem_cache_free", KMEM_PTR),
+        ("kmem", "rss_stat", RSS_CURR),
+        ("kmem", "rss_stat", RSS_MEMBER),
+        ("kmem", "rss_stat", RSS_SIZE),
     ];
 }
 
@@ -784,6 +808,8 @@ mod pod {
     unsafe impl aya::Pod for SlabRecords {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SlabStackRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RssThread {}
 }
 
 #[cfg(test)]
@@ -813,6 +839,7 @@ mod tests {
             size_of::<VmaRecord>() + 8 * MAX_STACK_DEPTH
         );
         assert_eq!(size_of::<ProcRecord>(), 4 * 4 + 16 + 8);
+        assert_eq!(size_of::<RssThread>(), 4 * 2 + 8 * 4);
         assert_eq!(size_of::<SlabStackRecord>(), 4 * 2 + 8 * 2);
         assert_eq!(size_of::<Config>(), 4 * 12);
         assert_eq!(size_of::<SlabBucket>(), 64);

@@ -9,6 +9,7 @@
 mod faults;
 mod maps;
 mod proc;
+mod rss;
 mod slab;
 mod vma;
 

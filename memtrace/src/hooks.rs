@@ -369,7 +369,17 @@ pub const VMALLOC: HookGroup = HookGroup {
     ],
 };
 
+/// Who grows a process's RSS, per thread (`memtrace watch --trace`).
+pub const RSS: HookGroup = HookGroup {
+    name: "rss",
+    purpose: "anonymous RSS changes per thread and moment (kmem:rss_stat)",
+    hooks: &[optional(
+        tracepoint("rss_stat", "kmem", "rss_stat", None),
+        "no per-thread RSS attribution",
+    )],
+};
+
 /// Every group, for `memtrace check`.
 pub const ALL: &[&HookGroup] = &[
-    &PROCESSES, &MAPPINGS, &FAULTS, &SLAB, &PAGES, &PERCPU, &VMALLOC,
+    &PROCESSES, &MAPPINGS, &FAULTS, &SLAB, &PAGES, &PERCPU, &VMALLOC, &RSS,
 ];

@@ -565,7 +565,11 @@ fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
                         .unwrap_or_default(),
                     args.trace_for
                 ));
-                tracing.start(*kind, *pid, cache.clone(), args.trace_for);
+                let at_s = w.elapsed().as_secs_f64();
+                tracing.start(*kind, *pid, cache.clone(), args.trace_for, at_s);
+            }
+            if !outcome.new.is_empty() {
+                w.restart_slab_trends();
             }
             w.apply_traces(tracing.results());
         }

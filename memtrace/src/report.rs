@@ -182,8 +182,25 @@ pub struct FaultReport {
     /// The kernel's own counts beside memtrace's, where they could be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_counts: Option<KernelCountsReport>,
+    /// With `kmem:rss_stat` traced (`watch --trace`): each thread's share of its process's
+    /// anonymous RSS changes, most grown first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rss_threads: Vec<RssThreadReport>,
     /// What memtrace itself cost, as of this report.
     pub agent: AgentStats,
+}
+
+/// One thread's changes of its process's anonymous RSS (`kmem:rss_stat`, per-CPU batched:
+/// they come in steps of up to a few hundred KiB).
+#[derive(Clone, Debug, Serialize)]
+pub struct RssThreadReport {
+    pub pid: u32,
+    pub tid: u32,
+    pub grown_bytes: u64,
+    pub shrunk_bytes: u64,
+    /// Its first and last change, in seconds since tracing started.
+    pub first_s: f64,
+    pub last_s: f64,
 }
 
 /// The kernel's fault counts next to memtrace's for the same processes. The kernel also
@@ -998,6 +1015,7 @@ pub fn build(
         leaf_callers_recovered: collector.unwind.recovered,
         unsymbolized_frames: symbolizer.shown_unsymbolized(),
         kernel_counts,
+        rss_threads: Vec::new(),
         // Last, so the peak includes this report's own symbolization.
         agent: AgentStats::current(collector.stats.records),
     }

@@ -310,6 +310,17 @@ fn watch_flags_a_leak_with_its_rate_and_code_not_a_steady_workload() {
     // --trace named the function that leaks.
     let frames = l["callsites"].to_string();
     assert!(frames.contains("leak_chunk"), "{l}\n{err}");
+    // kmem:rss_stat named the thread that grew it (the main thread), by about the rate over
+    // the trace (10 s).
+    let t = &l["threads"][0];
+    assert_eq!(t["tid"], leak.pid(), "{l}");
+    let grown = t["grown_bytes"].as_u64().unwrap();
+    assert!(
+        within(grown, 10 * MIB, 0.5),
+        "grew {grown} in the trace: {l}"
+    );
+    // With -p, only those processes: no slab cache is watched.
+    assert_eq!(v["caches"], 0, "{out}");
     // The steady workload, as large and as busy, is not flagged.
     assert!(
         !f.iter().any(|f| f["pid"] == steady.pid()),

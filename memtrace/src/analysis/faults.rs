@@ -26,7 +26,11 @@ pub struct FaultsAnalysis {
     /// Nodes of the collector's stack tree already handed to the symbolizer.
     tree_seen: usize,
     last_ahead: Instant,
+    /// `kmem:rss_stat` per thread (`memtrace watch --trace`): the map, once loaded.
+    rss: Option<Option<RssThreads>>,
 }
+
+type RssThreads = aya::maps::HashMap<aya::maps::MapData, u32, memtrace_common::RssThread>;
 
 /// How often, when the ring is empty, new stacks are symbolized ahead of the report, and for
 /// how long at most: a report then symbolizes only what came since, and takes well under a
@@ -49,7 +53,39 @@ impl FaultsAnalysis {
             baseline: IntervalBaseline::default(),
             tree_seen: 0,
             last_ahead: Instant::now(),
+            rss: None,
         }
+    }
+
+    /// Also traces `kmem:rss_stat`: each thread's share of its process's anonymous RSS
+    /// changes, in the report's `rss_threads`.
+    pub fn with_rss_stat(opts: ReportOptions) -> Self {
+        Self {
+            rss: Some(None),
+            ..Self::new(opts)
+        }
+    }
+
+    /// Each thread's anonymous RSS changes so far; `tracing_start_ns` converts their times.
+    fn rss_threads(&self, tracing_start_ns: u64) -> Vec<report::RssThreadReport> {
+        let Some(Some(map)) = &self.rss else {
+            return Vec::new();
+        };
+        let secs = |ns: u64| ns.saturating_sub(tracing_start_ns) as f64 / 1e9;
+        let mut threads: Vec<report::RssThreadReport> = map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(tid, t)| report::RssThreadReport {
+                pid: t.pid,
+                tid,
+                grown_bytes: t.grown,
+                shrunk_bytes: t.shrunk,
+                first_s: secs(t.first_ns),
+                last_s: secs(t.last_ns),
+            })
+            .collect();
+        threads.sort_by(|a, b| b.grown_bytes.cmp(&a.grown_bytes).then(a.tid.cmp(&b.tid)));
+        threads
     }
 
     pub(crate) fn collector_mut(&mut self) -> &mut Collector {
@@ -88,6 +124,12 @@ impl FaultsAnalysis {
 }
 
 const HOOK_GROUPS: &[&HookGroup] = &[&hooks::PROCESSES, &hooks::MAPPINGS, &hooks::FAULTS];
+const HOOK_GROUPS_RSS: &[&HookGroup] = &[
+    &hooks::PROCESSES,
+    &hooks::MAPPINGS,
+    &hooks::FAULTS,
+    &hooks::RSS,
+];
 
 impl Analysis for FaultsAnalysis {
     type Report = FaultReport;
@@ -97,10 +139,20 @@ impl Analysis for FaultsAnalysis {
     }
 
     fn hook_groups(&self) -> &'static [&'static HookGroup] {
-        HOOK_GROUPS
+        if self.rss.is_some() {
+            HOOK_GROUPS_RSS
+        } else {
+            HOOK_GROUPS
+        }
     }
 
-    fn start(&mut self, _tracer: &mut Tracer, system_wide: bool) -> Result<(), Error> {
+    fn start(&mut self, tracer: &mut Tracer, system_wide: bool) -> Result<(), Error> {
+        if self.rss.is_some() {
+            let map = tracer.take_map("RSS_THREADS")?;
+            self.rss = Some(Some(
+                aya::maps::HashMap::try_from(map).map_err(|e| Error::Map(e.to_string()))?,
+            ));
+        }
         self.collector.follow_all = system_wide;
         // Opened before any command starts, so its exec and first mappings are recorded.
         match Sideband::open() {
@@ -185,7 +237,10 @@ impl Analysis for FaultsAnalysis {
         };
         let started = std::time::Instant::now();
         let interval = since.is_some();
-        let r = report::build(&input, &mut self.symbolizer, &self.opts, since);
+        let mut r = report::build(&input, &mut self.symbolizer, &self.opts, since);
+        let tracing_start_ns =
+            sideband::monotonic_ns().saturating_sub(ctx.elapsed.as_nanos() as u64);
+        r.rss_threads = self.rss_threads(tracing_start_ns);
         if interval {
             self.collector.end_interval();
         }

@@ -114,6 +114,10 @@ pub struct Finding {
     pub exited: bool,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub callsites: Vec<TracedCallsite>,
+    /// With --trace, for USS growth: the threads whose updates grew the process's anonymous
+    /// RSS (`kmem:rss_stat`), when, in seconds since the watch began.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub threads: Vec<crate::report::RssThreadReport>,
     /// With --trace: what tracing said when it found no callsite (or could not run).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_note: Option<String>,
@@ -306,7 +310,10 @@ impl Watcher {
         } else {
             self.sample_every_process(t, window_s, n);
         }
-        self.sample_slab(t, window_s);
+        // Kernel memory is not any one process's: with -p, only those processes.
+        if !self.exact_uss {
+            self.sample_slab(t, window_s);
+        }
         let mut outcome = SampleOutcome {
             new: self.update_findings(t),
             all_exited: false,
@@ -457,6 +464,7 @@ impl Watcher {
                         growing: true,
                         exited: false,
                         callsites: Vec::new(),
+                        threads: Vec::new(),
                         trace_note: None,
                     },
                 );
@@ -523,11 +531,20 @@ impl Watcher {
         g
     }
 
+    /// Starts every slab cache's trend afresh: a trace loading its kernel programs and maps
+    /// is itself kernel memory (kmalloc-cg-2k, proc inodes), not a leak to flag.
+    pub fn restart_slab_trends(&mut self) {
+        for series in self.caches.values_mut() {
+            series.window.clear();
+        }
+    }
+
     /// Attaches what traces found to their findings.
     pub fn apply_traces(&mut self, results: Vec<trace::TraceResult>) {
         for r in results {
             if let Some(f) = self.findings.get_mut(&(r.kind, r.key)) {
                 f.callsites = r.callsites;
+                f.threads = r.threads;
                 f.trace_note = r.note;
             }
         }

@@ -109,6 +109,16 @@ pub fn render(r: &WatchReport) -> String {
                         .join(" <- ")
                 );
             }
+            for t in f.threads.iter().take(3) {
+                let _ = writeln!(
+                    out,
+                    "    thread {}: +{} anonymous RSS from {:.1}s to {:.1}s",
+                    t.tid,
+                    human_bytes(t.grown_bytes),
+                    t.first_s,
+                    t.last_s
+                );
+            }
             if let Some(note) = &f.trace_note {
                 let _ = writeln!(out, "    trace: {note}");
             }

@@ -17,7 +17,7 @@ use crate::{
     },
     engine::{self, Analysis, ReportKind, RunOptions, Target},
     loader::{SlabOptions, TracerOptions},
-    report::{Format, ReportOptions},
+    report::{Format, ReportOptions, RssThreadReport},
     slab::GroupBy,
 };
 
@@ -31,6 +31,9 @@ pub struct TraceResult {
     /// The finding's key: the pid, or the cache's name.
     pub key: String,
     pub callsites: Vec<TracedCallsite>,
+    /// With `kmem:rss_stat` (USS growth): the threads that grew the process's RSS, with
+    /// their times in seconds since the watch began.
+    pub threads: Vec<RssThreadReport>,
     /// Why there are none, when there are none.
     pub note: Option<String>,
 }
@@ -54,13 +57,14 @@ impl Default for Tracing {
 }
 
 impl Tracing {
-    /// Traces what a finding names for `duration`.
+    /// Traces what a finding names for `duration`, from `at_s` seconds into the watch.
     pub fn start(
         &mut self,
         kind: FindingKind,
         pid: Option<u32>,
         cache: Option<String>,
         duration: Duration,
+        at_s: f64,
     ) {
         let tx = self.tx.clone();
         let key = match (&cache, pid) {
@@ -71,15 +75,20 @@ impl Tracing {
         let spawned = std::thread::Builder::new()
             .name(format!("trace-{}", kind.as_str()))
             .spawn(move || {
-                let (callsites, note) = match trace(kind, pid, cache, duration) {
-                    Ok(c) if c.is_empty() => (c, Some("tracing saw no callsite".into())),
-                    Ok(c) => (c, None),
-                    Err(e) => (Vec::new(), Some(e)),
+                let (callsites, mut threads, note) = match trace(kind, pid, cache, duration) {
+                    Ok((c, t)) if c.is_empty() => (c, t, Some("tracing saw no callsite".into())),
+                    Ok((c, t)) => (c, t, None),
+                    Err(e) => (Vec::new(), Vec::new(), Some(e)),
                 };
+                for t in &mut threads {
+                    t.first_s += at_s;
+                    t.last_s += at_s;
+                }
                 let _ = tx.send(TraceResult {
                     kind,
                     key,
                     callsites,
+                    threads,
                     note,
                 });
             });
@@ -128,12 +137,15 @@ fn run_to_end<A: Analysis>(
         .map_err(|e| e.to_string())
 }
 
+/// Threads kept per finding.
+const THREADS: usize = 5;
+
 fn trace(
     kind: FindingKind,
     pid: Option<u32>,
     cache: Option<String>,
     duration: Duration,
-) -> Result<Vec<TracedCallsite>, String> {
+) -> Result<(Vec<TracedCallsite>, Vec<RssThreadReport>), String> {
     let ringbuf_bytes = 16 << 20;
     match (kind, pid, cache) {
         (FindingKind::Uss, Some(pid), _) => {
@@ -143,7 +155,7 @@ fn trace(
                 threads: false,
                 hist: false,
             };
-            let mut analysis = FaultsAnalysis::new(report);
+            let mut analysis = FaultsAnalysis::with_rss_stat(report);
             let opts = RunOptions {
                 target: Target::Pids(vec![pid]),
                 duration: Some(duration),
@@ -156,7 +168,15 @@ fn trace(
                 },
             };
             let mut found = Vec::new();
+            let mut threads = Vec::new();
             run_to_end(&mut analysis, &opts, |r| {
+                threads = r
+                    .rss_threads
+                    .iter()
+                    .filter(|t| t.pid == pid && t.grown_bytes > 0)
+                    .take(THREADS)
+                    .cloned()
+                    .collect();
                 // Faults on private memory: what grows USS (file pages are the page cache's).
                 found = r
                     .callsites
@@ -178,7 +198,7 @@ fn trace(
                     })
                     .collect();
             })?;
-            Ok(found)
+            Ok((found, threads))
         }
         (FindingKind::Slab, _, Some(cache)) => {
             let max_tracked = default_max_tracked();
@@ -226,7 +246,7 @@ fn trace(
                     })
                     .collect();
             })?;
-            Ok(found)
+            Ok((found, Vec::new()))
         }
         (FindingKind::AddressSpace, Some(pid), _) => {
             let mut analysis = VmaAnalysis::new(50, false);
@@ -256,7 +276,7 @@ fn trace(
                     })
                     .collect();
             })?;
-            Ok(found)
+            Ok((found, Vec::new()))
         }
         _ => Err("nothing to trace".into()),
     }
