@@ -381,5 +381,13 @@ pub const RSS: HookGroup = HookGroup {
 
 /// Every group, for `memtrace check`.
 pub const ALL: &[&HookGroup] = &[
-    &PROCESSES, &MAPPINGS, &FAULTS, &SLAB, &PAGES, &PERCPU, &VMALLOC, &RSS,
+    &PROCESSES,
+    &MAPPINGS,
+    &MAPPINGS_AT_EXIT,
+    &FAULTS,
+    &SLAB,
+    &PAGES,
+    &PERCPU,
+    &VMALLOC,
+    &RSS,
 ];

@@ -130,6 +130,8 @@ impl std::fmt::Display for Degraded {
 /// How a hook is attached, chosen by trying the cheapest kind first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttachMethod {
+    /// A BTF-typed raw tracepoint: pointer arguments are read with plain loads.
+    BtfTracepoint,
     /// `BPF_RAW_TRACEPOINT_OPEN`: the program gets the tracepoint's arguments directly.
     RawTracepoint,
     /// A classic tracepoint (perf event + trace record) because raw ones are not allowed.
@@ -143,6 +145,7 @@ pub enum AttachMethod {
 impl std::fmt::Display for AttachMethod {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Self::BtfTracepoint => f.write_str("BTF tracepoint"),
             Self::RawTracepoint => f.write_str("raw tracepoint"),
             Self::TracepointAfterRawFailed(why) => {
                 write!(f, "tracepoint (raw tracepoint refused: {why})")
@@ -163,13 +166,13 @@ fn attach_tracepoint(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) ->
     Ok(())
 }
 
-fn attach_raw_tracepoint(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), Error> {
+fn attach_raw_tracepoint(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<AttachMethod, Error> {
     // A BTF-typed twin (`x_btf` for `x_raw`) reads pointer arguments with plain loads: tried
     // first where there is one.
     if let Some(btf_prog) = prog.strip_suffix("_raw").map(|p| format!("{p}_btf")) {
         if ebpf.program(&btf_prog).is_some() {
             match attach_btf_tracepoint(ebpf, &btf_prog, name) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(AttachMethod::BtfTracepoint),
                 Err(e) => log::info!("{btf_prog}: {e}; the raw tracepoint instead"),
             }
         }
@@ -184,7 +187,7 @@ fn attach_raw_tracepoint(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), 
             reason: e.to_string(),
         });
     }
-    Ok(())
+    Ok(AttachMethod::RawTracepoint)
 }
 
 fn attach_btf_tracepoint(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), Error> {
@@ -236,7 +239,7 @@ fn attach_hook(
                     None => attach_raw_tracepoint(ebpf, raw_prog, name).map_err(|e| e.to_string()),
                 };
                 match attached {
-                    Ok(()) => return Ok(AttachMethod::RawTracepoint),
+                    Ok(method) => return Ok(method),
                     Err(e) => raw_refused = Some(e),
                 }
             }
