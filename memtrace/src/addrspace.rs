@@ -343,6 +343,21 @@ impl AddressSpace {
         }
     }
 
+    /// Bytes of `[start, end)` some VMA covers.
+    pub fn mapped_bytes_in(&self, start: u64, end: u64) -> u64 {
+        let first = self
+            .vmas
+            .range(..start)
+            .next_back()
+            .filter(|(_, v)| v.end > start)
+            .map(|(&s, _)| s)
+            .unwrap_or(start);
+        self.vmas
+            .range(first..end)
+            .map(|(_, v)| v.end.min(end).saturating_sub(v.start.max(start)))
+            .sum()
+    }
+
     /// Where the brk heap ends (page-aligned), when the model knows the heap.
     pub fn brk_end(&self) -> Option<u64> {
         let start = self.heap_start?;
@@ -491,6 +506,18 @@ mod tests {
         // Not below a stack (the heap), or inside another VMA: no growth.
         assert!(!space.grow_stack(0x55d0c0fff000));
         assert!(!space.grow_stack(0x7f00000fffff + 0x100000));
+    }
+
+    #[test]
+    fn counts_the_mapped_bytes_of_a_range() {
+        let space = AddressSpace::from_maps(MAPS);
+        // Across the anonymous VMA's end into the shm one: 0x10000 + 0x8000.
+        assert_eq!(
+            space.mapped_bytes_in(0x7f00000f0000, 0x7f0000108000),
+            0x18000
+        );
+        // A hole.
+        assert_eq!(space.mapped_bytes_in(0x7f0000500000, 0x7f0000600000), 0);
     }
 
     #[test]

@@ -628,18 +628,27 @@ impl<S: ProcSource> Collector<S> {
 
     fn on_vma(&mut self, r: &VmaRecord, frames: &[u8]) {
         self.observe(r.pid);
-        let brk_before = (r.op == VMA_BRK && self.vma.is_some())
-            .then(|| self.processes.get(&r.pid).and_then(|p| p.space.brk_end()))
-            .flatten();
+        // What the model had before this call: the break, and the bytes a munmap unmaps.
+        let before = match (&self.vma, self.processes.get(&r.pid)) {
+            (Some(_), Some(p)) => match r.op {
+                VMA_BRK => p.space.brk_end(),
+                VMA_MUNMAP => Some(
+                    p.space
+                        .mapped_bytes_in(r.addr, r.addr.saturating_add((r.len + 4095) & !4095)),
+                ),
+                _ => None,
+            },
+            _ => None,
+        };
         self.apply_vma(r);
         if self.vma.is_some() {
-            self.ledger_vma(r, frames, brk_before);
+            self.ledger_vma(r, frames, before);
         }
     }
 
     /// Counts a VMA record in `memtrace vma`'s ledger, against the caller's stack and the
     /// kind of memory the model now has at the address.
-    fn ledger_vma(&mut self, r: &VmaRecord, frames: &[u8], brk_before: Option<u64>) {
+    fn ledger_vma(&mut self, r: &VmaRecord, frames: &[u8], before: Option<u64>) {
         let (Some(vma), Some(info)) = (self.vma.as_mut(), self.processes.get(&r.pid)) else {
             return;
         };
@@ -648,7 +657,7 @@ impl<S: ProcSource> Collector<S> {
         }
         let ledger = &mut vma.ledger;
         if r.op == VMA_MUNMAP {
-            ledger.munmap(r.pid, r.addr, r.len);
+            ledger.munmap(r.pid, r.addr, r.len, before);
             return;
         }
         let stack = if r.stack_flags & VMA_STACK_WALKED != 0 {
@@ -716,7 +725,7 @@ impl<S: ProcSource> Collector<S> {
                 |l| l.site(key),
                 r.time_ns,
             ),
-            VMA_BRK => ledger.brk(r.pid, r.addr, brk_before, |l| l.site(key), r.time_ns),
+            VMA_BRK => ledger.brk(r.pid, r.addr, before, |l| l.site(key), r.time_ns),
             _ => {}
         }
     }

@@ -289,7 +289,8 @@ fn monotonic_ns() -> u64 {
 
 /// Can this process load and attach the programs? The effective capabilities decide, not the
 /// uid: CAP_SYS_ADMIN, or CAP_BPF together with CAP_PERFMON (kernels since 5.8).
-fn check_root() -> Result<(), Error> {
+/// Can this process load eBPF programs (root, or the capabilities)?
+pub fn check_root() -> Result<(), Error> {
     // Bit numbers from capability(7).
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_PERFMON: u32 = 38;

@@ -236,7 +236,7 @@ struct SnapshotArgs {
     kinds: bool,
     /// table, or one JSON document.
     #[arg(long, value_enum, default_value = "table")]
-    format: Format,
+    format: PlainFormat,
     /// Write the report to this file (created or truncated) instead of stdout.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
@@ -262,7 +262,7 @@ struct WatchArgs {
     plot: Option<PathBuf>,
     /// table, or one JSON document (the live lines go to stderr either way).
     #[arg(long, value_enum, default_value = "table")]
-    format: Format,
+    format: PlainFormat,
     /// Write the summary to this file (created or truncated) instead of stdout.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
@@ -274,9 +274,29 @@ struct WatchArgs {
     /// allocations for slab (needs root).
     #[arg(long)]
     trace: bool,
-    /// How long each --trace runs.
+    /// How long each --trace runs (at most until -d).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     trace_for: Duration,
+    /// Also flag reclaimable slab caches (dentry, inodes, buffer_head: they grow with the
+    /// page cache and shrink under memory pressure).
+    #[arg(long)]
+    include_reclaimable: bool,
+}
+
+/// Layouts of the reports that have no stacks to fold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum PlainFormat {
+    Table,
+    Json,
+}
+
+impl From<PlainFormat> for Format {
+    fn from(f: PlainFormat) -> Self {
+        match f {
+            PlainFormat::Table => Format::Table,
+            PlainFormat::Json => Format::Json,
+        }
+    }
 }
 
 /// memtrace's own exit codes; with `-- CMD` a run otherwise exits with the command's status.
@@ -448,26 +468,32 @@ fn vma(args: VmaArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
-    if args.format == Format::Folded {
-        use clap::CommandFactory as _;
-        Cli::command()
-            .error(
-                clap::error::ErrorKind::InvalidValue,
-                "memtrace snapshot: --format is table or json",
-            )
-            .exit();
-    }
-    let pids = (!args.pid.is_empty()).then_some(args.pid.as_slice());
+    // A thread's id stands for its process, as for -p elsewhere.
+    let pids: Vec<u32> = args
+        .pid
+        .iter()
+        .map(|&pid| match procmem::thread_group(pid) {
+            Some(tgid) if tgid != pid => {
+                engine::say(format_args!(
+                    "memtrace: {pid} is a thread of process {tgid}: reading the process"
+                ));
+                tgid
+            }
+            _ => pid,
+        })
+        .collect();
+    let pids = (!pids.is_empty()).then_some(pids.as_slice());
     let mut snap = procmem::snapshot(pids, true).context("reading /proc")?;
     snap.show_kinds |= args.kinds;
     let opts = ReportOptions {
-        format: args.format,
+        format: args.format.into(),
         top: args.top,
         threads: false,
         hist: false,
     };
     // Asked for by pid and none could be read: say why, and fail as a missing pid does.
-    if pids.is_some() && snap.processes.is_empty() {
+    let none_read = pids.is_some() && snap.processes.is_empty();
+    if none_read {
         for s in &snap.skipped {
             let _ = writeln!(
                 std::io::stderr(),
@@ -476,6 +502,15 @@ fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
                 s.reason.describe()
             );
         }
+    }
+    // A script reading JSON gets its document either way (with `skipped` saying why).
+    if !none_read || args.format == PlainFormat::Json {
+        let mut sink = ReportSink::open(args.output.as_deref(), opts, false)?;
+        if sink.write(&snap, engine::ReportKind::Final)? == Delivery::ReaderGone {
+            return Ok(ExitCode::from(EXIT_READER_GONE));
+        }
+    }
+    if none_read {
         let gone = snap.skipped.iter().all(|s| {
             matches!(
                 s.reason,
@@ -488,34 +523,42 @@ fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
             EXIT_ERROR
         }));
     }
-    let mut sink = ReportSink::open(args.output.as_deref(), opts, false)?;
-    if sink.write(&snap, engine::ReportKind::Final)? == Delivery::ReaderGone {
-        return Ok(ExitCode::from(EXIT_READER_GONE));
-    }
     Ok(ExitCode::SUCCESS)
 }
 
 fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     use memtrace::watch::{self, WatchError, WatchOptions, Watcher};
-    if args.format == Format::Folded {
+    if args.window < args.interval * 3 {
         use clap::CommandFactory as _;
         Cli::command()
             .error(
                 clap::error::ErrorKind::InvalidValue,
-                "memtrace watch: --format is table or json",
+                format!(
+                    "memtrace watch: --window must hold three samples at least (-i {:?}: \
+                     --window {:?} or more)",
+                    args.interval,
+                    args.interval * 3
+                ),
             )
             .exit();
+    }
+    // Tracing loads eBPF: refused now, not once something grows.
+    if args.trace {
+        memtrace::loader::check_root()?;
     }
     let opts = WatchOptions {
         pids: args.pid.clone(),
         interval: args.interval,
         window: args.window,
         duration: args.duration,
-        thresholds: watch::Thresholds::default(),
+        thresholds: watch::Thresholds {
+            reclaimable: args.include_reclaimable,
+            ..watch::Thresholds::default()
+        },
     };
     // Opened first: a bad path fails before a long watch, not after it.
     let report_opts = ReportOptions {
-        format: args.format,
+        format: args.format.into(),
         top: 0,
         threads: false,
         hist: false,
@@ -557,16 +600,26 @@ fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
         }
         if let Some(tracing) = tracing.as_mut() {
             for (kind, pid, cache) in &outcome.new {
+                let what = cache
+                    .clone()
+                    .or(pid.map(|p| format!("pid {p}")))
+                    .unwrap_or_default();
+                // Within -d: a trace ends with the watch.
+                let left = args
+                    .duration
+                    .map_or(args.trace_for, |d| d.saturating_sub(w.elapsed()));
+                let trace_for = args.trace_for.min(left);
+                if trace_for < Duration::from_secs(1) {
+                    engine::say(format_args!(
+                        "memtrace: {what} grows, but -d leaves no time to trace it"
+                    ));
+                    continue;
+                }
                 engine::say(format_args!(
-                    "memtrace: tracing {} for {:?} to find what grows it",
-                    cache
-                        .clone()
-                        .or(pid.map(|p| format!("pid {p}")))
-                        .unwrap_or_default(),
-                    args.trace_for
+                    "memtrace: tracing {what} for {trace_for:.1?} to find what grows it"
                 ));
                 let at_s = w.elapsed().as_secs_f64();
-                tracing.start(*kind, *pid, cache.clone(), args.trace_for, at_s);
+                tracing.start(*kind, *pid, cache.clone(), trace_for, at_s);
             }
             if !outcome.new.is_empty() {
                 w.restart_slab_trends();

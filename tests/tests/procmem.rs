@@ -334,7 +334,7 @@ fn watch_flags_a_leak_with_its_rate_and_code_not_a_steady_workload() {
         svg.starts_with("<svg") && svg.contains("<polyline"),
         "{svg}"
     );
-    assert!(svg.contains("(growing)"));
+    assert!(svg.contains("(flagged)"));
 }
 
 #[test]

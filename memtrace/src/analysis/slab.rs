@@ -55,7 +55,7 @@ pub struct SlabReportOptions {
 
 /// Where a thread's user stack begins (`function+0xoff (module)`): `_start` and libc's
 /// `main` caller for the main thread, the clone entries for the others.
-fn is_thread_entry(frame: &str) -> bool {
+pub(crate) fn is_thread_entry(frame: &str) -> bool {
     const ENTRIES: &[&str] = &[
         "_start",
         "__libc_start_call_main",

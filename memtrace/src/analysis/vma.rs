@@ -5,18 +5,21 @@
 use crate::{
     analysis::FaultsAnalysis,
     collector::VmaLedger,
+    engine::ReportKind,
     engine::{Analysis, ReportContext},
     hooks::{self, HookGroup},
     loader::Tracer,
     report::{Format, ReportOptions},
     ring::Ring,
     sideband,
-    vma::report::{self, VmaReport, VmaReportInput},
+    vma::report::{self, IntervalBase, VmaReport, VmaReportInput},
     Error,
 };
 
 pub struct VmaAnalysis {
     inner: FaultsAnalysis,
+    /// The counts of the previous interval report.
+    base: Option<IntervalBase>,
     top: usize,
     faults: bool,
     args_from_regs: bool,
@@ -40,6 +43,7 @@ impl VmaAnalysis {
     /// `faults`: also count the pages each callsite's mappings had touched.
     pub fn new(top: usize, faults: bool) -> Self {
         Self {
+            base: None,
             inner: FaultsAnalysis::new(ReportOptions {
                 format: Format::Json,
                 top,
@@ -101,8 +105,15 @@ impl Analysis for VmaAnalysis {
         let empty = VmaLedger::new(false);
         let vma = collector.vma.as_ref().unwrap_or(&empty);
         let comms = |pid: u32| vma.comms.get(&pid).map(|c| c.to_string());
+        let interval = ctx.kind == ReportKind::Interval;
         let input = VmaReportInput {
             vma,
+            since: if interval {
+                Some(self.base.get_or_insert_with(IntervalBase::default))
+            } else {
+                None
+            },
+            covers_s: ctx.covers.as_secs_f64(),
             comms: &comms,
             counters,
             sideband_lost: collector.stats.sideband_lost,
@@ -113,6 +124,10 @@ impl Analysis for VmaAnalysis {
             top: self.top,
             faults: self.faults,
         };
-        report::build(&input, symbolizer)
+        let r = report::build(&input, symbolizer);
+        if interval {
+            self.base = Some(IntervalBase::of(&vma.ledger));
+        }
+        r
     }
 }

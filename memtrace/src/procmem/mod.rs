@@ -61,8 +61,14 @@ impl Unreadable {
     }
 
     pub fn describe(self) -> &'static str {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
         match self {
             Self::Gone => "no such process (or it exited while being read)",
+            Self::PermissionDenied if root => {
+                "permission denied, even to root (a process of another container, or a ptrace \
+                 restriction: reading smaps needs ptrace access)"
+            }
             Self::PermissionDenied => {
                 "permission denied: another user's process (run as root to read it)"
             }
@@ -151,6 +157,17 @@ pub fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u64::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
+}
+
+/// The process a thread belongs to (itself for a main thread), from /proc/PID/status.
+pub fn thread_group(tid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Every process id in /proc.

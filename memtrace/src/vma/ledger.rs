@@ -190,15 +190,21 @@ impl Ledger {
         self.cut(pid, start, len, true);
     }
 
+    /// Per-callsite figures, for interval reports' baselines.
+    pub fn site_stats(&self, site: u32) -> Option<&SiteStats> {
+        self.sites.get(&site).map(|(_, s)| s)
+    }
+
     /// Unmaps the pieces in `[start, start + len)`; `untracked`: count what no piece covered
     /// as unmapped memory of before tracing (a munmap), or not (a mapping placed there).
-    fn cut(&mut self, pid: u32, start: u64, len: u64, untracked: bool) {
+    /// Returns the bytes pieces covered.
+    fn cut(&mut self, pid: u32, start: u64, len: u64, untracked: bool) -> u64 {
         let end = start.saturating_add(len);
         let Some(p) = self.processes.get_mut(&pid) else {
             if untracked {
                 self.unmapped_untracked += len;
             }
-            return;
+            return 0;
         };
         // Pieces that overlap: the one starting before `start` (if it reaches in), and those
         // starting inside.
@@ -251,6 +257,7 @@ impl Ledger {
         if untracked {
             self.unmapped_untracked += len - covered.min(len);
         }
+        covered
     }
 
     /// Splits the piece that spans `addr`, if one does, into two at `addr`.
@@ -272,9 +279,14 @@ impl Ledger {
         }
     }
 
-    pub fn munmap(&mut self, pid: u32, start: u64, len: u64) {
+    /// munmap of `len` bytes at `start`, of which the agent's model of the address space had
+    /// `mapped` bytes mapped (`None`: unknown, take the whole range): what no piece held was
+    /// mapped before tracing.
+    pub fn munmap(&mut self, pid: u32, start: u64, len: u64, mapped: Option<u64>) {
         self.calls.munmap += 1;
-        self.unmap_range(pid, start, page_align(len));
+        let len = page_align(len);
+        let covered = self.cut(pid, start, len, false);
+        self.unmapped_untracked += mapped.unwrap_or(len).saturating_sub(covered);
     }
 
     pub fn mmap(&mut self, pid: u32, start: u64, len: u64, site: u32, time_ns: u64) {
@@ -495,7 +507,7 @@ mod tests {
         assert_eq!(s.outstanding_regions, 10);
         assert_eq!(s.mappings, 10);
         for i in 0..10 {
-            l.munmap(P, 0x10_0000 + i * 0x10_0000, 65536);
+            l.munmap(P, 0x10_0000 + i * 0x10_0000, 65536, None);
         }
         let s = stats(&l, a);
         assert_eq!((s.outstanding_bytes(), s.outstanding_regions), (0, 0));
@@ -509,20 +521,24 @@ mod tests {
         let a = l.site(key(MappingClass::AnonPrivate, 1));
         // 16 pages; punch a hole of 4 in the middle, then unmap the head.
         l.mmap(P, 0x10000, 16 * 4096, a, 0);
-        l.munmap(P, 0x10000 + 6 * 4096, 4 * 4096);
+        l.munmap(P, 0x10000 + 6 * 4096, 4 * 4096, None);
         let s = stats(&l, a);
         assert_eq!(s.outstanding_bytes(), 12 * 4096);
         assert_eq!(s.outstanding_regions, 1, "two pieces, one mapping");
-        l.munmap(P, 0x10000, 6 * 4096);
-        // A munmap across the rest and beyond: what was not mapped while traced is apart.
-        l.munmap(P, 0x10000 + 10 * 4096, 20 * 4096);
+        l.munmap(P, 0x10000, 6 * 4096, None);
+        // A munmap across the rest and beyond: what was not mapped while traced is apart,
+        // as much of it as the model says was mapped (here, all of it).
+        l.munmap(P, 0x10000 + 10 * 4096, 20 * 4096, None);
         let s = stats(&l, a);
         assert_eq!((s.outstanding_bytes(), s.outstanding_regions), (0, 0));
         assert_eq!(l.unmapped_untracked, 14 * 4096);
         // A length that is not a page multiple unmaps whole pages, as the kernel does.
         l.mmap(P, 0x90000, 100, a, 0);
         assert_eq!(stats(&l, a).outstanding_bytes(), 4096);
-        l.munmap(P, 0x90000, 1);
+        l.munmap(P, 0x90000, 1, None);
+        // Unmapping a range nothing mapped counts nothing.
+        l.munmap(P, 0x4000_0000, 64 << 20, Some(0));
+        assert_eq!(l.unmapped_untracked, 14 * 4096);
         assert_eq!(stats(&l, a).outstanding_bytes(), 0);
     }
 
@@ -556,12 +572,12 @@ mod tests {
         assert_eq!(s.unmapped_bytes, 0, "a move is not an unmap");
         assert_eq!(stats(&l, other).mapped_bytes, 0);
         // The old place is empty, the new one holds it all.
-        l.munmap(P, 0x10000, 4 * 4096);
+        l.munmap(P, 0x10000, 4 * 4096, Some(0));
         assert_eq!(stats(&l, a).outstanding_bytes(), 10 * 4096);
         // Shrinks in place.
         l.mremap(P, (0x80000, 10 * 4096), (0x80000, 3 * 4096), |_| other, 2);
         assert_eq!(stats(&l, a).outstanding_bytes(), 3 * 4096);
-        l.munmap(P, 0x80000, 3 * 4096);
+        l.munmap(P, 0x80000, 3 * 4096, None);
         assert_eq!(stats(&l, a).outstanding_bytes(), 0);
         // Growing a region mapped before tracing: a new mapping of the mremap's site.
         l.mremap(P, (0x200000, 4096), (0x200000, 3 * 4096), |_| other, 3);
@@ -575,13 +591,13 @@ mod tests {
         l.mmap(P, 0x10000, 8 * 4096, a, 0);
         // The second half moves away (after an mprotect split it into its own VMA).
         l.mremap(P, (0x14000, 4 * 4096), (0x90000, 4 * 4096), |_| a, 1);
-        l.munmap(P, 0x10000, 4 * 4096);
+        l.munmap(P, 0x10000, 4 * 4096, None);
         let s = stats(&l, a);
         assert_eq!(
             (s.outstanding_bytes(), s.outstanding_regions),
             (4 * 4096, 1)
         );
-        l.munmap(P, 0x90000, 4 * 4096);
+        l.munmap(P, 0x90000, 4 * 4096, None);
         assert_eq!(stats(&l, a).outstanding_regions, 0);
     }
 

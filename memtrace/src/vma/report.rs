@@ -4,12 +4,15 @@ use std::{collections::HashMap, fmt::Write as _, time::Instant};
 
 use serde::Serialize;
 
-use super::ledger::Calls;
+use super::{
+    ledger::{Calls, Ledger},
+    SiteKey, SiteStats,
+};
 use crate::{
     addrspace::MappingClass,
     collector::VmaLedger,
     loader::KernelCounters,
-    report::{AgentStats, Format, Loss, LostReport, SYMBOLIZE_UNTIL_FINAL},
+    report::{AgentStats, Format, Loss, LostReport, Scope, SYMBOLIZE_UNTIL_FINAL},
     symbolize::{Frame, Symbolizer},
     units::{human_age, human_bytes},
 };
@@ -58,7 +61,11 @@ pub struct VmaTotals {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct VmaReport {
+    /// `interval`: mapped and unmapped bytes, mappings, touched bytes and calls cover the time
+    /// since the previous report; outstanding bytes, regions and ages are always the state now.
+    pub scope: Scope,
     pub duration_s: f64,
+    pub covers_s: f64,
     /// --faults: touched pages were counted.
     pub faults: bool,
     pub totals: VmaTotals,
@@ -69,8 +76,46 @@ pub struct VmaReport {
     pub agent: AgentStats,
 }
 
+/// What the previous interval report counted, so the next shows what came since.
+#[derive(Debug, Default)]
+pub struct IntervalBase {
+    sites: HashMap<u32, SiteStats>,
+    calls: Calls,
+    untracked: u64,
+    dropped: SiteStats,
+}
+
+impl IntervalBase {
+    /// The ledger's counts now.
+    pub fn of(ledger: &Ledger) -> Self {
+        Self {
+            sites: ledger.sites().map(|(id, _, s)| (id, s.clone())).collect(),
+            calls: ledger.calls,
+            untracked: ledger.unmapped_untracked,
+            dropped: ledger.dropped.clone(),
+        }
+    }
+}
+
+/// `now` less what `base` had counted of the same callsite.
+fn since(now: &SiteStats, base: Option<&SiteStats>) -> SiteStats {
+    let Some(b) = base else {
+        return now.clone();
+    };
+    SiteStats {
+        mapped_bytes: now.mapped_bytes.saturating_sub(b.mapped_bytes),
+        unmapped_bytes: now.unmapped_bytes.saturating_sub(b.unmapped_bytes),
+        mappings: now.mappings.saturating_sub(b.mappings),
+        outstanding_regions: now.outstanding_regions,
+        touched_pages: now.touched_pages.saturating_sub(b.touched_pages),
+    }
+}
+
 pub struct VmaReportInput<'a> {
     pub vma: &'a VmaLedger,
+    /// For an interval report: the counts of the previous one.
+    pub since: Option<&'a IntervalBase>,
+    pub covers_s: f64,
     pub comms: &'a dyn Fn(u32) -> Option<String>,
     pub counters: KernelCounters,
     pub sideband_lost: u64,
@@ -86,26 +131,43 @@ pub fn build(input: &VmaReportInput<'_>, symbolizer: &mut Symbolizer) -> VmaRepo
     let ledger = &input.vma.ledger;
     let oldest = ledger.oldest_outstanding();
     let exit_times = ledger.exit_times();
+    let base = input.since;
+    let calls = match base {
+        Some(b) => Calls {
+            mmap: ledger.calls.mmap - b.calls.mmap,
+            munmap: ledger.calls.munmap - b.calls.munmap,
+            mremap: ledger.calls.mremap - b.calls.mremap,
+            brk: ledger.calls.brk - b.calls.brk,
+        },
+        None => ledger.calls,
+    };
+    let dropped = since(&ledger.dropped, base.map(|b| &b.dropped));
     let mut totals = VmaTotals {
-        unmapped_untracked_bytes: ledger.unmapped_untracked,
-        calls: ledger.calls,
-        exited_processes_dropped_bytes: ledger.dropped.mapped_bytes,
+        unmapped_untracked_bytes: ledger.unmapped_untracked - base.map_or(0, |b| b.untracked),
+        calls,
+        exited_processes_dropped_bytes: dropped.mapped_bytes,
         ..VmaTotals::default()
     };
-    let mut rows: Vec<(u32, &super::SiteKey, &super::SiteStats)> = Vec::new();
+    // Outstanding bytes are the state now; the rest is what the report covers.
+    let mut rows: Vec<(u32, &SiteKey, u64, SiteStats)> = Vec::new();
     for (id, key, stats) in ledger.sites() {
-        totals.outstanding_bytes += stats.outstanding_bytes();
+        let outstanding = stats.outstanding_bytes();
+        let covered = since(stats, base.and_then(|b| b.sites.get(&id)));
+        totals.outstanding_bytes += outstanding;
         totals.outstanding_regions += stats.outstanding_regions;
-        totals.mapped_bytes += stats.mapped_bytes;
-        totals.unmapped_bytes += stats.unmapped_bytes;
-        rows.push((id, key, stats));
+        totals.mapped_bytes += covered.mapped_bytes;
+        totals.unmapped_bytes += covered.unmapped_bytes;
+        // An interval report leaves out callsites that neither hold nor did anything.
+        if outstanding > 0 || covered.mapped_bytes > 0 || covered.unmapped_bytes > 0 {
+            rows.push((id, key, outstanding, covered));
+        }
     }
-    totals.mapped_bytes += ledger.dropped.mapped_bytes;
-    totals.unmapped_bytes += ledger.dropped.unmapped_bytes;
+    totals.mapped_bytes += dropped.mapped_bytes;
+    totals.unmapped_bytes += dropped.unmapped_bytes;
     totals.callsites = rows.len();
     rows.sort_by(|a, b| {
-        (b.2.outstanding_bytes(), b.2.mapped_bytes)
-            .cmp(&(a.2.outstanding_bytes(), a.2.mapped_bytes))
+        (b.2, b.3.mapped_bytes)
+            .cmp(&(a.2, a.3.mapped_bytes))
             .then(a.0.cmp(&b.0))
     });
     let callsites_total = rows.len();
@@ -118,7 +180,7 @@ pub fn build(input: &VmaReportInput<'_>, symbolizer: &mut Symbolizer) -> VmaRepo
     symbolizer.begin_report();
     let stacks: Vec<_> = rows
         .iter()
-        .map(|(_, key, stats)| {
+        .map(|(_, key, _, stats)| {
             key.stack.map(|id| {
                 let stack = input.vma.stacks.get(id);
                 symbolizer.want_user(&stack, stats.mapped_bytes >> 12);
@@ -131,33 +193,42 @@ pub fn build(input: &VmaReportInput<'_>, symbolizer: &mut Symbolizer) -> VmaRepo
     let callsites = rows
         .iter()
         .zip(stacks)
-        .map(|((id, key, stats), stack)| {
+        .map(|((id, key, outstanding, stats), stack)| {
             let exit = exit_times.get(&key.pid).copied();
             let until = exit.unwrap_or(input.now_ns);
             let max_age_ms = oldest
                 .get(id)
+                .filter(|_| *outstanding > 0)
                 .map_or(0, |&created| until.saturating_sub(created) / 1_000_000);
             let comm = comm_cache
                 .entry(key.pid)
                 .or_insert_with(|| (input.comms)(key.pid).unwrap_or_else(|| "?".into()))
                 .clone();
+            let frames = stack
+                .as_ref()
+                .map(|s| symbolizer.user_frames(s))
+                .unwrap_or_default();
+            // A walk that stops short of the thread's entry (code without frame pointers, as
+            // glibc's malloc) is cut: the frames are the innermost ones only.
+            let reaches_entry = frames
+                .last()
+                .is_some_and(|f| crate::analysis::slab::is_thread_entry(&f.function));
             VmaCallsite {
                 pid: key.pid,
                 comm,
                 exited: exit.is_some(),
                 kind: key.class,
                 path: key.path.as_deref().map(str::to_string),
-                outstanding_bytes: stats.outstanding_bytes(),
+                outstanding_bytes: *outstanding,
                 outstanding_regions: stats.outstanding_regions,
                 mapped_bytes: stats.mapped_bytes,
                 unmapped_bytes: stats.unmapped_bytes,
                 mappings: stats.mappings,
                 max_age_ms,
                 touched_bytes: input.faults.then_some(stats.touched_pages * 4096),
-                truncated: stack.as_ref().is_some_and(|s| s.truncated),
-                frames: stack
-                    .map(|s| symbolizer.user_frames(&s))
-                    .unwrap_or_default(),
+                truncated: stack.as_ref().is_some_and(|s| s.truncated)
+                    || (!frames.is_empty() && !reaches_entry),
+                frames,
             }
         })
         .collect();
@@ -203,7 +274,13 @@ pub fn build(input: &VmaReportInput<'_>, symbolizer: &mut Symbolizer) -> VmaRepo
     ];
     let events = c.ringbuf_full_other + c.syscall_pending_full + c.syscall_args_unread;
     VmaReport {
+        scope: if base.is_some() {
+            Scope::Interval
+        } else {
+            Scope::Total
+        },
         duration_s: input.duration_s,
+        covers_s: input.covers_s,
         faults: input.faults,
         totals,
         callsites_total,
@@ -243,15 +320,18 @@ pub fn render(r: &VmaReport, format: Format) -> String {
         return out;
     }
     let t = &r.totals;
+    let what = match r.scope {
+        Scope::Interval => format!("the {:.1}s interval", r.covers_s),
+        Scope::Total => format!("{:.1}s", r.duration_s),
+    };
     let _ = writeln!(
         out,
-        "memtrace vma: {} outstanding in {} regions; mapped {}, unmapped {} in {:.1}s \
+        "memtrace vma: {} outstanding in {} regions; mapped {}, unmapped {} in {what} \
          ({} mmap, {} munmap, {} mremap, {} brk)",
         human_bytes(t.outstanding_bytes),
         t.outstanding_regions,
         human_bytes(t.mapped_bytes),
         human_bytes(t.unmapped_bytes),
-        r.duration_s,
         t.calls.mmap,
         t.calls.munmap,
         t.calls.mremap,
@@ -265,6 +345,9 @@ pub fn render(r: &VmaReport, format: Format) -> String {
         );
     }
     let _ = writeln!(out);
+    if r.callsites.is_empty() {
+        let _ = writeln!(out, "no mapping calls traced");
+    }
     let touched = if r.faults { "  TOUCHED" } else { "" };
     let _ = writeln!(
         out,
@@ -280,14 +363,18 @@ pub fn render(r: &VmaReport, format: Format) -> String {
             Some(p) => format!("{} {}", c.kind, p.rsplit('/').next().unwrap_or(p)),
             None => c.kind.to_string(),
         };
-        let comm = if c.exited {
-            format!("{}†", c.comm)
-        } else {
-            c.comm.clone()
-        };
+        // Cut to the column, the exited mark inside it.
+        let mut comm: String = c
+            .comm
+            .chars()
+            .take(if c.exited { 14 } else { 15 })
+            .collect();
+        if c.exited {
+            comm.push('†');
+        }
         let _ = writeln!(
             out,
-            "{:>11} {:>7} {:>10} {:>10} {:>8}{touched} {:>8} {:<15} {:<13} {}",
+            "{:>11} {:>7} {:>10} {:>10} {:>8}{touched} {:>8} {:<15} {:<13} {}{}",
             human_bytes(c.outstanding_bytes),
             c.outstanding_regions,
             human_bytes(c.mapped_bytes),
@@ -296,7 +383,8 @@ pub fn render(r: &VmaReport, format: Format) -> String {
             c.pid,
             comm,
             kind,
-            frames_line(c)
+            frames_line(c),
+            if c.truncated { " [cut]" } else { "" }
         );
     }
     if r.callsites_total > r.callsites.len() {
@@ -308,6 +396,13 @@ pub fn render(r: &VmaReport, format: Format) -> String {
     }
     if r.callsites.iter().any(|c| c.exited) {
         let _ = writeln!(out, "† exited: what it held mapped at exit");
+    }
+    if r.callsites.iter().any(|c| c.truncated) {
+        let _ = writeln!(
+            out,
+            "[cut]: the stack walk stopped in code without frame pointers (glibc's malloc is): \
+             the frames shown are the innermost"
+        );
     }
     let _ = write!(out, "lost: {}", r.lost.events);
     for l in &r.lost.causes {

@@ -57,6 +57,9 @@ pub struct Thresholds {
     /// Least growth over the window, bytes: one slab cache.
     pub slab_growth: u64,
     pub min_confidence: f64,
+    /// Also flag reclaimable slab caches (dentries, inodes, buffer heads: they grow with the
+    /// page cache, and the kernel shrinks them under memory pressure).
+    pub reclaimable: bool,
 }
 
 impl Default for Thresholds {
@@ -65,6 +68,7 @@ impl Default for Thresholds {
             process_growth: 1 << 20,
             slab_growth: 256 << 10,
             min_confidence: 0.7,
+            reclaimable: false,
         }
     }
 }
@@ -154,7 +158,9 @@ pub struct WatchReport {
     pub samples: u64,
     /// Where USS comes from: `smaps_rollup` (exact) or `statm` (resident private memory).
     pub uss_source: &'static str,
+    /// Processes watched at the end, and those that exited meanwhile (with -p).
     pub processes: usize,
+    pub exited: usize,
     pub caches: usize,
     pub findings: Vec<Finding>,
     /// Processes that exited, could not be read, and why slab caches are not watched.
@@ -174,6 +180,9 @@ pub struct Watcher {
     page: u64,
     processes: BTreeMap<u32, Watched>,
     caches: HashMap<String, Series>,
+    /// Caches the kernel reclaims under memory pressure (`reclaim_account`), not flagged
+    /// unless asked.
+    reclaimable: std::collections::HashSet<String>,
     slab_error: Option<String>,
     slab_buf: String,
     findings: BTreeMap<(FindingKind, String), Finding>,
@@ -202,6 +211,7 @@ impl Watcher {
             page: procmem::page_size(),
             processes: BTreeMap::new(),
             caches: HashMap::new(),
+            reclaimable: std::collections::HashSet::new(),
             slab_error: None,
             slab_buf: String::new(),
             findings: BTreeMap::new(),
@@ -293,6 +303,8 @@ impl Watcher {
                     Ok(p) => {
                         if let Some(w) = self.processes.get_mut(&pid) {
                             w.push(t, p.uss, p.vss, window_s, n);
+                            // It may exec (a shell's child becomes python).
+                            w.comm = p.comm;
                         }
                     }
                     Err(reason) => {
@@ -391,6 +403,9 @@ impl Watcher {
                             let mut series = Series::default();
                             series.push(t, bytes, window_s);
                             self.caches.insert(name.to_string(), series);
+                            if is_reclaimable(name) {
+                                self.reclaimable.insert(name.to_string());
+                            }
                         }
                     }
                 }
@@ -475,7 +490,13 @@ impl Watcher {
             }
             let key = pid.to_string();
             let comm = &w.comm;
-            let subject = || (Some(pid), Some(comm.clone()), None);
+            // The name now, read when a finding is made (it may have exec'd since first seen).
+            let subject = || {
+                let now = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .map(|c| c.trim_end().to_string())
+                    .unwrap_or_else(|_| comm.clone());
+                (Some(pid), Some(now), None)
+            };
             let uss = w.uss.last().unwrap_or(0);
             judge(
                 &mut w.uss,
@@ -496,6 +517,9 @@ impl Watcher {
             );
         }
         for (name, series) in self.caches.iter_mut() {
+            if !th.reclaimable && self.reclaimable.contains(name) {
+                continue;
+            }
             let bytes = series.last().unwrap_or(0);
             let subject = || (None, None, Some(name.clone()));
             judge(
@@ -635,6 +659,7 @@ impl Watcher {
                 "statm"
             },
             processes: self.watched_processes(),
+            exited: self.processes.values().filter(|w| w.exited).count(),
             caches: self.caches.len(),
             findings,
             notes: self.notes.clone(),
@@ -643,6 +668,12 @@ impl Watcher {
             cpu_percent,
         }
     }
+}
+
+/// Does the kernel reclaim this cache under memory pressure (`SLAB_RECLAIM_ACCOUNT`)?
+fn is_reclaimable(cache: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/kernel/slab/{cache}/reclaim_account"))
+        .is_ok_and(|v| v.trim() == "1")
 }
 
 fn fit(series: &mut Series) -> Option<Trend> {

@@ -27,7 +27,7 @@ pub struct Line {
     pub panel: Panel,
     pub label: String,
     pub points: Vec<(f64, u64)>,
-    /// Flagged as growing.
+    /// Flagged as growing at some point of the watch.
     pub flagged: bool,
 }
 
@@ -132,7 +132,7 @@ pub fn svg(title: &str, lines: &[Line]) -> String {
             );
             let ly = y0 + 12.0 + j as f64 * 16.0;
             if ly < y0 + PANEL_HEIGHT {
-                let mark = if line.flagged { " (growing)" } else { "" };
+                let mark = if line.flagged { " (flagged)" } else { "" };
                 let _ = writeln!(
                     out,
                     r#"<rect x="{:.1}" y="{:.1}" width="12" height="4" fill="{colour}"/><text x="{:.1}" y="{:.1}">{}{mark}</text>"#,
@@ -172,7 +172,7 @@ mod tests {
         let doc = svg("memtrace watch", &lines);
         assert!(doc.starts_with("<svg") && doc.ends_with("</svg>\n"));
         assert_eq!(doc.matches("<polyline").count(), 2);
-        assert!(doc.contains("42 a&lt;b&gt; uss (growing)"));
+        assert!(doc.contains("42 a&lt;b&gt; uss (flagged)"));
         assert!(doc.contains("slab caches") && doc.contains("(USS)"));
         assert!(!doc.contains("(VSS)"));
         assert!(svg("empty", &[]).contains("nothing was sampled"));

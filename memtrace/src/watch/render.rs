@@ -62,10 +62,15 @@ pub fn render(r: &WatchReport) -> String {
         WatchEnd::Signal => ", stopped by a signal",
         WatchEnd::TargetsExited => ", every watched process exited",
     };
+    let exited = if r.exited > 0 {
+        format!(" ({} more exited meanwhile)", r.exited)
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
-        "\nwatched {} processes and {} slab caches for {:.0}s ({} samples every {:.1}s, \
-         trend window {:.0}s{why})",
+        "\nwatched {} processes{exited} and {} slab caches for {:.0}s ({} samples every \
+         {:.1}s, trend window {:.0}s{why})",
         r.processes, r.caches, r.duration_s, r.samples, r.interval_s, r.window_s
     );
     if r.findings.is_empty() {
@@ -96,11 +101,15 @@ pub fn render(r: &WatchReport) -> String {
                 f.flagged_at_s
             );
             for c in f.callsites.iter().take(3) {
+                let count = if c.what.contains("bytes") {
+                    human_bytes(c.count)
+                } else {
+                    c.count.to_string()
+                };
                 let _ = writeln!(
                     out,
-                    "    {} {}: {}",
-                    c.count,
-                    c.what,
+                    "    {count} {}: {}",
+                    c.what.trim_start_matches("bytes "),
                     c.frames
                         .iter()
                         .take(6)
