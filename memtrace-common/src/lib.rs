@@ -149,7 +149,19 @@ pub struct VmaRecord {
     /// Names the walk of a walked stack for later calls that reuse it (`VMA_STACK_REUSED`):
     /// see [`stack_token`]. 0 when not cached.
     pub stack_token: u64,
+    /// With a walked stack: the user stack and frame pointers at the syscall, and how many
+    /// bytes of the stack from `user_sp` up follow the record (before the frames), for the
+    /// agent to unwind through code without frame pointers by its CFI.
+    pub user_sp: u64,
+    pub user_bp: u64,
+    pub stack_copy: u32,
+    pub _pad: u32,
 }
+
+/// Bytes of user stack a walked mapping call carries (and the smaller try, near the top of
+/// a stack, where the larger read would run past its end).
+pub const VMA_STACK_COPY: usize = 4096;
+pub const VMA_STACK_COPY_SMALL: usize = 1024;
 
 /// `VmaRecord::stack_flags`: the calling thread's user stack follows the record
 /// (`memtrace vma`).
@@ -164,12 +176,13 @@ pub const VMA_STACK_REUSED: u16 = 1 << 2;
 /// handful of places).
 pub const VMA_STACK_SLOTS: u32 = 16;
 
-/// A VMA record and room for its user frames: the per-CPU buffer it is built in.
+/// A VMA record and room for a copy of the user stack and the user frames after it: the
+/// per-CPU buffer it is built in.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct VmaWithStack {
     pub header: VmaRecord,
-    pub frames: [u64; MAX_STACK_DEPTH],
+    pub data: [u8; VMA_STACK_COPY + 8 * MAX_STACK_DEPTH],
 }
 
 /// Where `struct pt_regs` may sit below the top of a task's kernel stack on x86_64
@@ -832,11 +845,11 @@ mod tests {
         // sp_words, stack_token.
         assert_eq!(
             size_of::<VmaRecord>(),
-            4 * 4 + 8 * 4 + 4 * 3 + 2 * 2 + 8 * 2 + 8 * SP_WORDS + 8
+            4 * 4 + 8 * 4 + 4 * 3 + 2 * 2 + 8 * 2 + 8 * SP_WORDS + 8 + 8 * 2 + 4 * 2
         );
         assert_eq!(
             size_of::<VmaWithStack>(),
-            size_of::<VmaRecord>() + 8 * MAX_STACK_DEPTH
+            size_of::<VmaRecord>() + VMA_STACK_COPY + 8 * MAX_STACK_DEPTH
         );
         assert_eq!(size_of::<ProcRecord>(), 4 * 4 + 16 + 8);
         assert_eq!(size_of::<RssThread>(), 4 * 2 + 8 * 4);

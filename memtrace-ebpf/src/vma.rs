@@ -5,7 +5,7 @@ use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::{
         bpf_get_current_task, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_get_stack,
-        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
     },
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{Array, PerCpuArray},
@@ -16,7 +16,7 @@ use memtrace_common::{
     counter, layout, pt_regs, stack_cache_slot, stack_token, PendingSyscall, RecordKind,
     StackCacheSlot, VmaRecord, VmaWithStack, MAX_STACK_DEPTH, OFFSET_UNKNOWN, PT_REGS_CANDIDATES,
     PT_REGS_WORDS, SP_WORDS, VMA_BRK, VMA_MMAP, VMA_MREMAP, VMA_MUNMAP, VMA_SP_WORDS,
-    VMA_STACK_REUSED, VMA_STACK_SLOTS, VMA_STACK_WALKED,
+    VMA_STACK_COPY, VMA_STACK_COPY_SMALL, VMA_STACK_REUSED, VMA_STACK_SLOTS, VMA_STACK_WALKED,
 };
 
 use crate::maps::{
@@ -389,12 +389,33 @@ fn emit_with_stack<C: EbpfContext>(
     };
     // SAFETY: a per-CPU value from a successful lookup, only used by this program run.
     let buf = unsafe { &mut *buf };
+    // The stack from sp up, for the agent to unwind by CFI: 4 KiB, or 1 KiB near a stack's
+    // top (a read that runs past the mapping fails whole).
+    let mut copied = 0usize;
+    if let Some(r) = regs {
+        let sp = r[pt_regs::SP] as *const u8;
+        // SAFETY: checked reads of user memory into the buffer's leading bytes.
+        copied = if unsafe { bpf_probe_read_user_buf(sp, &mut buf.data[..VMA_STACK_COPY]) }.is_ok()
+        {
+            VMA_STACK_COPY
+        } else if unsafe { bpf_probe_read_user_buf(sp, &mut buf.data[..VMA_STACK_COPY_SMALL]) }
+            .is_ok()
+        {
+            VMA_STACK_COPY_SMALL
+        } else {
+            0
+        };
+        rec.user_sp = r[pt_regs::SP];
+        rec.user_bp = r[pt_regs::BP];
+    }
+    let copied = copied.min(VMA_STACK_COPY);
     const STACK_BYTES: u32 = (MAX_STACK_DEPTH * 8) as u32;
-    // SAFETY: the destination is the scratch record's frame array of MAX_STACK_DEPTH frames.
+    // SAFETY: the frames go right after the copy: at most VMA_STACK_COPY in, with room for
+    // MAX_STACK_DEPTH frames after it.
     let got = unsafe {
         bpf_get_stack(
             ctx.as_ptr(),
-            buf.frames.as_mut_ptr().cast(),
+            buf.data.as_mut_ptr().add(copied).cast(),
             STACK_BYTES,
             BPF_F_USER_STACK as u64,
         )
@@ -404,6 +425,7 @@ fn emit_with_stack<C: EbpfContext>(
         bump(counter::USER_STACK_LOST);
     } else {
         rec.stack_flags |= VMA_STACK_WALKED;
+        rec.stack_copy = copied as u32;
         if let Some(words) = words {
             rec.sp_words = words;
             rec.stack_flags |= VMA_SP_WORDS;
@@ -420,8 +442,11 @@ fn emit_with_stack<C: EbpfContext>(
         }
     }
     rec.n_user = n_user as u16;
+    // Without frames the copy is not sent.
+    let copied = if n_user == 0 { 0 } else { copied };
+    rec.stack_copy = copied as u32;
     buf.header = rec;
-    let len = core::mem::size_of::<VmaRecord>() + 8 * n_user as usize;
+    let len = core::mem::size_of::<VmaRecord>() + copied + 8 * n_user as usize;
     if len > core::mem::size_of_val(buf) {
         return;
     }

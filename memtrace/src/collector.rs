@@ -27,6 +27,36 @@ use crate::{
     vma::{Ledger, SiteKey},
 };
 
+/// Merges a CFI unwind `cfi` with the frame-pointer walk `frames[..n_user]` (both innermost
+/// first): the unwind goes through code without frame pointers but ends with the copied
+/// stack; the walk may go on past it. From the deepest frame they share, the longer of the
+/// two continues; with none shared, the longer one wins.
+fn merge_unwound(cfi: &[u64], frames: &mut Vec<u64>, n_user: &mut usize) {
+    if cfi.len() <= 1 {
+        return;
+    }
+    let walk = &frames[..*n_user];
+    let shared = cfi.iter().enumerate().skip(1).rev().find_map(|(i, ra)| {
+        walk.iter()
+            .skip(1)
+            .position(|w| w == ra)
+            .map(|j| (i, j + 1))
+    });
+    let merged: Vec<u64> = match shared {
+        Some((i, j)) if walk.len() - j > cfi.len() - i => {
+            cfi[..i].iter().chain(&walk[j..]).copied().collect()
+        }
+        Some(_) => cfi.to_vec(),
+        None if cfi.len() > walk.len() => cfi.to_vec(),
+        None => return,
+    };
+    let tail: Vec<u64> = frames[*n_user..].to_vec();
+    *n_user = merged.len().min(memtrace_common::MAX_STACK_DEPTH);
+    frames.clear();
+    frames.extend(merged.into_iter().take(*n_user));
+    frames.extend(tail);
+}
+
 /// `memtrace vma`'s ledger of mappings by callsite, fed by the collector after it has
 /// applied each record to its model, and the ledger's own stack tree (never rebuilt, so the
 /// ledger's stack ids stay valid for the whole run).
@@ -661,6 +691,7 @@ impl<S: ProcSource> Collector<S> {
             return;
         }
         let stack = if r.stack_flags & VMA_STACK_WALKED != 0 {
+            let (copy, frames) = crate::record::vma_parts(r, frames);
             frames_into(frames, &mut self.frames);
             let mut n_user = usize::from(r.n_user).min(self.frames.len());
             if r.stack_flags & VMA_SP_WORDS != 0
@@ -669,6 +700,16 @@ impl<S: ProcSource> Collector<S> {
                     .recover_caller(&info.space, &r.sp_words, &mut self.frames, n_user)
             {
                 n_user += 1;
+            }
+            // Where the CFI takes the unwind further than the frame-pointer walk (through
+            // code without frame pointers), its frames, then the walk's from where they meet.
+            if !copy.is_empty() {
+                if let Some(&ip) = self.frames.first() {
+                    let cfi = self
+                        .unwind
+                        .unwind(&info.space, ip, r.user_sp, r.user_bp, copy);
+                    merge_unwound(&cfi, &mut self.frames, &mut n_user);
+                }
             }
             let resolved = UserStack::resolve(&info.space, &self.frames[..n_user]);
             let id = vma.stacks.intern(&resolved);
@@ -1233,6 +1274,28 @@ mod tests {
             .get(&pid)
             .and_then(|p| p.space.find(address))
             .map(|v| v.class)
+    }
+
+    #[test]
+    fn a_cfi_unwind_and_a_frame_pointer_walk_merge() {
+        // The walk lost its way in libc (2 frames); the unwind went through it.
+        let mut frames = vec![1, 2, 0xffff_ffff_8100_0000];
+        let mut n = 2;
+        merge_unwound(&[1, 2, 3, 4, 5], &mut frames, &mut n);
+        assert_eq!(
+            (&frames[..n], &frames[n..]),
+            (&[1, 2, 3, 4, 5][..], &[0xffff_ffff_8100_0000][..])
+        );
+        // The unwind ended with the copied stack at 4; the walk goes on past it.
+        let mut frames = vec![1, 3, 4, 6, 7, 8];
+        let mut n = 6;
+        merge_unwound(&[1, 2, 3, 4], &mut frames, &mut n);
+        assert_eq!(&frames[..n], &[1, 2, 3, 4, 6, 7, 8]);
+        // An unwind that found nothing more leaves the walk.
+        let mut frames = vec![1, 2, 3];
+        let mut n = 3;
+        merge_unwound(&[1], &mut frames, &mut n);
+        assert_eq!(frames, vec![1, 2, 3]);
     }
 
     #[test]

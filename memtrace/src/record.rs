@@ -6,7 +6,8 @@ pub enum Record<'a> {
     /// A fault, and the raw bytes of the frames that follow it (`n_user` user frames, then
     /// `n_kernel` kernel frames, native-endian u64s); empty unless its stacks were walked.
     Fault(FaultRecord, &'a [u8]),
-    /// A VMA change, and the raw bytes of the user frames that follow it (`n_user`).
+    /// A VMA change, and the bytes that follow it: `stack_copy` bytes of user stack, then the
+    /// `n_user` user frames (see [`vma_parts`]).
     Vma(VmaRecord, &'a [u8]),
     Proc(ProcRecord),
     SlabStack(SlabStackRecord),
@@ -70,12 +71,18 @@ pub fn decode(bytes: &[u8]) -> Option<Record<'_>> {
         RecordKind::Vma => {
             let rec: VmaRecord = read(bytes)?;
             let header = std::mem::size_of::<VmaRecord>();
-            let frames = bytes.get(header..header.checked_add(usize::from(rec.n_user) * 8)?)?;
-            Some(Record::Vma(rec, frames))
+            let len = (rec.stack_copy as usize).checked_add(usize::from(rec.n_user) * 8)?;
+            let rest = bytes.get(header..header.checked_add(len)?)?;
+            Some(Record::Vma(rec, rest))
         }
         RecordKind::Proc => read(bytes).map(Record::Proc),
         RecordKind::SlabStack => read(bytes).map(Record::SlabStack),
     }
+}
+
+/// The stack copy and the frame bytes of a VMA record's trailing bytes.
+pub fn vma_parts<'a>(rec: &VmaRecord, rest: &'a [u8]) -> (&'a [u8], &'a [u8]) {
+    rest.split_at((rec.stack_copy as usize).min(rest.len()))
 }
 
 /// A NUL-padded `comm` as a string.

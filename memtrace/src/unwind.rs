@@ -186,12 +186,12 @@ impl IndexedEhFrame {
     }
 
     /// Where the return address is at `vaddr` (see [`ra_word_in`]).
-    fn ra_word(
+    fn rule(
         &self,
         file: &std::fs::File,
         vaddr: u64,
         ctx: &mut UnwindContext<usize>,
-    ) -> Option<Option<usize>> {
+    ) -> Option<Option<FrameRule>> {
         let key = u32::try_from(vaddr.checked_sub(self.base)?).ok()?;
         let i = self.table.partition_point(|e| e.0 <= key).checked_sub(1)?;
         let fde_offset = u64::from(self.table.get(i)?.1);
@@ -214,7 +214,7 @@ impl IndexedEhFrame {
             .set_got(self.got);
         let mut section = EhFrame::new(&entries, LittleEndian);
         section.set_address_size(8);
-        ra_word_in(&section, &bases, at, vaddr, ctx)
+        rule_in(&section, &bases, at, vaddr, ctx)
     }
 }
 
@@ -385,36 +385,58 @@ impl FileCfi {
     /// Where the return address is at `vaddr`, in words above rsp, when the CFA is rsp-based;
     /// `None` when it is based on another register (a frame-pointer frame), an expression, or
     /// no CFI covers `vaddr`.
-    fn ra_word(&self, vaddr: u64, ctx: &mut UnwindContext<usize>) -> Option<usize> {
+    fn rule(&self, vaddr: u64, ctx: &mut UnwindContext<usize>) -> Option<FrameRule> {
         if let Some(indexed) = &self.indexed {
-            if let Some(word) = indexed.ra_word(&self.file, vaddr, ctx) {
-                return word;
+            if let Some(rule) = indexed.rule(&self.file, vaddr, ctx) {
+                return rule;
             }
         }
         if let Some(s) = &self.eh_frame {
             if let Some(offset) = s.fde_offset(vaddr) {
                 let mut section = EhFrame::new(&s.data, LittleEndian);
                 section.set_address_size(8);
-                return ra_word_in(&section, &s.bases, offset, vaddr, ctx).flatten();
+                return rule_in(&section, &s.bases, offset, vaddr, ctx).flatten();
             }
         }
         let s = self.debug_frame.as_ref()?;
         let offset = s.fde_offset(vaddr)?;
         let mut section = DebugFrame::new(&s.data, LittleEndian);
         section.set_address_size(8);
-        ra_word_in(&section, &s.bases, offset, vaddr, ctx).flatten()
+        rule_in(&section, &s.bases, offset, vaddr, ctx).flatten()
     }
 }
 
-/// Where the return address is at `vaddr` by the FDE at `fde_offset`: `None` when that FDE
-/// cannot be read or does not cover `vaddr`, `Some(None)` when the CFA is not rsp-based there.
-fn ra_word_in<'a, S: UnwindSection<Slice<'a>>>(
+/// How to find the caller's frame at one instruction, from the CFI: the CFA is `rsp` or `rbp`
+/// plus `cfa_offset`, the return address is at `CFA + ra_offset`, and the caller's `rbp` at
+/// `CFA + rbp_offset` when this function saved it (else `rbp` is the caller's still).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameRule {
+    pub cfa_from_rbp: bool,
+    pub cfa_offset: i64,
+    pub ra_offset: i64,
+    pub rbp_offset: Option<i64>,
+}
+
+impl FrameRule {
+    /// The word above rsp holding the return address, when the CFA is rsp-based.
+    fn ra_word(self) -> Option<usize> {
+        if self.cfa_from_rbp {
+            return None;
+        }
+        ra_word_of(self.cfa_offset, self.ra_offset)
+    }
+}
+
+/// The frame rule at `vaddr` by the FDE at `fde_offset`: `None` when that FDE cannot be read
+/// or does not cover `vaddr`, `Some(None)` when the rule is not one of rsp/rbp plus an offset
+/// with the return address saved at an offset from it.
+fn rule_in<'a, S: UnwindSection<Slice<'a>>>(
     section: &S,
     bases: &BaseAddresses,
     fde_offset: usize,
     vaddr: u64,
     ctx: &mut UnwindContext<usize>,
-) -> Option<Option<usize>> {
+) -> Option<Option<FrameRule>> {
     let fde = section
         .fde_from_offset(bases, fde_offset.into(), |s, b, o| s.cie_from_offset(b, o))
         .ok()?;
@@ -427,13 +449,24 @@ fn ra_word_in<'a, S: UnwindSection<Slice<'a>>>(
     let CfaRule::RegisterAndOffset { register, offset } = *row.cfa() else {
         return Some(None);
     };
-    if register != X86_64::RSP {
-        return Some(None);
-    }
+    let cfa_from_rbp = match register {
+        X86_64::RSP => false,
+        X86_64::RBP => true,
+        _ => return Some(None),
+    };
     let Some(RegisterRule::Offset(ra)) = row.register(X86_64::RA) else {
         return Some(None);
     };
-    Some(ra_word_of(offset, ra))
+    let rbp_offset = match row.register(X86_64::RBP) {
+        Some(RegisterRule::Offset(o)) => Some(o),
+        _ => None,
+    };
+    Some(Some(FrameRule {
+        cfa_from_rbp,
+        cfa_offset: offset,
+        ra_offset: ra,
+        rbp_offset,
+    }))
 }
 
 /// The word index above rsp of a return address saved at `CFA + ra_offset` with
@@ -459,7 +492,7 @@ struct FileSlot {
 
 /// Decisions per (file, offset) and the parsed CFI of recently used files.
 pub struct UnwindCache {
-    memo: HashMap<(Arc<str>, u64), Option<u8>>,
+    memo: HashMap<(Arc<str>, u64), Option<FrameRule>>,
     files: HashMap<Arc<str>, FileSlot>,
     bytes: usize,
     tick: u64,
@@ -494,23 +527,26 @@ impl std::fmt::Debug for UnwindCache {
 
 impl UnwindCache {
     /// Where the return address is, in words above rsp, at `offset` in the ELF file `path`
-    /// (see [`FileCfi::ra_word`]); `None` also when the file cannot be read.
+    /// (see [`FileCfi::rule`]); `None` also when the file cannot be read.
     pub fn ra_word(&mut self, path: &Arc<str>, offset: u64) -> Option<usize> {
+        self.rule(path, offset)?.ra_word()
+    }
+
+    /// The frame rule at `offset` in the ELF file `path`, remembered.
+    pub fn rule(&mut self, path: &Arc<str>, offset: u64) -> Option<FrameRule> {
         let key = (path.clone(), offset);
-        if let Some(&w) = self.memo.get(&key) {
-            return w.map(usize::from);
+        if let Some(&rule) = self.memo.get(&key) {
+            return rule;
         }
-        let word = self.compute(path, offset);
+        let rule = self.compute(path, offset);
         if self.memo.len() >= MAX_MEMO {
             self.memo.clear();
         }
-        // Only small indices matter (the kernel reads a couple of words).
-        let w = word.and_then(|w| u8::try_from(w).ok());
-        self.memo.insert(key, w);
-        w.map(usize::from)
+        self.memo.insert(key, rule);
+        rule
     }
 
-    fn compute(&mut self, path: &Arc<str>, offset: u64) -> Option<usize> {
+    fn compute(&mut self, path: &Arc<str>, offset: u64) -> Option<FrameRule> {
         self.tick += 1;
         if !self.files.contains_key(path) {
             let cfi = FileCfi::load(path)
@@ -530,7 +566,61 @@ impl UnwindCache {
         let slot = self.files.get_mut(path)?;
         slot.last_used = self.tick;
         let cfi = slot.cfi.as_ref()?;
-        cfi.ra_word(cfi.vaddr(offset)?, &mut self.ctx)
+        cfi.rule(cfi.vaddr(offset)?, &mut self.ctx)
+    }
+
+    /// Unwinds a user stack by its CFI (`.eh_frame`) from the registers at `ip`, `sp` and
+    /// `bp`, reading saved words from `copy`, the bytes from `sp` up: what a frame-pointer
+    /// walk cannot do through code built without frame pointers (glibc's malloc). Returns the
+    /// frames, innermost first; it stops where the CFI or the copy ends.
+    pub fn unwind(
+        &mut self,
+        space: &AddressSpace,
+        ip: u64,
+        sp: u64,
+        bp: u64,
+        copy: &[u8],
+    ) -> Vec<u64> {
+        let word = |addr: u64| -> Option<u64> {
+            let at = usize::try_from(addr.checked_sub(sp)?).ok()?;
+            Some(u64::from_le_bytes(copy.get(at..at + 8)?.try_into().ok()?))
+        };
+        let mut frames = vec![ip];
+        let (mut pc, mut rsp, mut rbp) = (ip, sp, bp);
+        while frames.len() < memtrace_common::MAX_STACK_DEPTH {
+            // A return address is looked up at the call before it.
+            let lookup = if frames.len() == 1 { pc } else { pc - 1 };
+            let Some(vma) = space.find(lookup).filter(|v| v.exec) else {
+                break;
+            };
+            let Some(path) = vma.path.clone().filter(|p| p.starts_with('/')) else {
+                break;
+            };
+            let Some(rule) = self.rule(&path, vma.file_offset(lookup)) else {
+                break;
+            };
+            let base = if rule.cfa_from_rbp { rbp } else { rsp };
+            let Some(cfa) = base.checked_add_signed(rule.cfa_offset) else {
+                break;
+            };
+            let Some(ra) = cfa.checked_add_signed(rule.ra_offset).and_then(word) else {
+                break;
+            };
+            if let Some(o) = rule.rbp_offset {
+                match cfa.checked_add_signed(o).and_then(word) {
+                    Some(v) => rbp = v,
+                    None => break,
+                }
+            }
+            // The stack grows down: a caller's frame is above its callee's.
+            if ra == 0 || cfa <= rsp {
+                break;
+            }
+            rsp = cfa;
+            pc = ra;
+            frames.push(ra);
+        }
+        frames
     }
 
     /// Evicts least recently used files until one of `bytes` more fits.
@@ -678,8 +768,9 @@ mod tests {
             let Some(vaddr) = on_disk.vaddr(off) else {
                 continue;
             };
-            let word = on_disk.ra_word(vaddr, &mut ctx);
-            assert_eq!(word, copied.ra_word(vaddr, &mut ctx), "at {off:#x}");
+            let rule = on_disk.rule(vaddr, &mut ctx);
+            assert_eq!(rule, copied.rule(vaddr, &mut ctx), "at {off:#x}");
+            let word = rule.and_then(FrameRule::ra_word);
             match word {
                 Some(_) => rsp_based += 1,
                 None => other += 1,

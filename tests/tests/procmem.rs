@@ -510,6 +510,18 @@ fn vma_follows_a_running_process_and_the_whole_system() {
         .map(|c| c["outstanding_bytes"].as_u64().unwrap())
         .sum();
     assert!((MIB..=5 * MIB).contains(&heap), "heap growth {heap}: {out}");
+    // The brk calls come from glibc's malloc, built without frame pointers: the stacks reach
+    // the leaking function through its CFI, and the thread's entry.
+    let biggest = v["callsites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "heap")
+        .max_by_key(|c| c["outstanding_bytes"].as_u64())
+        .unwrap();
+    let frames = biggest["frames"].to_string();
+    assert!(frames.contains("leak_chunk") && frames.contains("malloc"), "{biggest}");
+    assert!(biggest.get("truncated").is_none(), "{biggest}");
     // System-wide: a process holding regions shows with them.
     let (mut mt, _) = start_vma(&["-d", "4s", "--format", "json", "--top", "0"]);
     let w = Workload::start(&["regions", "10", "8", "0", "8000"], false);
