@@ -158,17 +158,9 @@ pub fn sys_exit_raw(ctx: RawTracePointContext) -> u32 {
     else {
         return 0;
     };
-    let op = match nr {
-        NR_MMAP => VMA_MMAP,
-        NR_MUNMAP => VMA_MUNMAP,
-        NR_MREMAP => VMA_MREMAP,
-        NR_BRK => VMA_BRK,
-        _ => return 0,
-    };
-    let (tgid, tid) = current_ids();
-    if !is_target(tgid) {
+    let Some((op, ids)) = traced_mapping_call(nr) else {
         return 0;
-    }
+    };
     // SAFETY: a checked read of the whole `struct pt_regs`.
     let Ok(regs) = (unsafe { bpf_probe_read_kernel(regs_ptr as *const [u64; PT_REGS_WORDS]) })
     else {
@@ -180,7 +172,7 @@ pub fn sys_exit_raw(ctx: RawTracePointContext) -> u32 {
         return 0;
     }
     let ret = ctx.arg::<i64>(1);
-    emit(&ctx, op, (tgid, tid), args_of(&regs), ret, Some(&regs));
+    emit(&ctx, op, ids, args_of(&regs), ret, Some(&regs));
     0
 }
 
@@ -193,17 +185,9 @@ pub fn sys_exit_btf(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: `regs` is the tracepoint's `struct pt_regs *`; the verifier checks each load
     // against that struct's BTF (constant offsets of whole u64 fields).
     let nr = unsafe { *regs.add(pt_regs::ORIG_AX) };
-    let op = match nr {
-        NR_MMAP => VMA_MMAP,
-        NR_MUNMAP => VMA_MUNMAP,
-        NR_MREMAP => VMA_MREMAP,
-        NR_BRK => VMA_BRK,
-        _ => return 0,
-    };
-    let (tgid, tid) = current_ids();
-    if !is_target(tgid) {
+    let Some((op, ids)) = traced_mapping_call(nr) else {
         return 0;
-    }
+    };
     let mut r = [0u64; PT_REGS_WORDS];
     // SAFETY: as above, one field at a time.
     unsafe {
@@ -222,8 +206,23 @@ pub fn sys_exit_btf(ctx: BtfTracePointContext) -> i32 {
         r[pt_regs::SP] = *regs.add(pt_regs::SP);
     }
     let ret: i64 = ctx.arg(1);
-    emit(&ctx, op, (tgid, tid), args_of(&r), ret, Some(&r));
+    emit(&ctx, op, ids, args_of(&r), ret, Some(&r));
     0
+}
+
+/// The mapping call a syscall number is, with the current (tgid, tid), when it is one and the
+/// process is traced.
+#[inline(always)]
+fn traced_mapping_call(nr: u64) -> Option<(u32, (u32, u32))> {
+    let op = match nr {
+        NR_MMAP => VMA_MMAP,
+        NR_MUNMAP => VMA_MUNMAP,
+        NR_MREMAP => VMA_MREMAP,
+        NR_BRK => VMA_BRK,
+        _ => return None,
+    };
+    let (tgid, tid) = current_ids();
+    is_target(tgid).then_some((op, (tgid, tid)))
 }
 
 #[inline(always)]

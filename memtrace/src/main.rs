@@ -467,6 +467,22 @@ fn vma(args: VmaArgs) -> anyhow::Result<ExitCode> {
     run_analysis(&mut analysis, &opts, run, report)
 }
 
+/// No process asked for could be read: exit as for a missing pid when none exists (or all are
+/// kernel threads), else with the general error.
+fn exit_for_unreadable(reasons: impl IntoIterator<Item = procmem::Unreadable>) -> ExitCode {
+    let gone = reasons.into_iter().all(|r| {
+        matches!(
+            r,
+            procmem::Unreadable::Gone | procmem::Unreadable::KernelThread
+        )
+    });
+    ExitCode::from(if gone {
+        EXIT_NO_SUCH_PROCESS
+    } else {
+        EXIT_ERROR
+    })
+}
+
 fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
     // A thread's id stands for its process, as for -p elsewhere.
     let pids: Vec<u32> = args
@@ -511,17 +527,7 @@ fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if none_read {
-        let gone = snap.skipped.iter().all(|s| {
-            matches!(
-                s.reason,
-                procmem::Unreadable::Gone | procmem::Unreadable::KernelThread
-            )
-        });
-        return Ok(ExitCode::from(if gone {
-            EXIT_NO_SUCH_PROCESS
-        } else {
-            EXIT_ERROR
-        }));
+        return Ok(exit_for_unreadable(snap.skipped.iter().map(|s| s.reason)));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -569,18 +575,8 @@ fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
         Ok(w) => w,
         Err(e @ WatchError::NothingToWatch(_)) => {
             let WatchError::NothingToWatch(refused) = &e;
-            let gone = refused.iter().all(|(_, r)| {
-                matches!(
-                    r,
-                    procmem::Unreadable::Gone | procmem::Unreadable::KernelThread
-                )
-            });
             let _ = writeln!(std::io::stderr(), "memtrace: error: {e}");
-            return Ok(ExitCode::from(if gone {
-                EXIT_NO_SUCH_PROCESS
-            } else {
-                EXIT_ERROR
-            }));
+            return Ok(exit_for_unreadable(refused.iter().map(|(_, r)| *r)));
         }
     };
     let target = if args.pid.is_empty() {

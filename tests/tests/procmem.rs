@@ -520,7 +520,10 @@ fn vma_follows_a_running_process_and_the_whole_system() {
         .max_by_key(|c| c["outstanding_bytes"].as_u64())
         .unwrap();
     let frames = biggest["frames"].to_string();
-    assert!(frames.contains("leak_chunk") && frames.contains("malloc"), "{biggest}");
+    assert!(
+        frames.contains("leak_chunk") && frames.contains("malloc"),
+        "{biggest}"
+    );
     assert!(biggest.get("truncated").is_none(), "{biggest}");
     // System-wide: a process holding regions shows with them.
     let (mut mt, _) = start_vma(&["-d", "4s", "--format", "json", "--top", "0"]);

@@ -11,6 +11,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod background;
 mod procmem_bench;
 mod slab_bench;
 

@@ -2,15 +2,17 @@
 //! mmap and munmap) untraced and under system-wide tracers, interleaved; a snapshot of every
 //! process; the CPU `watch` takes at one sample a second when nothing grows.
 use std::{
-    io::{BufRead as _, BufReader, Read as _},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 
-use crate::median;
+use crate::{
+    background::{Background, Banner},
+    median,
+};
 
 /// bpftrace counting mmap calls by user stack (what a bpftrace one-liner for "who maps"
 /// does; it keeps no outstanding regions).
@@ -24,53 +26,24 @@ enum Tracer {
     Bpftrace,
 }
 
-struct Running {
-    child: Child,
-}
-
-impl Running {
-    fn start(bin: &Path, tracer: Tracer) -> Result<Option<Self>> {
-        let mut child = match tracer {
-            Tracer::None => return Ok(None),
-            Tracer::Memtrace(flags) => Command::new(bin.join("memtrace"))
-                .args(["vma", "--format", "json", "--top", "3"])
-                .args(flags)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("starting memtrace vma")?,
-            Tracer::Bpftrace => Command::new("bpftrace")
-                .args(["-e", BPFTRACE_MMAP_BY_STACK])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("starting bpftrace")?,
-        };
-        let mut line = String::new();
-        match tracer {
-            Tracer::Memtrace(_) => {
-                BufReader::new(child.stderr.as_mut().context("stderr")?).read_line(&mut line)?;
-            }
-            _ => {
-                BufReader::new(child.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
-            }
+/// A tracer running system-wide in the background, or none.
+fn start(bin: &Path, tracer: Tracer) -> Result<Option<Background>> {
+    let (mut cmd, banner) = match tracer {
+        Tracer::None => return Ok(None),
+        Tracer::Memtrace(flags) => {
+            let mut c = Command::new(bin.join("memtrace"));
+            c.args(["vma", "--format", "json", "--top", "3"])
+                .args(flags);
+            (c, Banner::Stderr)
         }
-        if line.is_empty() {
-            bail!("the tracer exited before attaching");
+        Tracer::Bpftrace => {
+            let mut c = Command::new("bpftrace");
+            c.args(["-e", BPFTRACE_MMAP_BY_STACK]);
+            (c, Banner::Stdout)
         }
-        Ok(Some(Self { child }))
-    }
-
-    fn stop(mut self) -> Result<String> {
-        // SAFETY: kill takes a pid and a signal by value; the pid is our unreaped child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
-        let mut out = String::new();
-        if let Some(mut stdout) = self.child.stdout.take() {
-            stdout.read_to_string(&mut out)?;
-        }
-        self.child.wait()?;
-        Ok(out)
-    }
+    };
+    cmd.stdin(std::process::Stdio::null());
+    Background::start(cmd, banner).map(Some)
 }
 
 #[derive(Clone, Copy, Default)]
@@ -82,7 +55,7 @@ struct Run {
 }
 
 fn run_once(bin: &Path, tracer: Tracer, duration_ms: u64) -> Result<Run> {
-    let running = Running::start(bin, tracer)?;
+    let running = start(bin, tracer)?;
     let out = crate::output(Command::new(bin.join("memtrace-workload")).args([
         "malloc-large",
         &duration_ms.to_string(),

@@ -1,16 +1,14 @@
 //! The `memtrace slab` benchmark: a loop creating and closing pipes (every pipe is about nine
 //! slab allocations and nine frees), untraced and under system-wide tracers, interleaved; and
 //! the agent's memory with a million outstanding objects.
-use std::{
-    io::{BufRead as _, BufReader, Read as _},
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::Duration,
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    background::{Background, Banner},
+    median,
 };
-
-use anyhow::{bail, Context as _, Result};
-
-use crate::median;
 
 /// bpftrace keeping every outstanding allocation by address, as bcc's memleak does in kernel
 /// mode (call site only). Its maps default to 4096 keys; the run raises that.
@@ -28,57 +26,25 @@ enum Tracer {
     Bpftrace,
 }
 
-/// A tracer running system-wide in the background.
-struct Running {
-    child: Child,
-}
-
-impl Running {
-    fn start(bin: &Path, tracer: Tracer) -> Result<Option<Self>> {
-        let mut child = match tracer {
-            Tracer::None => return Ok(None),
-            Tracer::Memtrace(flags) => Command::new(bin.join("memtrace"))
-                .args(["slab", "--format", "json", "--top", "3"])
-                .args(flags)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("starting memtrace slab")?,
-            Tracer::Bpftrace => Command::new("bpftrace")
-                .args(["-e", BPFTRACE_BY_ADDRESS])
-                .env("BPFTRACE_MAP_KEYS_MAX", "1048576")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("starting bpftrace")?,
-        };
-        // Both say when their probes are attached: memtrace on stderr, bpftrace on stdout.
-        let mut line = String::new();
-        match tracer {
-            Tracer::Memtrace(_) => {
-                BufReader::new(child.stderr.as_mut().context("stderr")?).read_line(&mut line)?;
-            }
-            _ => {
-                BufReader::new(child.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
-            }
+/// A tracer running system-wide in the background, or none.
+fn start(bin: &Path, tracer: Tracer) -> Result<Option<Background>> {
+    let (mut cmd, banner) = match tracer {
+        Tracer::None => return Ok(None),
+        Tracer::Memtrace(flags) => {
+            let mut c = Command::new(bin.join("memtrace"));
+            c.args(["slab", "--format", "json", "--top", "3"])
+                .args(flags);
+            (c, Banner::Stderr)
         }
-        if line.is_empty() {
-            bail!("the tracer exited before attaching");
+        Tracer::Bpftrace => {
+            let mut c = Command::new("bpftrace");
+            c.args(["-e", BPFTRACE_BY_ADDRESS])
+                .env("BPFTRACE_MAP_KEYS_MAX", "1048576");
+            (c, Banner::Stdout)
         }
-        Ok(Some(Self { child }))
-    }
-
-    /// Stops the tracer with SIGINT; returns its stdout (memtrace's final report).
-    fn stop(mut self) -> Result<String> {
-        // SAFETY: kill takes a pid and a signal by value; the pid is our unreaped child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
-        let mut out = String::new();
-        if let Some(mut stdout) = self.child.stdout.take() {
-            stdout.read_to_string(&mut out)?;
-        }
-        self.child.wait()?;
-        Ok(out)
-    }
+    };
+    cmd.stdin(std::process::Stdio::null());
+    Background::start(cmd, banner).map(Some)
 }
 
 /// What a run measured.
@@ -93,7 +59,7 @@ struct Run {
 
 /// One run of the pipe loop passing `bytes` through each pipe, under `tracer`.
 fn run_once(bin: &Path, tracer: Tracer, duration_ms: u64, bytes: usize) -> Result<Run> {
-    let running = Running::start(bin, tracer)?;
+    let running = start(bin, tracer)?;
     let out = crate::output(Command::new(bin.join("memtrace-workload")).args([
         "pipe-churn",
         &duration_ms.to_string(),
