@@ -260,9 +260,11 @@ fn a_hundred_thousand_distinct_stacks_are_all_kept() {
     );
     // Past the few callsites of the workload's start (more than one fault each), chains.
     let sites = callsites_of(&r, w["pid"]);
+    // Not a fault on the stack itself: deep recursion in a debug build grows the stack, and
+    // those faults come partway down a chain.
     let site = sites
         .iter()
-        .find(|c| frames_text(c).contains("go_"))
+        .find(|c| frames_text(c).contains("go_") && c["mapping"]["class"] != "stack")
         .expect("a chain among the top callsites");
     let chain = frames_text(site);
     let levels = w["levels"] as usize;
