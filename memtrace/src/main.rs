@@ -570,6 +570,15 @@ fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
         hist: false,
     };
     let mut sink = ReportSink::open(args.output.as_deref(), report_opts, false)?;
+    // Created now, so a path that cannot be written fails before a long watch, not after.
+    let plot = match &args.plot {
+        Some(path) => Some((
+            path,
+            std::fs::File::create(path)
+                .with_context(|| format!("creating the plot file {}", path.display()))?,
+        )),
+        None => None,
+    };
     engine::install_stop_signals();
     let mut watcher = match Watcher::new(opts) {
         Ok(w) => w,
@@ -634,15 +643,18 @@ fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
         watcher.apply_traces(tracing.finish());
     }
     let report = watcher.report(ended_by);
-    if let Some(path) = &args.plot {
+    // The summary first: a plot that cannot be written must not cost it.
+    let delivered = sink.write(&report, engine::ReportKind::Final)?;
+    if let Some((path, mut file)) = plot {
+        use std::io::Write as _;
         let title = format!(
             "memtrace watch: {} samples over {:.0}s",
             report.samples, report.duration_s
         );
-        std::fs::write(path, watch::plot::svg(&title, &watcher.plot_series()))
+        file.write_all(watch::plot::svg(&title, &watcher.plot_series()).as_bytes())
             .with_context(|| format!("writing the plot to {}", path.display()))?;
     }
-    if sink.write(&report, engine::ReportKind::Final)? == Delivery::ReaderGone {
+    if delivered == Delivery::ReaderGone {
         return Ok(ExitCode::from(EXIT_READER_GONE));
     }
     Ok(ExitCode::SUCCESS)

@@ -399,6 +399,14 @@ fn watch_goes_on_when_a_process_exits_and_refuses_bad_pids() {
     assert!(err.contains("permission denied"), "{err}");
     let (code, _, err) = watch(&["--window", "0s"]);
     assert_eq!(code, 2, "{err}");
+    let (code, _, err) = watch(&["-i", "5s", "--window", "10s"]);
+    assert_eq!(code, 2, "a window of two samples: {err}");
+    // A plot that cannot be written fails at once, not after the watch.
+    let started = std::time::Instant::now();
+    let (code, _, err) = watch(&["-d", "20s", "--plot", "/nonexistent-dir/w.svg"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("creating the plot file"), "{err}");
+    assert!(started.elapsed().as_secs() < 5);
 }
 
 #[test]
