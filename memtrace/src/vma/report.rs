@@ -293,12 +293,35 @@ pub fn build(input: &VmaReportInput<'_>, symbolizer: &mut Symbolizer) -> VmaRepo
     }
 }
 
+/// Is this frame in the C library or the dynamic loader (syscall wrappers, malloc)?
+fn in_libc(f: &Frame) -> bool {
+    let file = f.module.rsplit('/').next().unwrap_or(&f.module);
+    file.starts_with("libc.so") || file.starts_with("ld-linux")
+}
+
+/// The callsite column: the program's own frames, from the first one past libc's wrappers and
+/// malloc (`libc:` and how many were left out before them); JSON has every frame.
 fn frames_line(c: &VmaCallsite) -> String {
     if c.frames.is_empty() {
         return "[no stack]".into();
     }
-    let mut s: Vec<String> = c.frames.iter().take(5).map(|f| f.display()).collect();
-    if c.frames.len() > 5 {
+    let skip = c.frames.iter().take_while(|f| in_libc(f)).count();
+    // All in libc (a stack cut inside it): show those.
+    let skip = if skip == c.frames.len() { 0 } else { skip };
+    let shown = &c.frames[skip..];
+    let mut s: Vec<String> = Vec::new();
+    if skip > 0 {
+        let last = &c.frames[skip - 1];
+        s.push(format!("[libc: {} <- {skip} frames]", last.function));
+    }
+    s.extend(
+        shown
+            .iter()
+            .filter(|f| !f.inlined)
+            .take(5)
+            .map(Frame::display),
+    );
+    if shown.iter().filter(|f| !f.inlined).count() > 5 {
         s.push("…".into());
     }
     s.join(" <- ")
