@@ -125,7 +125,7 @@ pub struct VmaRecord {
     pub tid: u32,
     /// mmap: the address returned. munmap: the range start. mremap: old address. brk: new break.
     pub addr: u64,
-    /// mmap/munmap: length. mremap: old length. brk: the break before the call.
+    /// mmap/munmap: length. mremap: old length. brk: the break asked for.
     pub len: u64,
     /// mremap: new address (the return value). Otherwise 0.
     pub new_addr: u64,

@@ -328,7 +328,10 @@ fn user_regs(nr: u64) -> Option<[u64; PT_REGS_WORDS]> {
         // SAFETY: a checked kernel read; a wrong candidate reads other words of the stack.
         let regs: [u64; PT_REGS_WORDS] =
             unsafe { bpf_probe_read_kernel(at as *const [u64; PT_REGS_WORDS]) }.ok()?;
-        (regs[pt_regs::ORIG_AX] == nr).then_some(regs)
+        // The syscall's number, from a 64-bit user task, with a user stack pointer: a stray
+        // kernel stack word equal to the number is not taken for the registers.
+        let user = regs[pt_regs::CS] == pt_regs::USER_CS_64 && regs[pt_regs::SP] < 1 << 47;
+        (regs[pt_regs::ORIG_AX] == nr && user).then_some(regs)
     };
     if known > 0 {
         return try_at((known - 1) as usize & 3);
@@ -365,8 +368,15 @@ fn emit_with_stack<C: EbpfContext>(
         unsafe { bpf_probe_read_user(sp) }.ok()
     });
     let cached = regs.and_then(|r| {
-        let ip = r[pt_regs::IP] ^ words.map_or(0, |w| w[0]).rotate_left(17);
         let (bp, sp) = (r[pt_regs::BP], r[pt_regs::SP]);
+        // And the return address of the frame bp points at: `f(){ g(); g(); }` calls mmap
+        // from two places with the same ip, sp, bp and wrapper return address; only g's own
+        // return address tells them apart.
+        // SAFETY: a checked read of user memory.
+        let caller =
+            unsafe { bpf_probe_read_user((bp.wrapping_add(8)) as *const u64) }.unwrap_or(0);
+        let ip =
+            r[pt_regs::IP] ^ words.map_or(0, |w| w[0]).rotate_left(17) ^ caller.rotate_left(41);
         let index = stack_cache_slot(ip, bp) & (VMA_STACK_SLOTS - 1);
         VMA_STACK_CACHE
             .get_ptr_mut(index)

@@ -682,6 +682,9 @@ impl<S: ProcSource> Collector<S> {
         let (Some(vma), Some(info)) = (self.vma.as_mut(), self.processes.get(&r.pid)) else {
             return;
         };
+        for pid in vma.ledger.comms_dropped.drain(..) {
+            vma.comms.remove(&pid);
+        }
         if vma.comms.get(&r.pid) != Some(&info.comm) {
             vma.comms.insert(r.pid, info.comm.clone());
         }

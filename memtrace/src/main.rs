@@ -552,8 +552,22 @@ fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     if args.trace {
         memtrace::loader::check_root()?;
     }
+    // A thread's id stands for its process, as for -p elsewhere.
+    let pids: Vec<u32> = args
+        .pid
+        .iter()
+        .map(|&pid| match procmem::thread_group(pid) {
+            Some(tgid) if tgid != pid => {
+                engine::say(format_args!(
+                    "memtrace: {pid} is a thread of process {tgid}: watching the process"
+                ));
+                tgid
+            }
+            _ => pid,
+        })
+        .collect();
     let opts = WatchOptions {
-        pids: args.pid.clone(),
+        pids,
         interval: args.interval,
         window: args.window,
         duration: args.duration,
@@ -599,12 +613,19 @@ fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     ));
     let quiet = args.quiet;
     let mut tracing = args.trace.then(watch::trace::Tracing::default);
+    // Findings waiting for a trace (at most MAX_RUNNING run at once).
+    let mut pending: Vec<(watch::FindingKind, Option<u32>, Option<String>)> = Vec::new();
     let ended_by = watcher.run(|w, outcome| {
         if !quiet {
             engine::say(format_args!("{}", watch::live_line(w)));
         }
         if let Some(tracing) = tracing.as_mut() {
-            for (kind, pid, cache) in &outcome.new {
+            let results = tracing.results();
+            w.apply_traces(results);
+            pending.extend(outcome.new.iter().cloned());
+            let mut started = false;
+            while tracing.running() < watch::trace::MAX_RUNNING && !pending.is_empty() {
+                let (kind, pid, cache) = pending.remove(0);
                 let what = cache
                     .clone()
                     .or(pid.map(|p| format!("pid {p}")))
@@ -624,12 +645,13 @@ fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
                     "memtrace: tracing {what} for {trace_for:.1?} to find what grows it"
                 ));
                 let at_s = w.elapsed().as_secs_f64();
-                tracing.start(*kind, *pid, cache.clone(), trace_for, at_s);
+                tracing.start(kind, pid, cache, trace_for, at_s);
+                started = true;
             }
-            if !outcome.new.is_empty() {
+            // The trace's own programs and maps are kernel memory, not a leak.
+            if started {
                 w.restart_slab_trends();
             }
-            w.apply_traces(tracing.results());
         }
         ControlFlow::Continue(())
     });

@@ -84,6 +84,8 @@ pub struct Ledger {
     exited_order: std::collections::VecDeque<u32>,
     /// Totals of callsites dropped with their exited processes.
     pub dropped: SiteStats,
+    /// Processes dropped since the owner last looked (to forget what it keeps per process).
+    pub comms_dropped: Vec<u32>,
     /// Bytes unmapped that were mapped before tracing began (no callsite to count them on).
     pub unmapped_untracked: u64,
     pub calls: Calls,
@@ -378,7 +380,13 @@ impl Ledger {
     ) {
         self.calls.brk += 1;
         let p = self.processes.entry(pid).or_default();
-        let old = p.brk.or(before);
+        // The model knows the break only to the page: a first brk at or below it sets the
+        // baseline (its shrink within the last page is not known to the byte).
+        let old = match (p.brk, before) {
+            (Some(b), _) => Some(b),
+            (None, Some(model)) if new_brk > model => Some(model),
+            _ => None,
+        };
         p.brk = Some(new_brk);
         match old {
             Some(old) if new_brk > old => {
@@ -438,6 +446,7 @@ impl Ledger {
         let Some(p) = self.processes.remove(&pid) else {
             return;
         };
+        self.comms_dropped.push(pid);
         for site in p.sites {
             if let Some((key, stats)) = self.sites.remove(&site) {
                 self.site_index.remove(&key);
@@ -469,11 +478,13 @@ impl Ledger {
     /// are not its callsites' doing, so it starts with none.
     pub fn forked(&mut self, child: u32) {
         self.drop_process(child);
+        // A reused pid: the exited process it was is gone with it.
+        self.exited_order.retain(|&p| p != child);
     }
 }
 
 fn page_align(len: u64) -> u64 {
-    (len + 4095) & !4095
+    len.saturating_add(4095) & !4095
 }
 
 #[cfg(test)]
@@ -626,6 +637,12 @@ mod tests {
             4,
         );
         assert_eq!(l.sites().filter(|(_, k, _)| k.pid == P + 1).count(), 1);
+        // The model knows the break to the page only: a first brk below it is the baseline,
+        // not a shrink of bytes never seen mapped.
+        l.brk(P + 2, 0x7f_0100, Some(0x7f_1000), |_| h, 5);
+        assert_eq!(l.unmapped_untracked, 0);
+        l.brk(P + 2, 0x7f_0200, Some(0x7f_1000), |_| h, 6);
+        assert_eq!(stats(&l, h).outstanding_bytes(), 50_000 + 0x100);
     }
 
     #[test]

@@ -109,7 +109,8 @@ pub struct Finding {
     pub confidence: f64,
     /// When the growth was first flagged (seconds since the watch began).
     pub flagged_at_s: f64,
-    /// The latest value, and its change since the first sample.
+    /// The latest value, and its change since the first sample (for `address_space`, VSS less
+    /// USS: the address space not backed by private memory).
     pub bytes: u64,
     pub growth_bytes: i64,
     /// Still growing in the last window.
@@ -506,13 +507,15 @@ impl Watcher {
                 uss,
                 &subject,
             );
-            let vss = w.vss.last().unwrap_or(0);
+            // Its size: address space not backed by private memory (VSS - USS), the series
+            // its rate and growth are of.
+            let untouched = w.untouched.last().unwrap_or(0);
             judge(
                 &mut w.untouched,
                 th.process_growth,
                 FindingKind::AddressSpace,
                 &key,
-                vss,
+                untouched,
                 &subject,
             );
         }

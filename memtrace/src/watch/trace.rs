@@ -24,6 +24,10 @@ use crate::{
 /// Callsites kept per finding.
 const CALLSITES: usize = 3;
 
+/// Traces that run at once at most: each loads its own programs and ring (a build host can
+/// flag a dozen compilers in one sample); later findings wait for the next sample with room.
+pub const MAX_RUNNING: usize = 3;
+
 /// What a trace found for one finding.
 #[derive(Debug)]
 pub struct TraceResult {
@@ -98,9 +102,15 @@ impl Tracing {
         }
     }
 
-    /// Results that have come back.
-    pub fn results(&self) -> Vec<TraceResult> {
+    /// Results that have come back (and the threads that sent them reaped).
+    pub fn results(&mut self) -> Vec<TraceResult> {
+        self.running.retain(|h| !h.is_finished());
         self.rx.try_iter().collect()
+    }
+
+    /// Traces running now.
+    pub fn running(&self) -> usize {
+        self.running.iter().filter(|h| !h.is_finished()).count()
     }
 
     /// Waits for every trace to end (each ends at its duration, or at the stop signal).
