@@ -367,16 +367,12 @@ fn emit_with_stack<C: EbpfContext>(
         // SAFETY: a checked read of user memory.
         unsafe { bpf_probe_read_user(sp) }.ok()
     });
+    // Not `[bp + 8]` as well, though it would tell apart `f(){ g(); g(); }`'s two calls: in
+    // code without frame pointers (glibc's malloc) bp is any pointer, the word there changes
+    // from call to call, and every call walked again (1.47x on the malloc loop).
     let cached = regs.and_then(|r| {
         let (bp, sp) = (r[pt_regs::BP], r[pt_regs::SP]);
-        // And the return address of the frame bp points at: `f(){ g(); g(); }` calls mmap
-        // from two places with the same ip, sp, bp and wrapper return address; only g's own
-        // return address tells them apart.
-        // SAFETY: a checked read of user memory.
-        let caller =
-            unsafe { bpf_probe_read_user((bp.wrapping_add(8)) as *const u64) }.unwrap_or(0);
-        let ip =
-            r[pt_regs::IP] ^ words.map_or(0, |w| w[0]).rotate_left(17) ^ caller.rotate_left(41);
+        let ip = r[pt_regs::IP] ^ words.map_or(0, |w| w[0]).rotate_left(17);
         let index = stack_cache_slot(ip, bp) & (VMA_STACK_SLOTS - 1);
         VMA_STACK_CACHE
             .get_ptr_mut(index)
