@@ -467,6 +467,22 @@ fn vma(args: VmaArgs) -> anyhow::Result<ExitCode> {
     run_analysis(&mut analysis, &opts, run, report)
 }
 
+/// The processes `-p` names: a thread's id stands for its process (said, with what is
+/// `doing` to it), as for the tracing commands.
+fn processes_of(pids: &[u32], doing: &str) -> Vec<u32> {
+    pids.iter()
+        .map(|&pid| match procmem::thread_group(pid) {
+            Some(tgid) if tgid != pid => {
+                engine::say(format_args!(
+                    "memtrace: {pid} is a thread of process {tgid}: {doing} the process"
+                ));
+                tgid
+            }
+            _ => pid,
+        })
+        .collect()
+}
+
 /// No process asked for could be read: exit as for a missing pid when none exists (or all are
 /// kernel threads), else with the general error.
 fn exit_for_unreadable(reasons: impl IntoIterator<Item = procmem::Unreadable>) -> ExitCode {
@@ -484,20 +500,7 @@ fn exit_for_unreadable(reasons: impl IntoIterator<Item = procmem::Unreadable>) -
 }
 
 fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
-    // A thread's id stands for its process, as for -p elsewhere.
-    let pids: Vec<u32> = args
-        .pid
-        .iter()
-        .map(|&pid| match procmem::thread_group(pid) {
-            Some(tgid) if tgid != pid => {
-                engine::say(format_args!(
-                    "memtrace: {pid} is a thread of process {tgid}: reading the process"
-                ));
-                tgid
-            }
-            _ => pid,
-        })
-        .collect();
+    let pids = processes_of(&args.pid, "reading");
     let pids = (!pids.is_empty()).then_some(pids.as_slice());
     let mut snap = procmem::snapshot(pids, true).context("reading /proc")?;
     snap.show_kinds |= args.kinds;
@@ -552,20 +555,7 @@ fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     if args.trace {
         memtrace::loader::check_root()?;
     }
-    // A thread's id stands for its process, as for -p elsewhere.
-    let pids: Vec<u32> = args
-        .pid
-        .iter()
-        .map(|&pid| match procmem::thread_group(pid) {
-            Some(tgid) if tgid != pid => {
-                engine::say(format_args!(
-                    "memtrace: {pid} is a thread of process {tgid}: watching the process"
-                ));
-                tgid
-            }
-            _ => pid,
-        })
-        .collect();
+    let pids = processes_of(&args.pid, "watching");
     let opts = WatchOptions {
         pids,
         interval: args.interval,
