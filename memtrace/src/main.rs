@@ -573,16 +573,6 @@ fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
         threads: false,
         hist: false,
     };
-    let mut sink = ReportSink::open(args.output.as_deref(), report_opts, false)?;
-    // Created now, so a path that cannot be written fails before a long watch, not after.
-    let plot = match &args.plot {
-        Some(path) => Some((
-            path,
-            std::fs::File::create(path)
-                .with_context(|| format!("creating the plot file {}", path.display()))?,
-        )),
-        None => None,
-    };
     engine::install_stop_signals();
     let mut watcher = match Watcher::new(opts) {
         Ok(w) => w,
@@ -591,6 +581,17 @@ fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
             let _ = writeln!(std::io::stderr(), "memtrace: error: {e}");
             return Ok(exit_for_unreadable(refused.iter().map(|(_, r)| *r)));
         }
+    };
+    // Opened once there is something to watch (no empty files left by a refusal), and
+    // before the watch, so a path that cannot be written fails at once, not after it.
+    let mut sink = ReportSink::open(args.output.as_deref(), report_opts, false)?;
+    let plot = match &args.plot {
+        Some(path) => Some((
+            path,
+            std::fs::File::create(path)
+                .with_context(|| format!("creating the plot file {}", path.display()))?,
+        )),
+        None => None,
     };
     let target = if args.pid.is_empty() {
         "every process and slab cache".to_string()

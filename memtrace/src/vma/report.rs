@@ -141,7 +141,19 @@ pub fn build(input: &VmaReportInput<'_>, symbolizer: &mut Symbolizer) -> VmaRepo
         },
         None => ledger.calls,
     };
-    let dropped = since(&ledger.dropped, base.map(|b| &b.dropped));
+    let mut dropped = since(&ledger.dropped, base.map(|b| &b.dropped));
+    // A callsite dropped during the interval (its process exited, system-wide) brought its
+    // whole history into `dropped`; what the previous report already counted of it is not
+    // this interval's.
+    if let Some(b) = base {
+        for (&id, before) in &b.sites {
+            if ledger.site_stats(id).is_none() {
+                dropped.mapped_bytes = dropped.mapped_bytes.saturating_sub(before.mapped_bytes);
+                dropped.unmapped_bytes =
+                    dropped.unmapped_bytes.saturating_sub(before.unmapped_bytes);
+            }
+        }
+    }
     let mut totals = VmaTotals {
         unmapped_untracked_bytes: ledger.unmapped_untracked - base.map_or(0, |b| b.untracked),
         calls,
@@ -433,4 +445,56 @@ pub fn render(r: &VmaReport, format: Format) -> String {
     }
     let _ = writeln!(out);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(vma: &VmaLedger, since: Option<&IntervalBase>) -> VmaReport {
+        let comms = |_pid: u32| Some("t".to_string());
+        let input = VmaReportInput {
+            vma,
+            since,
+            covers_s: 1.0,
+            comms: &comms,
+            counters: KernelCounters::default(),
+            sideband_lost: 0,
+            undecodable: 0,
+            records: 0,
+            duration_s: 1.0,
+            now_ns: 1_000_000_000,
+            top: 10,
+            faults: false,
+        };
+        build(&input, &mut Symbolizer::new())
+    }
+
+    #[test]
+    fn interval_reports_count_each_byte_once() {
+        // System-wide: an exited process's rows go into the dropped totals.
+        let mut vma = VmaLedger::new(false);
+        let key = SiteKey {
+            pid: 7,
+            class: MappingClass::AnonPrivate,
+            path: None,
+            stack: None,
+        };
+        let site = vma.ledger.site(key);
+        vma.ledger.mmap(7, 0x10000, 8192, site, 0);
+        let first = report(&vma, Some(&IntervalBase::default()));
+        assert_eq!(first.scope, Scope::Interval);
+        assert_eq!(first.totals.mapped_bytes, 8192);
+        assert_eq!(first.totals.outstanding_bytes, 8192);
+        let base = IntervalBase::of(&vma.ledger);
+        // Maps 4 KiB more, then exits: the interval mapped 4 KiB, not 12.
+        vma.ledger.mmap(7, 0x20000, 4096, site, 1);
+        vma.ledger.exited(7, 2);
+        let second = report(&vma, Some(&base));
+        assert_eq!(second.totals.mapped_bytes, 4096);
+        assert_eq!(second.totals.outstanding_bytes, 0);
+        assert!(second.callsites.is_empty());
+        // The final report has the whole run.
+        assert_eq!(report(&vma, None).totals.mapped_bytes, 12288);
+    }
 }
