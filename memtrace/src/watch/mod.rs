@@ -365,6 +365,24 @@ impl Watcher {
             if size == 0 {
                 continue;
             }
+            // A pid seen gone, back again: another process. The old one's findings stay in
+            // the report under their own key; the new one starts its series afresh.
+            if self.processes.get(&pid).is_some_and(|w| w.exited) {
+                self.processes.remove(&pid);
+                let key = pid.to_string();
+                let old: Vec<(FindingKind, String)> = self
+                    .findings
+                    .keys()
+                    .filter(|(_, k)| *k == key)
+                    .cloned()
+                    .collect();
+                for (kind, k) in old {
+                    if let Some(f) = self.findings.remove(&(kind, k.clone())) {
+                        self.findings
+                            .insert((kind, format!("{k}@{:.3}", f.flagged_at_s)), f);
+                    }
+                }
+            }
             let watched = self.processes.entry(pid).or_insert_with(|| {
                 let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
                     .map(|c| c.trim_end().to_string())
