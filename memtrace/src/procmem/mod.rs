@@ -304,16 +304,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_its_own_process_like_the_kernel_does() {
-        let me = std::process::id();
-        let p = Reader::default().process(me, true).unwrap();
+    fn reads_a_process_like_the_kernel_does() {
+        // A sleeping child: its memory holds still while it is read (this test binary's own
+        // does not: other tests run in its threads meanwhile).
+        let Ok(mut child) = std::process::Command::new("sleep").arg("10").spawn() else {
+            return;
+        };
+        // Until it has exec'd and mapped its libc.
+        let pid = child.id();
+        let mut read = None;
+        for _ in 0..100 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim_end() == "sleep" {
+                read = Reader::default().process(pid, true).ok();
+                if read.as_ref().is_some_and(|p| p.rss > 0) {
+                    break;
+                }
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let p = read.expect("the sleeping child read");
         assert!(p.rss > 0 && p.pss > 0 && p.uss > 0 && p.vss >= p.rss);
         let kinds = p.kinds.unwrap();
-        // The kinds cover every VMA: their RSS adds up to about the rollup's (read a moment
-        // apart, by a process that allocates meanwhile).
+        // The kinds cover every VMA: their RSS adds up to the rollup's.
         let total = kinds.total().rss;
-        assert!(total.abs_diff(p.rss) < p.rss / 10, "{total} vs {}", p.rss);
-        assert!(kinds.file_private.rss > 0, "the test binary's own text");
+        assert!(total.abs_diff(p.rss) <= p.rss / 50, "{total} vs {}", p.rss);
+        assert!(kinds.file_private.rss > 0, "sleep's own text and libc");
         assert!(kinds.stack.rss > 0);
     }
 
