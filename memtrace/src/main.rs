@@ -136,6 +136,30 @@ struct RunArgs {
 }
 
 impl RunArgs {
+    /// The engine's options for a run with these arguments and `tracer`.
+    fn run_options(&self, tracer: TracerOptions) -> RunOptions {
+        RunOptions {
+            target: self.target(),
+            duration: self.duration,
+            interval: self.interval,
+            tracer,
+        }
+    }
+
+    fn ringbuf_bytes(&self) -> u32 {
+        self.ringbuf_mb.saturating_mul(1024 * 1024)
+    }
+
+    /// How reports are laid out; `threads` and `hist` where the subcommand has them.
+    fn report_options(&self, threads: bool, hist: bool) -> ReportOptions {
+        ReportOptions {
+            format: self.format,
+            top: self.top,
+            threads,
+            hist,
+        }
+    }
+
     fn target(&self) -> Target {
         if !self.command.is_empty() {
             Target::Command(self.command.clone())
@@ -310,25 +334,15 @@ const EXIT_READER_GONE: u8 = 141;
 
 fn faults(args: FaultsArgs) -> anyhow::Result<ExitCode> {
     let run = &args.run;
-    let opts = RunOptions {
-        target: run.target(),
-        duration: run.duration,
-        interval: run.interval,
-        tracer: TracerOptions {
-            filter_pids: false,
-            capture_stacks: !args.no_stacks,
-            stack_cache: !args.no_stack_cache,
-            ringbuf_bytes: run.ringbuf_mb.saturating_mul(1024 * 1024),
-            classic_tracepoints: args.classic_tracepoints,
-            ..TracerOptions::default()
-        },
-    };
-    let report = ReportOptions {
-        format: run.format,
-        top: run.top,
-        threads: args.threads,
-        hist: args.hist,
-    };
+    let opts = run.run_options(TracerOptions {
+        filter_pids: false,
+        capture_stacks: !args.no_stacks,
+        stack_cache: !args.no_stack_cache,
+        ringbuf_bytes: run.ringbuf_bytes(),
+        classic_tracepoints: args.classic_tracepoints,
+        ..TracerOptions::default()
+    });
+    let report = run.report_options(args.threads, args.hist);
     let mut analysis = FaultsAnalysis::new(report);
     run_analysis(&mut analysis, &opts, run, report)
 }
@@ -356,34 +370,24 @@ fn slab(args: SlabArgs) -> anyhow::Result<ExitCode> {
     }
     let run = &args.run;
     let max_tracked = args.max_tracked.unwrap_or_else(default_max_tracked);
-    let opts = RunOptions {
-        target: run.target(),
-        duration: run.duration,
-        interval: run.interval,
-        tracer: TracerOptions {
-            capture_stacks: false,
-            ringbuf_bytes: run.ringbuf_mb.saturating_mul(1024 * 1024),
-            classic_tracepoints: args.classic_tracepoints,
-            slab: SlabOptions {
-                max_tracked,
-                max_sites: slab_max_sites(),
-                max_stacks: if args.stacks || args.user_stacks {
-                    SLAB_MAX_STACKS
-                } else {
-                    0
-                },
-                kernel_stacks: args.stacks,
-                user_stacks: args.user_stacks,
+    let opts = run.run_options(TracerOptions {
+        capture_stacks: false,
+        ringbuf_bytes: run.ringbuf_bytes(),
+        classic_tracepoints: args.classic_tracepoints,
+        slab: SlabOptions {
+            max_tracked,
+            max_sites: slab_max_sites(),
+            max_stacks: if args.stacks || args.user_stacks {
+                SLAB_MAX_STACKS
+            } else {
+                0
             },
-            ..TracerOptions::default()
+            kernel_stacks: args.stacks,
+            user_stacks: args.user_stacks,
         },
-    };
-    let report = ReportOptions {
-        format: run.format,
-        top: run.top,
-        threads: false,
-        hist: args.hist,
-    };
+        ..TracerOptions::default()
+    });
+    let report = run.report_options(false, args.hist);
     let mut analysis = SlabAnalysis::new(SlabReportOptions {
         by: args.by,
         min_age: args.min_age,
@@ -447,23 +451,13 @@ fn vma(args: VmaArgs) -> anyhow::Result<ExitCode> {
     let run = &args.run;
     let mut analysis = VmaAnalysis::new(run.top, args.faults);
     log::debug!("raw sys_exit: {}", analysis.args_from_regs());
-    let opts = RunOptions {
-        target: run.target(),
-        duration: run.duration,
-        interval: run.interval,
-        tracer: TracerOptions {
-            capture_stacks: false,
-            vma_stacks: true,
-            ringbuf_bytes: run.ringbuf_mb.saturating_mul(1024 * 1024),
-            ..TracerOptions::default()
-        },
-    };
-    let report = ReportOptions {
-        format: run.format,
-        top: run.top,
-        threads: false,
-        hist: false,
-    };
+    let opts = run.run_options(TracerOptions {
+        capture_stacks: false,
+        vma_stacks: true,
+        ringbuf_bytes: run.ringbuf_bytes(),
+        ..TracerOptions::default()
+    });
+    let report = run.report_options(false, false);
     run_analysis(&mut analysis, &opts, run, report)
 }
 

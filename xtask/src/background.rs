@@ -2,6 +2,7 @@
 //! says it is attached, and stopped with SIGINT for its final report.
 use std::{
     io::{BufRead as _, BufReader, Read as _},
+    path::Path,
     process::{Child, Command, Stdio},
 };
 
@@ -52,4 +53,33 @@ impl Background {
         self.child.wait()?;
         Ok(out)
     }
+}
+
+/// What runs beside a benchmark's workload.
+#[derive(Clone, Copy)]
+pub enum Tracer {
+    None,
+    /// `memtrace` with these arguments (the subcommand and its flags).
+    Memtrace(&'static [&'static str]),
+    /// bpftrace with this script, and these environment variables.
+    Bpftrace(&'static str, &'static [(&'static str, &'static str)]),
+}
+
+/// Starts `tracer` system-wide (none for `Tracer::None`) and waits until it is attached.
+pub fn start(bin: &Path, tracer: Tracer) -> Result<Option<Background>> {
+    let (mut cmd, banner) = match tracer {
+        Tracer::None => return Ok(None),
+        Tracer::Memtrace(args) => {
+            let mut c = Command::new(bin.join("memtrace"));
+            c.args(args).args(["--format", "json", "--top", "3"]);
+            (c, Banner::Stderr)
+        }
+        Tracer::Bpftrace(script, env) => {
+            let mut c = Command::new("bpftrace");
+            c.args(["-e", script]).envs(env.iter().copied());
+            (c, Banner::Stdout)
+        }
+    };
+    cmd.stdin(Stdio::null());
+    Background::start(cmd, banner).map(Some)
 }

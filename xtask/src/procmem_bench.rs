@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
-    background::{Background, Banner},
+    background::{start, Tracer},
     median,
 };
 
@@ -18,33 +18,6 @@ use crate::{
 /// does; it keeps no outstanding regions).
 const BPFTRACE_MMAP_BY_STACK: &str = "tracepoint:syscalls:sys_exit_mmap { @[ustack] = count(); } \
      tracepoint:syscalls:sys_exit_munmap { @munmap = count(); } END { clear(@); }";
-
-#[derive(Clone, Copy)]
-enum Tracer {
-    None,
-    Memtrace(&'static [&'static str]),
-    Bpftrace,
-}
-
-/// A tracer running system-wide in the background, or none.
-fn start(bin: &Path, tracer: Tracer) -> Result<Option<Background>> {
-    let (mut cmd, banner) = match tracer {
-        Tracer::None => return Ok(None),
-        Tracer::Memtrace(flags) => {
-            let mut c = Command::new(bin.join("memtrace"));
-            c.args(["vma", "--format", "json", "--top", "3"])
-                .args(flags);
-            (c, Banner::Stderr)
-        }
-        Tracer::Bpftrace => {
-            let mut c = Command::new("bpftrace");
-            c.args(["-e", BPFTRACE_MMAP_BY_STACK]);
-            (c, Banner::Stdout)
-        }
-    };
-    cmd.stdin(std::process::Stdio::null());
-    Background::start(cmd, banner).map(Some)
-}
 
 #[derive(Clone, Copy, Default)]
 struct Run {
@@ -87,11 +60,17 @@ fn run_once(bin: &Path, tracer: Tracer, duration_ms: u64) -> Result<Run> {
 pub fn bench(bin: &Path, runs: usize, bpftrace: bool) -> Result<()> {
     let mut configs: Vec<(&str, Tracer)> = vec![
         ("untraced", Tracer::None),
-        ("memtrace vma (system-wide)", Tracer::Memtrace(&[])),
-        ("memtrace vma --faults", Tracer::Memtrace(&["--faults"])),
+        ("memtrace vma (system-wide)", Tracer::Memtrace(&["vma"])),
+        (
+            "memtrace vma --faults",
+            Tracer::Memtrace(&["vma", "--faults"]),
+        ),
     ];
     if bpftrace {
-        configs.push(("bpftrace: mmap by ustack", Tracer::Bpftrace));
+        configs.push((
+            "bpftrace: mmap by ustack",
+            Tracer::Bpftrace(BPFTRACE_MMAP_BY_STACK, &[]),
+        ));
     }
     let duration_ms = 2000;
     let mut results = vec![Vec::new(); configs.len()];

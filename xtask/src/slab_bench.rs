@@ -6,7 +6,7 @@ use std::{path::Path, process::Command, time::Duration};
 use anyhow::{Context as _, Result};
 
 use crate::{
-    background::{Background, Banner},
+    background::{start, Tracer},
     median,
 };
 
@@ -18,34 +18,6 @@ tracepoint:kmem:kmem_cache_alloc { @out[args->ptr] = args->call_site; }
 tracepoint:kmem:kfree { delete(@out[args->ptr]); }
 tracepoint:kmem:kmem_cache_free { delete(@out[args->ptr]); }
 END { clear(@out); }";
-
-#[derive(Clone, Copy)]
-enum Tracer {
-    None,
-    Memtrace(&'static [&'static str]),
-    Bpftrace,
-}
-
-/// A tracer running system-wide in the background, or none.
-fn start(bin: &Path, tracer: Tracer) -> Result<Option<Background>> {
-    let (mut cmd, banner) = match tracer {
-        Tracer::None => return Ok(None),
-        Tracer::Memtrace(flags) => {
-            let mut c = Command::new(bin.join("memtrace"));
-            c.args(["slab", "--format", "json", "--top", "3"])
-                .args(flags);
-            (c, Banner::Stderr)
-        }
-        Tracer::Bpftrace => {
-            let mut c = Command::new("bpftrace");
-            c.args(["-e", BPFTRACE_BY_ADDRESS])
-                .env("BPFTRACE_MAP_KEYS_MAX", "1048576");
-            (c, Banner::Stdout)
-        }
-    };
-    cmd.stdin(std::process::Stdio::null());
-    Background::start(cmd, banner).map(Some)
-}
 
 /// What a run measured.
 #[derive(Clone, Copy, Default)]
@@ -98,11 +70,17 @@ fn run_once(bin: &Path, tracer: Tracer, duration_ms: u64, bytes: usize) -> Resul
 pub fn bench(bin: &Path, runs: usize, bpftrace: bool) -> Result<()> {
     let mut configs: Vec<(&str, Tracer)> = vec![
         ("untraced", Tracer::None),
-        ("memtrace slab (system-wide)", Tracer::Memtrace(&[])),
-        ("memtrace slab --stacks", Tracer::Memtrace(&["--stacks"])),
+        ("memtrace slab (system-wide)", Tracer::Memtrace(&["slab"])),
+        (
+            "memtrace slab --stacks",
+            Tracer::Memtrace(&["slab", "--stacks"]),
+        ),
     ];
     if bpftrace {
-        configs.push(("bpftrace: outstanding by address", Tracer::Bpftrace));
+        configs.push((
+            "bpftrace: outstanding by address",
+            Tracer::Bpftrace(BPFTRACE_BY_ADDRESS, &[("BPFTRACE_MAP_KEYS_MAX", "1048576")]),
+        ));
     }
     // Bare create/close, and with 60 KB through each pipe (about two million slab events a
     // second on this machine kind, the rate of a busy server).
