@@ -4,22 +4,24 @@
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::{
-        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns,
-        bpf_probe_read_user,
+        bpf_get_current_task_btf, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_get_stack,
+        bpf_ktime_get_ns, bpf_probe_read_user,
     },
-    macros::{perf_event, raw_tracepoint, tracepoint},
-    programs::{PerfEventContext, RawTracePointContext, TracePointContext},
-    EbpfContext as _,
+    macros::{btf_tracepoint, perf_event, raw_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, PerfEventContext, RawTracePointContext, TracePointContext},
+    EbpfContext,
 };
 use memtrace_common::{
-    counter, layout, stack_cache_slot, stack_token, FaultEntry, FaultRecord, RecordKind,
-    FAULT_ENTRY_SLOTS, FAULT_HAS_ENTRY, FAULT_KERNEL_MODE, FAULT_MAJOR, FAULT_SP_WORDS,
-    FAULT_STACK_REUSED, FAULT_STACK_WALKED, MAX_STACK_DEPTH, SP_WORDS,
+    counter, layout, pack_thread_faults, pt_regs, stack_cache_slot, stack_token, BatchedFault,
+    FaultEntry, FaultRecord, RecordKind, FAULT_AT_ENTRY, FAULT_COMPLETION, FAULT_ENTRY_SLOTS,
+    FAULT_HAS_ENTRY, FAULT_KERNEL_MODE, FAULT_MAJOR, FAULT_SP_WORDS, FAULT_STACK_REUSED,
+    FAULT_STACK_WALKED, MAX_STACK_DEPTH, SP_WORDS,
 };
 
+use crate::config;
 use crate::maps::{
-    bump, config, cpu_state, current_ids, is_target, tp_field, wakeup_flags, EVENTS, FAULT_SCRATCH,
-    PENDING_FAULTS, STACK_CACHE,
+    bump, commit_fault, cpu_state, current_ids, fault_batch, flush_faults, is_target, push_fault,
+    tp_field, wakeup_flags, EVENTS, FAULT_SCRATCH, PENDING_FAULTS, STACK_CACHE,
 };
 
 /// Highest user-space address on x86_64 (47-bit address space; 5-level paging is rarer).
@@ -227,24 +229,226 @@ fn try_fault_accounted(ctx: &PerfEventContext, kind_flags: u32) -> Result<u32, u
         n_user: 0,
         n_kernel: 0,
         sp_words: [0; SP_WORDS],
+        thread_faults: 0,
     };
-    let cfg = config();
-    if cfg.capture_stacks == 0 {
+    emit_with_stacks(ctx, header, kernel_mode, bp, sp);
+    Ok(0)
+}
+
+/// Sends a fault's record with the stacks the configuration asks for. `bp` and `sp` are the
+/// user registers of a user-mode fault.
+#[inline(always)]
+fn emit_with_stacks<C: EbpfContext>(
+    ctx: &C,
+    header: FaultRecord,
+    kernel_mode: bool,
+    bp: u64,
+    sp: u64,
+) {
+    if config!(capture_stacks) == 0 {
         emit_fixed(header);
     } else if kernel_mode {
         // The registers are the kernel's here: no user stack pointer to read at.
         emit_walked(ctx, header, None);
-    } else if cfg.stack_cache == 0 {
+    } else if config!(stack_cache) == 0 {
         emit_walked(ctx, header, Some(sp));
     } else {
         emit_user_cached(ctx, header, bp, sp);
     }
-    Ok(0)
 }
 
-/// Sends a record without frames.
+// Records at entry (the default where the kernel's BTF allows): one program per fault, at the
+// exception's tracepoint, sends the whole record (thread, address, access, stack, time). The
+// perf software events only mark completions: every major fault, and minor faults at a period
+// (their latency is a sample), so most faults pay for one hook instead of two.
+
+#[btf_tracepoint(function = "page_fault_user")]
+pub fn page_fault_user_btf(ctx: BtfTracePointContext) -> i32 {
+    fault_at_entry(&ctx, false);
+    0
+}
+
+#[btf_tracepoint(function = "page_fault_kernel")]
+pub fn page_fault_kernel_btf(ctx: BtfTracePointContext) -> i32 {
+    fault_at_entry(&ctx, true);
+    0
+}
+
+/// Reads a `T` at byte offset `off` of a BTF-typed kernel pointer.
+///
+/// # Safety
+/// `base` must be a BTF-typed pointer the verifier tracks, and `off` a load-time constant
+/// offset of a field of type `T` in its struct (from the kernel's BTF).
+#[inline(always)]
+unsafe fn btf_field<T: Copy>(base: *const u8, off: u32) -> T {
+    // SAFETY: per the contract; the verifier checks the load against the struct's BTF.
+    unsafe { core::ptr::read(base.add(off as usize).cast::<T>()) }
+}
+
+/// Sends the record of a fault that is beginning. Reads the current task's ids and fault
+/// counts and the fault's registers with plain loads (BTF-typed pointers), and writes the
+/// record straight into this CPU's batch: on a fault whose stack is cached (or not wanted),
+/// two helper calls (the task, the clock) and no ring-buffer call.
+#[inline(always)]
+fn fault_at_entry(ctx: &BtfTracePointContext, kernel_entry: bool) {
+    // TP_PROTO(unsigned long address, struct pt_regs *regs, unsigned long error_code).
+    let address: u64 = ctx.arg(0);
+    if address > USER_ADDR_MAX {
+        return;
+    }
+    // SAFETY: no preconditions; the result is a trusted `struct task_struct *`.
+    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
+    // SAFETY: load-time constant offsets of `task_struct` fields of these types, from BTF
+    // (the agent loads this program only when it found all of them).
+    let (tgid, disabled) = unsafe {
+        (
+            btf_field::<i32>(task, config!(task_tgid_off)) as u32,
+            btf_field::<i32>(task, config!(task_pagefault_disabled_off)),
+        )
+    };
+    // With page faults disabled (a probe or a tracer reading user memory, futex's atomic
+    // access) the kernel fails the fault at once and never accounts it.
+    if disabled != 0 || !is_target(tgid) {
+        return;
+    }
+    // SAFETY: as above.
+    let (tid, min_flt, maj_flt) = unsafe {
+        (
+            btf_field::<i32>(task, config!(task_pid_off)) as u32,
+            btf_field::<u64>(task, config!(task_min_flt_off)),
+            btf_field::<u64>(task, config!(task_maj_flt_off)),
+        )
+    };
+    let regs: *const u64 = ctx.arg(1);
+    let error_code: u64 = ctx.arg(2);
+    // SAFETY: `regs` is the tracepoint's `struct pt_regs *`; whole u64 fields at constant
+    // offsets, checked by the verifier against the struct's BTF.
+    let (ip, bp, sp, cs) = unsafe {
+        (
+            *regs.add(pt_regs::IP),
+            *regs.add(pt_regs::BP),
+            *regs.add(pt_regs::SP),
+            *regs.add(pt_regs::CS),
+        )
+    };
+    let kernel_mode = kernel_entry || cs & 3 == 0;
+    let mut flags = FAULT_AT_ENTRY | FAULT_HAS_ENTRY;
+    if kernel_mode {
+        flags |= FAULT_KERNEL_MODE;
+    }
+    // SAFETY: no preconditions.
+    let time_ns = unsafe { bpf_ktime_get_ns() };
+    let thread_faults = pack_thread_faults(min_flt, maj_flt);
+    let mut stack_token = 0;
+    if config!(capture_stacks) != 0 {
+        let walk_slot = if kernel_mode || config!(stack_cache) == 0 {
+            None
+        } else {
+            match cached_stack(tgid, ip, bp, sp) {
+                Ok(token) => {
+                    flags |= FAULT_STACK_REUSED;
+                    stack_token = token;
+                    None
+                }
+                Err(slot) => slot,
+            }
+        };
+        if stack_token == 0 {
+            // Walked: a record with frames, sent at once (after this CPU's batch).
+            let header = FaultRecord {
+                kind: RecordKind::Fault as u32,
+                flags,
+                pid: tgid,
+                tid,
+                address,
+                ip,
+                time_ns,
+                latency_ns: 0,
+                stack_token: 0,
+                error_code: error_code as u32,
+                n_user: 0,
+                n_kernel: 0,
+                sp_words: [0; SP_WORDS],
+                thread_faults,
+            };
+            match walk_slot {
+                Some(slot) => walk_and_cache(ctx, header, slot, bp, sp),
+                None => {
+                    emit_walked(ctx, header, (!kernel_mode).then_some(sp));
+                }
+            }
+            return;
+        }
+    }
+    let Some(batch) = fault_batch() else {
+        return;
+    };
+    let Some(r) = batch.records.get_mut(batch.count as usize) else {
+        return;
+    };
+    // Field by field into the batch: no record built on the stack and copied.
+    r.flags = flags;
+    r.pid = tgid;
+    r.tid = tid;
+    r.error_code = error_code as u32;
+    r.address = address;
+    r.time_ns = time_ns;
+    r.stack_token = stack_token;
+    r.thread_faults = thread_faults;
+    commit_fault(batch, time_ns);
+}
+
+#[perf_event]
+pub fn fault_minor_done(ctx: PerfEventContext) -> u32 {
+    fault_done(&ctx, 0);
+    0
+}
+
+#[perf_event]
+pub fn fault_major_done(ctx: PerfEventContext) -> u32 {
+    fault_done(&ctx, FAULT_MAJOR);
+    0
+}
+
+/// Marks the completion of a fault whose record was sent at entry, in this CPU's batch (after
+/// the entry, when the fault began on this CPU).
+#[inline(always)]
+fn fault_done(ctx: &PerfEventContext, flags: u32) {
+    let (tgid, tid) = current_ids();
+    if tgid == 0 || !is_target(tgid) {
+        return;
+    }
+    // SAFETY: `ctx.ctx` is the kernel-provided `bpf_perf_event_data`.
+    let address = unsafe { (*ctx.ctx).addr };
+    push_fault(BatchedFault {
+        flags: FAULT_COMPLETION | flags,
+        pid: tgid,
+        tid,
+        error_code: 0,
+        address,
+        // SAFETY: no preconditions.
+        time_ns: unsafe { bpf_ktime_get_ns() },
+        stack_token: 0,
+        thread_faults: 0,
+    });
+}
+
+/// Sends a record without frames: records at entry through this CPU's batch.
 #[inline(always)]
 fn emit_fixed(header: FaultRecord) {
+    if header.flags & FAULT_AT_ENTRY != 0 {
+        push_fault(BatchedFault {
+            flags: header.flags,
+            pid: header.pid,
+            tid: header.tid,
+            error_code: header.error_code,
+            address: header.address,
+            time_ns: header.time_ns,
+            stack_token: header.stack_token,
+            thread_faults: header.thread_faults,
+        });
+        return;
+    }
     match EVENTS.reserve::<FaultRecord>(0) {
         Some(mut rec) => {
             rec.write(header);
@@ -260,7 +464,7 @@ fn emit_fixed(header: FaultRecord) {
 /// function that has no frame yet, whose return address is there. Returns whether the record
 /// was sent with a user stack.
 #[inline(always)]
-fn emit_walked(ctx: &PerfEventContext, mut header: FaultRecord, user_sp: Option<u64>) -> bool {
+fn emit_walked<C: EbpfContext>(ctx: &C, mut header: FaultRecord, user_sp: Option<u64>) -> bool {
     let kernel_mode = user_sp.is_none();
     let Some(buf) = FAULT_SCRATCH.get_ptr_mut(0) else {
         return false;
@@ -324,6 +528,7 @@ fn emit_walked(ctx: &PerfEventContext, mut header: FaultRecord, user_sp: Option<
     }
     // SAFETY: `len` is at most the scratch record's size (checked above).
     let bytes = unsafe { core::slice::from_raw_parts((buf as *const _) as *const u8, len) };
+    flush_faults();
     if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_err() {
         bump(counter::RINGBUF_FULL_FAULT);
         return false;
@@ -335,26 +540,56 @@ fn emit_walked(ctx: &PerfEventContext, mut header: FaultRecord, user_sp: Option<
 /// repeats a recent fault's registers (see `StackCacheSlot` for when it is walked anyway),
 /// walked otherwise.
 #[inline(always)]
-fn emit_user_cached(ctx: &PerfEventContext, mut header: FaultRecord, bp: u64, sp: u64) {
-    let (pid, ip) = (header.pid, header.ip);
+fn emit_user_cached<C: EbpfContext>(ctx: &C, mut header: FaultRecord, bp: u64, sp: u64) {
+    match cached_stack(header.pid, header.ip, bp, sp) {
+        Ok(token) => {
+            header.flags |= FAULT_STACK_REUSED;
+            header.stack_token = token;
+            emit_fixed(header);
+        }
+        Err(Some(slot)) => walk_and_cache(ctx, header, slot, bp, sp),
+        Err(None) => {
+            emit_walked(ctx, header, Some(sp));
+        }
+    }
+}
+
+/// The token of this CPU's cached walk for a fault at these registers (counted as a hit), or
+/// the cache slot to fill with a fresh walk (`None`: no slot).
+#[inline(always)]
+fn cached_stack(pid: u32, ip: u64, bp: u64, sp: u64) -> Result<u64, Option<u32>> {
     let slot_index = stack_cache_slot(ip, bp);
     let Some(slot) = STACK_CACHE.get_ptr_mut(slot_index) else {
+        return Err(None);
+    };
+    // SAFETY: per-CPU slot from a successful lookup; BPF programs are not preempted.
+    let cache = unsafe { &mut *slot };
+    match cache.lookup(pid, ip, bp, sp) {
+        Some(token) => {
+            bump(counter::STACK_CACHE_HITS);
+            Ok(token)
+        }
+        None => Err(Some(slot_index)),
+    }
+}
+
+/// Walks the stack of a user-mode fault, sends its record, and caches the walk in
+/// `slot_index` for the faults that repeat its registers.
+#[inline(always)]
+fn walk_and_cache<C: EbpfContext>(
+    ctx: &C,
+    mut header: FaultRecord,
+    slot_index: u32,
+    bp: u64,
+    sp: u64,
+) {
+    let (pid, ip) = (header.pid, header.ip);
+    let (Some(slot), Some(state)) = (STACK_CACHE.get_ptr_mut(slot_index), cpu_state()) else {
         emit_walked(ctx, header, Some(sp));
         return;
     };
     // SAFETY: per-CPU slot from a successful lookup; BPF programs are not preempted.
     let cache = unsafe { &mut *slot };
-    if let Some(token) = cache.lookup(pid, ip, bp, sp) {
-        bump(counter::STACK_CACHE_HITS);
-        header.flags |= FAULT_STACK_REUSED;
-        header.stack_token = token;
-        emit_fixed(header);
-        return;
-    }
-    let Some(state) = cpu_state() else {
-        emit_walked(ctx, header, Some(sp));
-        return;
-    };
     state.walks = state.walks.wrapping_add(1);
     // SAFETY: no preconditions.
     let cpu = unsafe { bpf_get_smp_processor_id() };

@@ -6,8 +6,9 @@ use aya_ebpf::{
     EbpfContext, Global,
 };
 use memtrace_common::{
-    counter, Config, CpuState, FaultEntry, FaultWithStacks, PendingSyscall, StackCacheSlot,
-    TargetCacheSlot, STACK_CACHE_SLOTS,
+    counter, BatchedFault, Config, CpuState, FaultBatch, FaultEntry, FaultWithStacks,
+    PendingSyscall, RecordKind, StackCacheSlot, TargetCacheSlot, FAULT_BATCH,
+    FAULT_BATCH_MAX_AGE_NS, STACK_CACHE_SLOTS,
 };
 
 #[unsafe(no_mangle)]
@@ -35,6 +36,83 @@ pub static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0
 /// colliding stacks and cannot be cleared while records still refer to its ids.
 #[map]
 pub static FAULT_SCRATCH: PerCpuArray<FaultWithStacks> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's batch of fault records not yet in `EVENTS` (see [`FaultBatch`]).
+#[map]
+pub static FAULT_BATCHES: PerCpuArray<FaultBatch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Adds a fault record without frames (or a completion) to this CPU's batch.
+#[inline(always)]
+pub fn push_fault(record: BatchedFault) {
+    let Some(batch) = fault_batch() else {
+        return;
+    };
+    let Some(slot) = batch.records.get_mut(batch.count as usize) else {
+        return;
+    };
+    *slot = record;
+    commit_fault(batch, record.time_ns);
+}
+
+/// This CPU's batch, with room for a record at `records[count]` (a full batch is written out
+/// first).
+#[inline(always)]
+pub fn fault_batch() -> Option<&'static mut FaultBatch> {
+    let batch = FAULT_BATCHES.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU value from a successful lookup: only this CPU touches it, and BPF
+    // programs are not preempted (nor run nested on one CPU, per program). Callers hold one
+    // reference at a time.
+    let batch = unsafe { &mut *batch };
+    if batch.count as usize >= FAULT_BATCH {
+        write_batch(batch);
+    }
+    Some(batch)
+}
+
+/// Counts the record just written at `records[count]` (made at `time_ns`), and writes the
+/// batch out when it is full or its first record has waited [`FAULT_BATCH_MAX_AGE_NS`].
+#[inline(always)]
+pub fn commit_fault(batch: &mut FaultBatch, time_ns: u64) {
+    let n = batch.count;
+    if n == 0 {
+        batch.first_ns = time_ns;
+    }
+    batch.count = n + 1;
+    if n + 1 >= FAULT_BATCH as u32 || time_ns.wrapping_sub(batch.first_ns) > FAULT_BATCH_MAX_AGE_NS
+    {
+        write_batch(batch);
+    }
+}
+
+/// Writes this CPU's waiting fault records to `EVENTS` before another record of this CPU, so
+/// the ring keeps the order in which each CPU made them.
+#[inline(always)]
+pub fn flush_faults() {
+    let Some(batch) = FAULT_BATCHES.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: as in `push_fault`.
+    let batch = unsafe { &mut *batch };
+    if batch.count != 0 {
+        write_batch(batch);
+    }
+}
+
+#[inline(always)]
+fn write_batch(batch: &mut FaultBatch) {
+    batch.kind = RecordKind::FaultBatch as u32;
+    let count = u64::from(batch.count);
+    if EVENTS
+        .output::<FaultBatch>(&*batch, wakeup_flags_for(count))
+        .is_err()
+    {
+        if let Some(slot) = COUNTERS.get_ptr_mut(counter::RINGBUF_FULL_FAULT) {
+            // SAFETY: as in `bump`.
+            unsafe { *slot += count };
+        }
+    }
+    batch.count = 0;
+}
 
 /// Fault entries of threads that were switched out mid-fault (major faults sleep on I/O and may
 /// finish on another CPU), keyed by tid.
@@ -73,11 +151,17 @@ const RECORDS_PER_WAKEUP: u64 = 4096;
 /// Submit flags for a ring-buffer record: wake the reader only when a batch is waiting.
 #[inline(always)]
 pub fn wakeup_flags() -> u64 {
+    wakeup_flags_for(1)
+}
+
+/// [`wakeup_flags`] for a write of `records` records.
+#[inline(always)]
+pub fn wakeup_flags_for(records: u64) -> u64 {
     let Some(state) = cpu_state() else {
         return 0; // the default: wake the reader
     };
     let count = &mut state.records_since_wakeup;
-    *count += 1;
+    *count += records;
     if *count >= RECORDS_PER_WAKEUP {
         *count = 0;
         aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64
@@ -86,19 +170,36 @@ pub fn wakeup_flags() -> u64 {
     }
 }
 
+/// Reads one field of [`CONFIG`] with a volatile load of that field alone (`CONFIG.load()`
+/// loads every field, on every call: 17 loads per use on the per-fault path).
+#[macro_export]
+macro_rules! config {
+    ($field:ident) => {{
+        // Inside another `unsafe` block this one is redundant, which is fine.
+        #[allow(unused_unsafe)]
+        // SAFETY: `config_ptr` points at the initialized `Config` of the global; a volatile
+        // read, like `Global::load`, so the value the loader set is read, not the default.
+        let value = unsafe {
+            core::ptr::read_volatile(core::ptr::addr_of!((*$crate::maps::config_ptr()).$field))
+        };
+        value
+    }};
+}
+
+/// The loader-set configuration, for [`config!`].
 #[inline(always)]
-pub fn config() -> Config {
-    CONFIG.load()
+pub fn config_ptr() -> *const Config {
+    // `Global<T>` is a `repr(transparent)` `MaybeUninit<T>`, which has `T`'s layout.
+    (&CONFIG as *const Global<Config>).cast::<Config>()
 }
 
 /// Is this thread group one we trace?
 #[inline(always)]
 pub fn is_target(tgid: u32) -> bool {
-    let cfg = config();
-    if tgid == cfg.exclude_tgid {
+    if tgid == config!(exclude_tgid) {
         return false;
     }
-    if cfg.filter_pids == 0 {
+    if config!(filter_pids) == 0 {
         return true;
     }
     let (Some(generation), Some(state)) = (TARGETS_GENERATION.get_ptr(0), cpu_state()) else {

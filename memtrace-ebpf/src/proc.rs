@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use memtrace_common::{counter, layout, ProcRecord, RecordKind, PROC_EXEC, PROC_EXIT, PROC_FORK};
 
+use crate::config;
 use crate::maps::{
-    bump, config, current_ids, is_target, targets_changed, tp_field, EVENTS, TARGETS,
+    bump, current_ids, flush_faults, is_target, targets_changed, tp_field, EVENTS, TARGETS,
 };
 
 /// `CLONE_THREAD`: the new task joins its parent's thread group.
@@ -25,6 +26,7 @@ fn emit(op: u32, pid: u32, child_pid: u32) {
         // SAFETY: no preconditions.
         time_ns: unsafe { bpf_ktime_get_ns() },
     };
+    flush_faults();
     if EVENTS.output::<ProcRecord>(&rec, 0).is_err() {
         bump(counter::RINGBUF_FULL_OTHER);
     }
@@ -47,7 +49,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // Follow children before they can run: the new task is not yet runnable here.
-    if config().filter_pids != 0 {
+    if config!(filter_pids) != 0 {
         if TARGETS.insert(child, 1, 0).is_ok() {
             targets_changed();
         } else {
@@ -72,10 +74,12 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let (tgid, _) = current_ids();
     // SAFETY: offset checked against this kernel's sched_process_exit format by the agent.
     let group_dead: u8 = unsafe { tp_field::<u8, { layout::EXIT_GROUP_DEAD.1 }>(&ctx) };
+    // An exiting thread's faults on this CPU go out before anything of a later moment.
+    flush_faults();
     if group_dead != 0 && is_target(tgid) {
         emit(PROC_EXIT, tgid, tgid);
         // The pid may be reused by a process nobody asked to trace.
-        if config().filter_pids != 0 && TARGETS.remove(tgid).is_ok() {
+        if config!(filter_pids) != 0 && TARGETS.remove(tgid).is_ok() {
             targets_changed();
         }
     }

@@ -25,7 +25,8 @@ use memtrace_common::{
     SLAB_STACK_REWALK_MEAN, SLAB_USER_STACK_DEPTH, VMALLOC_CACHE_ID,
 };
 
-use crate::maps::{bump, config, current_ids, is_target, tp_field, EVENTS};
+use crate::config;
+use crate::maps::{bump, current_ids, is_target, tp_field, EVENTS};
 
 /// Outstanding objects: their addresses by bucket (see `SlabBucket`), and their records at the
 /// same bucket and way. Sized by the agent (`memtrace slab --max-tracked`).
@@ -387,15 +388,14 @@ fn note_cache(cache: u64) {
 /// Reads a kmem_cache's name and sizes at the offsets the agent found in the kernel's BTF.
 #[inline(never)]
 fn record_cache(cache: u64) {
-    let cfg = config();
     let mut info = SlabCacheInfo {
         name: [0; SLAB_CACHE_NAME_LEN],
         object_size: 0,
         size: 0,
     };
     let mut named = false;
-    if cfg.kmem_cache_name_off != OFFSET_UNKNOWN {
-        let field = cache.wrapping_add(cfg.kmem_cache_name_off as u64) as *const u64;
+    if config!(kmem_cache_name_off) != OFFSET_UNKNOWN {
+        let field = cache.wrapping_add(config!(kmem_cache_name_off) as u64) as *const u64;
         // SAFETY: bpf_probe_read_kernel checks the address and fails instead of faulting.
         if let Ok(name) = unsafe { bpf_probe_read_kernel(field) } {
             // SAFETY: as above; the helper stops at the buffer's end.
@@ -403,13 +403,13 @@ fn record_cache(cache: u64) {
                 .is_ok_and(|s| !s.is_empty());
         }
     }
-    if cfg.kmem_cache_object_size_off != OFFSET_UNKNOWN {
-        let field = cache.wrapping_add(cfg.kmem_cache_object_size_off as u64) as *const u32;
+    if config!(kmem_cache_object_size_off) != OFFSET_UNKNOWN {
+        let field = cache.wrapping_add(config!(kmem_cache_object_size_off) as u64) as *const u32;
         // SAFETY: as above.
         info.object_size = unsafe { bpf_probe_read_kernel(field) }.unwrap_or(0);
     }
-    if cfg.kmem_cache_size_off != OFFSET_UNKNOWN {
-        let field = cache.wrapping_add(cfg.kmem_cache_size_off as u64) as *const u32;
+    if config!(kmem_cache_size_off) != OFFSET_UNKNOWN {
+        let field = cache.wrapping_add(config!(kmem_cache_size_off) as u64) as *const u32;
         // SAFETY: as above.
         info.size = unsafe { bpf_probe_read_kernel(field) }.unwrap_or(0);
     }
@@ -463,8 +463,7 @@ fn on_alloc(
         slot.counts.skipped += 1;
         return;
     }
-    let cfg = config();
-    let stack_id = if cfg.slab_kernel_stacks != 0 || cfg.slab_user_stacks != 0 {
+    let stack_id = if config!(slab_kernel_stacks) != 0 || config!(slab_user_stacks) != 0 {
         sampled_stack(ctx, slot)
     } else {
         0
@@ -605,7 +604,7 @@ fn track(ptr: u64, alloc: &SlabAlloc) -> Tracked {
     let Some((b, way)) = free else {
         return Tracked::Full;
     };
-    let first = slab_bucket(ptr, config().slab_bucket_mask);
+    let first = slab_bucket(ptr, config!(slab_bucket_mask));
     if b != first {
         // The first bucket is full: from now on its lookups read the next one too.
         if let Some(home) = SLAB_KEYS.get_ptr_mut(first) {
@@ -647,7 +646,7 @@ type Way = (u32, usize);
 /// read only if the first has overflowed into it, or is full.
 #[inline(always)]
 fn find(ptr: u64) -> (Option<Way>, Option<Way>) {
-    let mask = config().slab_bucket_mask;
+    let mask = config!(slab_bucket_mask);
     let first = slab_bucket(ptr, mask);
     let mut free = None;
     let mut probe = 0;
@@ -814,9 +813,8 @@ fn capture_stacks_at(ctx: *mut core::ffi::c_void, level: u32) -> u64 {
     };
     // SAFETY: a per-CPU value from a successful lookup, used by this CPU alone meanwhile.
     let stack = unsafe { &mut *scratch };
-    let cfg = config();
     let mut kernel = 0;
-    if cfg.slab_kernel_stacks != 0 {
+    if config!(slab_kernel_stacks) != 0 {
         // SAFETY: the buffer is the scratch value's kernel frames, of exactly the size passed.
         kernel = unsafe {
             bpf_get_stack(
@@ -828,7 +826,7 @@ fn capture_stacks_at(ctx: *mut core::ffi::c_void, level: u32) -> u64 {
         };
     }
     let mut user = 0;
-    if cfg.slab_user_stacks != 0 {
+    if config!(slab_user_stacks) != 0 {
         // SAFETY: the buffer is the scratch value's user frames, of exactly the size passed.
         // (In an interrupt this is the user stack of the task it interrupted.)
         user = unsafe {

@@ -19,8 +19,9 @@ use memtrace_common::{
     VMA_STACK_COPY, VMA_STACK_COPY_SMALL, VMA_STACK_REUSED, VMA_STACK_SLOTS, VMA_STACK_WALKED,
 };
 
+use crate::config;
 use crate::maps::{
-    bump, config, cpu_state, current_ids, is_target, tp_field, wakeup_flags, EVENTS,
+    bump, cpu_state, current_ids, flush_faults, is_target, tp_field, wakeup_flags, EVENTS,
     PENDING_SYSCALLS,
 };
 
@@ -297,10 +298,11 @@ fn emit<C: EbpfContext>(
         }
     }
     // munmap takes memory away: its bytes go to the mapping's own callsite, no stack needed.
-    if op != VMA_MUNMAP && config().vma_stacks != 0 {
+    if op != VMA_MUNMAP && config!(vma_stacks) != 0 {
         emit_with_stack(ctx, rec, regs);
         return;
     }
+    flush_faults();
     if EVENTS.output::<VmaRecord>(&rec, wakeup_flags()).is_err() {
         bump(counter::RINGBUF_FULL_OTHER);
     }
@@ -311,7 +313,7 @@ fn emit<C: EbpfContext>(
 /// classic tracepoints, which do not pass them.
 #[inline(always)]
 fn user_regs(nr: u64) -> Option<[u64; PT_REGS_WORDS]> {
-    let off = config().task_stack_off;
+    let off = config!(task_stack_off);
     if off == OFFSET_UNKNOWN {
         return None;
     }
@@ -383,6 +385,7 @@ fn emit_with_stack<C: EbpfContext>(
         if let Some(token) = unsafe { &mut *slot }.lookup(rec.pid, ip, bp, sp) {
             rec.stack_flags |= VMA_STACK_REUSED;
             rec.stack_token = token;
+            flush_faults();
             if EVENTS.output::<VmaRecord>(&rec, wakeup_flags()).is_err() {
                 bump(counter::RINGBUF_FULL_OTHER);
             }
@@ -457,6 +460,7 @@ fn emit_with_stack<C: EbpfContext>(
     }
     // SAFETY: `len` is at most the scratch record's size (checked above).
     let bytes = unsafe { core::slice::from_raw_parts((buf as *const _) as *const u8, len) };
+    flush_faults();
     if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_err() {
         bump(counter::RINGBUF_FULL_OTHER);
         // Nothing to reuse: the walk never reached the agent.

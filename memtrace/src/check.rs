@@ -81,7 +81,23 @@ pub fn run() -> (Vec<Probe>, bool) {
                         }
                     }
                 }
-                (HookPoint::Tracepoint { .. }, Err(_)) => (false, "tracefs unavailable".into()),
+                (HookPoint::BtfTracepoint { category, name }, Ok(tfs)) => {
+                    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+                    if tracefs::tracepoint_exists(tfs, category, name) && btf {
+                        (true, "present, with the kernel's BTF".to_string())
+                    } else {
+                        // Not fatal: faults fall back to records at the kernel's accounting.
+                        (
+                            true,
+                            "unavailable (no BTF or no tracepoint): `faults` records at the \
+                             kernel's accounting instead (group `faults`)"
+                                .to_string(),
+                        )
+                    }
+                }
+                (HookPoint::Tracepoint { .. } | HookPoint::BtfTracepoint { .. }, Err(_)) => {
+                    (false, "tracefs unavailable".into())
+                }
                 (HookPoint::PerfSoftware { config, .. }, _) => match perf_sw_event_opens(config) {
                     Ok(()) => (true, "opens".to_string()),
                     Err(e) => (hook.optional, format!("{e} ({need})")),
@@ -107,9 +123,9 @@ pub fn run() -> (Vec<Probe>, bool) {
         "BTF",
         true,
         if btf {
-            "/sys/kernel/btf/vmlinux present (not needed)"
+            "/sys/kernel/btf/vmlinux present (fault records at entry, raw-tracepoint argument checks)"
         } else {
-            "absent (not needed)"
+            "absent: faults are recorded at the kernel's accounting (slower); raw tracepoint arguments unchecked"
         },
     ));
     let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown")

@@ -11,15 +11,17 @@ use std::{
 };
 
 use memtrace_common::{
-    stack_token_slot, FaultRecord, ProcRecord, VmaRecord, FAULT_HAS_ENTRY, FAULT_KERNEL_MODE,
-    FAULT_MAJOR, FAULT_SP_WORDS, FAULT_STACK_REUSED, FAULT_STACK_WALKED, PROC_EXEC, PROC_EXIT,
-    PROC_FORK, VMA_BRK, VMA_MMAP, VMA_MREMAP, VMA_MUNMAP, VMA_SP_WORDS, VMA_STACK_REUSED,
-    VMA_STACK_WALKED,
+    stack_token_slot, thread_faults_since, BatchedFault, FaultRecord, ProcRecord, RecordKind,
+    VmaRecord, FAULT_AT_ENTRY, FAULT_COMPLETION, FAULT_HAS_ENTRY, FAULT_KERNEL_MODE, FAULT_MAJOR,
+    FAULT_SP_WORDS, FAULT_STACK_REUSED, FAULT_STACK_WALKED, PROC_EXEC, PROC_EXIT, PROC_FORK,
+    VMA_BRK, VMA_MMAP, VMA_MREMAP, VMA_MUNMAP, VMA_SP_WORDS, VMA_STACK_REUSED, VMA_STACK_WALKED,
 };
 
 use crate::{
     addrspace::{fd_path, mmap_flags, AddressSpace, MappingClass},
-    fault::{decode_error_code, CallsiteFaults, CallsiteKey, Fault, FaultKind, ProcessFaults},
+    fault::{
+        decode_error_code, CallsiteFaults, CallsiteKey, Cause, Fault, FaultKind, ProcessFaults,
+    },
     record::{comm_str, frames_into, Record},
     sideband::{SideEvent, SideKind},
     stacks::{ReusedStacks, StackId, StackTable, StackTree, UserStack},
@@ -139,6 +141,32 @@ pub struct ProcessInfo {
     /// The kernel's counts when tracing of this process began (zero for a process forked
     /// while traced); `None` where that moment was not caught (first seen by a record).
     pub kernel_baseline: Option<KernelFaults>,
+    /// With fault records at entry: each thread's last fault, until its next one settles it.
+    threads: HashMap<u32, ThreadFaults>,
+}
+
+/// A thread's faults as recorded at entry.
+#[derive(Debug, Default)]
+struct ThreadFaults {
+    /// A record of this thread was seen (`counts` is its reading).
+    seen: bool,
+    /// The thread's own (minor, major) counters as of its last record, packed
+    /// ([`memtrace_common::pack_thread_faults`]).
+    counts: u64,
+    /// The fault of that record, waiting for the next to say whether the kernel accounted it.
+    pending: Option<PendingFault>,
+    /// That fault was counted without waiting (at an exec or a report).
+    credited: bool,
+}
+
+/// A fault recorded at entry, attributed, not yet counted.
+#[derive(Debug)]
+struct PendingFault {
+    fault: Fault,
+    entry_ns: u64,
+    /// The kernel's accounting was seen for it (`fault.kind` is then known).
+    done: bool,
+    calling_image_stack: Option<Option<StackId>>,
 }
 
 impl ProcessInfo {
@@ -155,6 +183,7 @@ impl ProcessInfo {
             before_exec: None,
             stacks_seen: 0,
             kernel_baseline: None,
+            threads: HashMap::new(),
         }
     }
 }
@@ -193,6 +222,10 @@ pub struct KernelFaults {
 }
 
 impl KernelFaults {
+    pub fn is_zero(&self) -> bool {
+        self.minor == 0 && self.major == 0
+    }
+
     pub fn since(self, baseline: KernelFaults) -> KernelFaults {
         KernelFaults {
             minor: self.minor.saturating_sub(baseline.minor),
@@ -221,6 +254,10 @@ pub trait ProcSource {
     fn fault_counts(&self, _pid: u32) -> Option<KernelFaults> {
         None
     }
+    /// A live thread's own fault counters, packed as fault records carry them.
+    fn thread_fault_counts(&self, _pid: u32, _tid: u32) -> Option<u64> {
+        None
+    }
 }
 
 pub struct Procfs;
@@ -239,6 +276,14 @@ impl ProcSource for Procfs {
     }
     fn fault_counts(&self, pid: u32) -> Option<KernelFaults> {
         parse_stat_faults(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    }
+    fn thread_fault_counts(&self, pid: u32, tid: u32) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+        let counts = parse_stat_faults(&stat)?;
+        Some(memtrace_common::pack_thread_faults(
+            counts.minor,
+            counts.major,
+        ))
     }
 }
 
@@ -259,6 +304,13 @@ pub struct CollectorStats {
     pub sideband_lost: u64,
     /// Faults below the main stack that grew it (no record reports stack growth).
     pub stack_grown: u64,
+    /// Faults recorded at entry that the kernel did not account (it failed them: a bad
+    /// address, a signal), so they are not counted.
+    pub faults_unaccounted: u64,
+    /// Completions whose entry record was not there to complete (lost, or before tracing).
+    pub done_without_entry: u64,
+    /// Latencies measured from entry to the kernel's accounting, minor and major.
+    pub latency_samples: [u64; 2],
 }
 
 pub struct Collector<S: ProcSource = Procfs> {
@@ -305,6 +357,8 @@ pub struct Collector<S: ProcSource = Procfs> {
     pub intervals: bool,
     /// `memtrace vma`: mappings by callsite.
     pub vma: Option<VmaLedger>,
+    /// Completions that came before their fault's entry record, by tid.
+    orphan_done: HashMap<u32, BatchedFault>,
 }
 
 impl Default for Collector<Procfs> {
@@ -332,6 +386,9 @@ fn capped_entry<'m, K: std::hash::Hash + Eq>(
     });
     (site, stripped)
 }
+
+/// Completions waiting for their entry record, at most.
+const MAX_ORPHAN_DONE: usize = 1 << 16;
 
 /// Side-band events waiting for ring records, at most.
 const MAX_SIDE_PENDING: usize = 1 << 20;
@@ -369,6 +426,7 @@ impl<S: ProcSource> Collector<S> {
             follow_all: false,
             intervals: false,
             vma: None,
+            orphan_done: HashMap::new(),
         }
     }
 
@@ -468,6 +526,14 @@ impl<S: ProcSource> Collector<S> {
     pub fn on_bytes(&mut self, bytes: &[u8]) {
         self.stats.records += 1;
         match crate::record::decode(bytes) {
+            Some(Record::FaultBatch(records)) => {
+                self.stats.records -= 1;
+                for f in crate::record::batch_records(records) {
+                    self.stats.records += 1;
+                    self.settle(f.time_ns);
+                    self.on_batched(&f);
+                }
+            }
             Some(rec) => {
                 self.settle(rec.time_ns());
                 self.on_record(rec)
@@ -479,6 +545,11 @@ impl<S: ProcSource> Collector<S> {
     pub fn on_record(&mut self, rec: Record<'_>) {
         match rec {
             Record::Fault(f, frames) => self.on_fault(&f, frames),
+            Record::FaultBatch(records) => {
+                for f in crate::record::batch_records(records) {
+                    self.on_batched(&f);
+                }
+            }
             Record::Vma(v, frames) => self.on_vma(&v, frames),
             Record::Proc(p) => self.on_proc(&p),
             // Not a faults record; never sent to this analysis's ring.
@@ -517,15 +588,238 @@ impl<S: ProcSource> Collector<S> {
     }
 
     fn on_fault(&mut self, r: &FaultRecord, frames: &[u8]) {
-        self.observe(r.pid);
-        // A fault on a page not present (error code bit 0 clear) makes it resident: the
-        // mapping's callsite caused that RSS. Without the entry, every fault counts.
-        if let Some(vma) = self.vma.as_mut() {
-            let protection = r.flags & FAULT_HAS_ENTRY != 0 && r.error_code & 1 != 0;
-            if !protection {
-                vma.ledger.touched(r.pid, r.address);
+        let Some((fault, calling_image_stack)) = self.build_fault(r, frames) else {
+            return;
+        };
+        if r.flags & FAULT_AT_ENTRY == 0 {
+            // Sent at the kernel's accounting: counted as it is.
+            self.record_fault(&fault, calling_image_stack);
+            return;
+        }
+        // Sent at entry: the thread's previous fault is settled by how far its counters moved
+        // since, and this one waits for its own settling.
+        let previous = self
+            .processes
+            .get_mut(&r.pid)
+            .map(|info| {
+                let thread = info.threads.entry(r.tid).or_default();
+                let previous = (thread.seen).then(|| {
+                    (
+                        thread.pending.take(),
+                        thread.credited,
+                        thread_faults_since(thread.counts, r.thread_faults),
+                    )
+                });
+                *thread = ThreadFaults {
+                    seen: true,
+                    counts: r.thread_faults,
+                    pending: Some(PendingFault {
+                        fault,
+                        entry_ns: r.time_ns,
+                        done: false,
+                        calling_image_stack,
+                    }),
+                    credited: false,
+                };
+                previous
+            })
+            .flatten();
+        if let Some((pending, credited, delta)) = previous {
+            self.settle_previous(r.pid, r.tid, pending, credited, delta);
+        }
+        if let Some(done) = self.orphan_done.remove(&r.tid) {
+            if !self.complete(&done) {
+                // Not this fault's: keep it until the next one (or a report) settles it.
+                self.orphan_done.insert(r.tid, done);
             }
         }
+    }
+
+    /// Settles a thread's previous fault from what its counters grew by until its next
+    /// fault (`None`: the tid names another thread now): the kernel accounted it if they
+    /// grew (or a completion came for it); what they grew by beyond it, the kernel faulted in
+    /// for the thread without an exception. `credited`: it was counted already (at an exec,
+    /// exit or report that could not wait).
+    fn settle_previous(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        pending: Option<PendingFault>,
+        credited: bool,
+        delta: Option<(u32, u32)>,
+    ) {
+        let Some((mut minor, mut major)) = delta else {
+            if let Some(p) = pending {
+                self.record_fault(&p.fault, p.calling_image_stack);
+            }
+            return;
+        };
+        let mut take = |kind: FaultKind| match kind {
+            FaultKind::Minor if minor > 0 => {
+                minor -= 1;
+                true
+            }
+            FaultKind::Major if major > 0 => {
+                major -= 1;
+                true
+            }
+            _ => false,
+        };
+        match pending {
+            Some(mut p) => {
+                let accounted = if p.done {
+                    take(p.fault.kind);
+                    true
+                } else if take(FaultKind::Minor) {
+                    true
+                } else if take(FaultKind::Major) {
+                    p.fault.kind = FaultKind::Major;
+                    true
+                } else {
+                    false
+                };
+                if accounted {
+                    self.record_fault(&p.fault, p.calling_image_stack);
+                } else {
+                    self.stats.faults_unaccounted += 1;
+                }
+            }
+            None if credited => {
+                if !take(FaultKind::Minor) && !take(FaultKind::Major) {
+                    self.stats.faults_unaccounted += 1;
+                }
+            }
+            None => {}
+        }
+        if minor + major > 0 {
+            if let Some(info) = self.processes.get_mut(&pid) {
+                let faults = &mut info.faults;
+                faults.without_exception.minor += u64::from(minor);
+                faults.without_exception.major += u64::from(major);
+                let _ = tid;
+            }
+        }
+    }
+
+    /// A record from a CPU's batch: a fault's entry, or a completion.
+    fn on_batched(&mut self, f: &BatchedFault) {
+        if f.flags & FAULT_COMPLETION != 0 {
+            self.on_fault_done(f);
+            return;
+        }
+        let r = FaultRecord {
+            kind: RecordKind::Fault as u32,
+            flags: f.flags,
+            pid: f.pid,
+            tid: f.tid,
+            address: f.address,
+            time_ns: f.time_ns,
+            stack_token: f.stack_token,
+            error_code: f.error_code,
+            thread_faults: f.thread_faults,
+            ..FaultRecord::default()
+        };
+        self.on_fault(&r, &[]);
+    }
+
+    /// The kernel's accounting of a fault recorded at entry: its kind and, from the entry's
+    /// time, its latency. A fault that slept and finished on another CPU may complete before
+    /// its entry arrives (each CPU's batch goes out on its own): the completion waits for it.
+    fn on_fault_done(&mut self, d: &BatchedFault) {
+        if !self.complete(d) {
+            if self.orphan_done.len() >= MAX_ORPHAN_DONE {
+                self.stats.done_without_entry += self.orphan_done.len() as u64;
+                self.orphan_done.clear();
+            }
+            if let Some(old) = self.orphan_done.insert(d.tid, *d) {
+                let _ = old;
+                self.stats.done_without_entry += 1;
+            }
+        }
+    }
+
+    /// Applies a completion to its thread's waiting fault, if that is the fault it completes.
+    fn complete(&mut self, d: &BatchedFault) -> bool {
+        let kind = if d.flags & FAULT_MAJOR != 0 {
+            FaultKind::Major
+        } else {
+            FaultKind::Minor
+        };
+        let pending = self
+            .processes
+            .get_mut(&d.pid)
+            .and_then(|info| info.threads.get_mut(&d.tid))
+            .and_then(|t| t.pending.as_mut())
+            .filter(|p| !p.done && (p.fault.address ^ d.address) < 4096 && p.entry_ns <= d.time_ns);
+        let Some(p) = pending else {
+            return false;
+        };
+        p.done = true;
+        p.fault.kind = kind;
+        p.fault.latency_ns = Some(d.time_ns - p.entry_ns);
+        self.stats.latency_samples[kind as usize] += 1;
+        true
+    }
+
+    /// Counts every fault still waiting to be settled: a thread's last fault settles only at
+    /// its next one. `settle` reads the thread's counters now (`/proc`) where it still runs;
+    /// without it (an exec or exit, or a thread gone) the fault counts as accounted, which a
+    /// failed last fault (a crash) makes one too many.
+    pub fn flush_pending(&mut self, pid: Option<u32>, settle: bool) {
+        let pids: Vec<u32> = match pid {
+            Some(pid) => vec![pid],
+            None => {
+                // Completions still without their fault will not get it now.
+                self.stats.done_without_entry += self.orphan_done.len() as u64;
+                self.orphan_done.clear();
+                self.processes.keys().copied().collect()
+            }
+        };
+        for pid in pids {
+            let Some(info) = self.processes.get_mut(&pid) else {
+                continue;
+            };
+            let mut waiting = Vec::new();
+            for (&tid, thread) in info.threads.iter_mut() {
+                if let Some(p) = thread.pending.take() {
+                    waiting.push((tid, p, thread.counts));
+                    thread.credited = true;
+                }
+            }
+            for (tid, p, counts) in waiting {
+                let now = if settle {
+                    self.source.thread_fault_counts(pid, tid)
+                } else {
+                    None
+                };
+                match now.and_then(|now| thread_faults_since(counts, now)) {
+                    Some(delta) => {
+                        if let Some(t) = self
+                            .processes
+                            .get_mut(&pid)
+                            .and_then(|info| info.threads.get_mut(&tid))
+                        {
+                            // Settled for good: the next record's growth starts from here.
+                            t.credited = false;
+                            t.counts = now.unwrap_or(t.counts);
+                        }
+                        self.settle_previous(pid, tid, Some(p), false, Some(delta));
+                    }
+                    None => self.record_fault(&p.fault, p.calling_image_stack),
+                }
+            }
+        }
+    }
+
+    /// Everything a fault record says, attributed: its mapping, its stacks (interned), its
+    /// access type. `None` when its process is gone from the table. The second value is the
+    /// stack of the image that called execve, for the faults exec takes.
+    fn build_fault(
+        &mut self,
+        r: &FaultRecord,
+        frames: &[u8],
+    ) -> Option<(Fault, Option<Option<StackId>>)> {
+        self.observe(r.pid);
         // Only the class and path are needed: no VMA copy on this per-fault path.
         let lookup = |c: &Self| {
             c.processes
@@ -545,9 +839,7 @@ impl<S: ProcSource> Collector<S> {
             self.stats.unclassified += 1;
             (MappingClass::Other, None)
         });
-        let Some(info) = self.processes.get_mut(&r.pid) else {
-            return;
-        };
+        let info = self.processes.get_mut(&r.pid)?;
         let mut calling_image_stack = None;
         let (user_stack, kernel_stack) = if r.flags & FAULT_STACK_WALKED != 0 {
             frames_into(frames, &mut self.frames);
@@ -625,7 +917,22 @@ impl<S: ProcSource> Collector<S> {
             class,
             path,
         };
-        info.faults.record(&fault);
+        Some((fault, calling_image_stack))
+    }
+
+    /// Counts an accounted fault for its process, thread, mapping and callsite.
+    fn record_fault(&mut self, fault: &Fault, calling_image_stack: Option<Option<StackId>>) {
+        // A fault on a page not present (error code bit 0 clear) makes it resident: the
+        // mapping's callsite caused that RSS. Without the entry, every fault counts.
+        if let Some(vma) = self.vma.as_mut() {
+            if fault.cause != Cause::Protection {
+                vma.ledger.touched(fault.pid, fault.address);
+            }
+        }
+        let Some(info) = self.processes.get_mut(&fault.pid) else {
+            return;
+        };
+        info.faults.record(fault);
         if let Some(user) = calling_image_stack {
             // Already resolved: kept with the callsites of the image that called execve.
             let key = ResolvedKey {
@@ -638,19 +945,19 @@ impl<S: ProcSource> Collector<S> {
             info.earlier
                 .entry(key)
                 .or_default()
-                .record(&fault, self.intervals);
+                .record(fault, self.intervals);
             return;
         }
         let (site, stripped) = capped_entry(
             &mut info.callsites,
-            CallsiteKey::of(&fault),
+            CallsiteKey::of(fault),
             &mut self.live_callsites,
             |k| {
                 k.user_stack = None;
                 k.kernel_stack = None;
             },
         );
-        site.record(&fault, self.intervals);
+        site.record(fault, self.intervals);
         if stripped {
             self.stats.callsite_table_full += 1;
         }
@@ -868,6 +1175,8 @@ impl<S: ProcSource> Collector<S> {
     /// replaces the address space they resolve against, or when it exits), and drops its
     /// stack table.
     fn resolve_callsites(&mut self, pid: u32) {
+        // Waiting faults hold indices into the stack table about to go.
+        self.flush_pending(Some(pid), false);
         let Some(info) = self.processes.get_mut(&pid) else {
             return;
         };

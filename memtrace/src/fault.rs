@@ -313,7 +313,7 @@ pub struct Counts {
 }
 
 impl Counts {
-    fn add(&mut self, kind: FaultKind) {
+    pub fn add(&mut self, kind: FaultKind) {
         match kind {
             FaultKind::Minor => self.minor += 1,
             FaultKind::Major => self.major += 1,
@@ -444,6 +444,11 @@ pub struct ProcessFaults {
     pub by_class: ClassCounts,
     pub access: AccessCounts,
     pub kernel_mode: u64,
+    /// Faults the kernel counted for the process's threads with no page-fault exception of
+    /// theirs: pages it faulted in on their behalf (`get_user_pages`: `MAP_POPULATE`,
+    /// `mlock`, execve's argument copy, ptrace). Seen in the threads' own counters when faults
+    /// are recorded at entry; not in `counts` (they have no address, stack or access type).
+    pub without_exception: Counts,
 }
 
 impl ProcessFaults {
@@ -469,6 +474,7 @@ impl ProcessFaults {
         self.by_class.merge(&other.by_class);
         self.access.merge(&other.access);
         self.kernel_mode += other.kernel_mode;
+        self.without_exception.merge(&other.without_exception);
     }
 
     /// What was recorded since `earlier`, a past state of these totals.
@@ -487,6 +493,7 @@ impl ProcessFaults {
         d.by_class.subtract(&earlier.by_class);
         d.access.subtract(&earlier.access);
         d.kernel_mode = d.kernel_mode.saturating_sub(earlier.kernel_mode);
+        d.without_exception.subtract(&earlier.without_exception);
         d
     }
 }

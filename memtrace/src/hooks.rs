@@ -16,9 +16,28 @@ pub enum HookPoint {
         /// ([`crate::btf::Btf::describe`]); checked before it attaches. Empty: not checked.
         raw_args: &'static [&'static str],
     },
-    /// A sampling perf software event, period 1, on every CPU. `config` is its
-    /// `PERF_COUNT_SW_*` number, for probing it without loading anything.
-    PerfSoftware { event: SoftwareEvent, config: u64 },
+    /// A BTF-typed tracepoint program (`tp_btf`) and no fallback within its group: its
+    /// arguments and the current task are read with plain loads the verifier checks.
+    BtfTracepoint {
+        category: &'static str,
+        name: &'static str,
+    },
+    /// A sampling perf software event on every CPU. `config` is its `PERF_COUNT_SW_*` number,
+    /// for probing it without loading anything.
+    PerfSoftware {
+        event: SoftwareEvent,
+        config: u64,
+        period: PerfPeriod,
+    },
+}
+
+/// How often a perf software event runs its program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PerfPeriod {
+    /// On every event.
+    Every,
+    /// On one event in `TracerOptions::latency_period` (not attached when that is 0).
+    LatencySample,
 }
 
 /// One kernel program and where it goes.
@@ -44,7 +63,8 @@ impl Hook {
                 raw: Some(raw),
                 ..
             } if self.program.is_empty() => format!("{category}:{name} ({raw})"),
-            HookPoint::Tracepoint { category, name, .. } => format!("{category}:{name}"),
+            HookPoint::Tracepoint { category, name, .. }
+            | HookPoint::BtfTracepoint { category, name } => format!("{category}:{name}"),
             HookPoint::PerfSoftware { event, .. } => format!("perf software event {event:?}"),
         }
     }
@@ -100,9 +120,31 @@ const fn tracepoint_with(
 }
 
 const fn perf_software(program: &'static str, event: SoftwareEvent, config: u64) -> Hook {
+    perf_software_at(program, event, config, PerfPeriod::Every)
+}
+
+const fn perf_software_at(
+    program: &'static str,
+    event: SoftwareEvent,
+    config: u64,
+    period: PerfPeriod,
+) -> Hook {
     Hook {
         program,
-        point: HookPoint::PerfSoftware { event, config },
+        point: HookPoint::PerfSoftware {
+            event,
+            config,
+            period,
+        },
+        optional: false,
+        without: "",
+    }
+}
+
+const fn btf_tracepoint(program: &'static str, category: &'static str, name: &'static str) -> Hook {
+    Hook {
+        program,
+        point: HookPoint::BtfTracepoint { category, name },
         optional: false,
         without: "",
     }
@@ -199,6 +241,31 @@ pub const FAULTS: HookGroup = HookGroup {
                 Some("sched_switch_raw"),
             ),
             "no latency for faults that sleep (major faults, mostly)",
+        ),
+    ],
+};
+
+/// Page faults recorded at entry, the default where the kernel's BTF allows: one program per
+/// fault at the exception's tracepoint sends the whole record (thread, address, access,
+/// stack, the thread's own fault counts), and the kernel's accounting marks completions:
+/// every major fault, and minor faults at a period (a latency sample). Whether and how the
+/// kernel accounted each fault follows from the thread's counts at its next fault. Falls back
+/// to [`FAULTS`] when a hook here cannot attach.
+pub const FAULTS_AT_ENTRY: HookGroup = HookGroup {
+    name: "faults-at-entry",
+    purpose: "page faults: records at entry; kind from the thread's counts and the kernel's accounting; latency of every major and a sample of minor faults",
+    hooks: &[
+        btf_tracepoint("page_fault_user_btf", "exceptions", "page_fault_user"),
+        btf_tracepoint("page_fault_kernel_btf", "exceptions", "page_fault_kernel"),
+        perf_software("fault_major_done", SoftwareEvent::PageFaultsMaj, 6),
+        optional(
+            perf_software_at(
+                "fault_minor_done",
+                SoftwareEvent::PageFaultsMin,
+                5,
+                PerfPeriod::LatencySample,
+            ),
+            "no minor-fault latency",
         ),
     ],
 };
@@ -384,6 +451,7 @@ pub const ALL: &[&HookGroup] = &[
     &PROCESSES,
     &MAPPINGS,
     &MAPPINGS_AT_EXIT,
+    &FAULTS_AT_ENTRY,
     &FAULTS,
     &SLAB,
     &PAGES,

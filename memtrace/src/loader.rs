@@ -16,7 +16,7 @@ use memtrace_common::{counter, Config, OFFSET_UNKNOWN};
 
 use crate::{
     btf::{self, Btf},
-    hooks::{Hook, HookGroup, HookPoint},
+    hooks::{self, Hook, HookGroup, HookPoint, PerfPeriod},
     ring::Ring,
     tracefs, Error,
 };
@@ -38,6 +38,12 @@ pub struct TracerOptions {
     pub slab: SlabOptions,
     /// mmap, mremap and brk records carry the caller's user stack (`memtrace vma`).
     pub vma_stacks: bool,
+    /// Fault records at entry ([`crate::hooks::FAULTS_AT_ENTRY`]) where the kernel allows;
+    /// false: at the kernel's accounting ([`crate::hooks::FAULTS`]), as before.
+    pub faults_at_entry: bool,
+    /// With records at entry: the minor-fault completion event runs on one minor fault in
+    /// this many (their latency is a sample); 1: every minor fault; 0: not attached.
+    pub latency_period: u32,
 }
 
 /// The slab analysis's maps and kernel-side options.
@@ -75,8 +81,26 @@ impl Default for TracerOptions {
             classic_tracepoints: false,
             slab: SlabOptions::OFF,
             vma_stacks: false,
+            faults_at_entry: true,
+            latency_period: DEFAULT_LATENCY_PERIOD,
         }
     }
+}
+
+/// One minor fault in this many has its latency measured by default (a prime: a fault pattern
+/// that repeats every 2, 4, 8, ... faults cannot line up with the sample).
+pub const DEFAULT_LATENCY_PERIOD: u32 = 61;
+
+/// Where the fault path sends its records, as attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultRecords {
+    /// Not traced (no faults group loaded).
+    None,
+    /// At each fault's entry; minor-fault latency measured on one fault in `latency_period`
+    /// (0: none), major faults' on every one.
+    AtEntry { latency_period: u32 },
+    /// At the kernel's accounting: every fault's latency.
+    AtAccounting,
 }
 
 /// Loss and efficiency counters summed over CPUs.
@@ -107,6 +131,8 @@ pub struct Tracer {
     pub attach_methods: Vec<(String, AttachMethod)>,
     /// Optional hooks that could not attach, and what the run goes without.
     pub degraded: Vec<Degraded>,
+    /// How page faults are recorded, as attached.
+    pub fault_records: FaultRecords,
 }
 
 /// An optional hook left out: the run goes on without what it gives.
@@ -138,8 +164,11 @@ pub enum AttachMethod {
     TracepointAfterRawFailed(String),
     /// A classic tracepoint, by configuration or because no raw program exists for it.
     Tracepoint,
-    /// A sampling software perf event, period 1, on each of this many CPUs.
-    PerfEventPerCpu(usize),
+    /// A sampling software perf event on each of `cpus` CPUs, running its program on one
+    /// event in `period`.
+    PerfEventPerCpu { cpus: usize, period: u32 },
+    /// Left out by configuration (`--counts-only`).
+    NotAttached(&'static str),
 }
 
 impl std::fmt::Display for AttachMethod {
@@ -151,7 +180,10 @@ impl std::fmt::Display for AttachMethod {
                 write!(f, "tracepoint (raw tracepoint refused: {why})")
             }
             Self::Tracepoint => f.write_str("tracepoint"),
-            Self::PerfEventPerCpu(n) => write!(f, "perf event, period 1, on each of {n} CPUs"),
+            Self::PerfEventPerCpu { cpus, period } => {
+                write!(f, "perf event, period {period}, on each of {cpus} CPUs")
+            }
+            Self::NotAttached(why) => write!(f, "not attached: {why}"),
         }
     }
 }
@@ -256,14 +288,27 @@ fn attach_hook(
                 AttachMethod::TracepointAfterRawFailed,
             ))
         }
-        HookPoint::PerfSoftware { event, .. } => {
+        HookPoint::BtfTracepoint { name, .. } => {
+            attach_btf_tracepoint(ebpf, hook.program, name)?;
+            Ok(AttachMethod::BtfTracepoint)
+        }
+        HookPoint::PerfSoftware { event, period, .. } => {
+            let period = match period {
+                PerfPeriod::Every => 1,
+                PerfPeriod::LatencySample => opts.latency_period,
+            };
+            if period == 0 {
+                return Ok(AttachMethod::NotAttached(
+                    "no minor-fault latency asked for",
+                ));
+            }
             let pe: &mut PerfEvent = program(ebpf, hook.program)?;
             pe.load().map_err(|e| load_error(hook.program, e))?;
             for &cpu in cpus {
                 pe.attach(
                     PerfEventConfig::Software(event),
                     PerfEventScope::AllProcessesOneCpu { cpu },
-                    SamplePolicy::Period(1),
+                    SamplePolicy::Period(u64::from(period)),
                     false,
                 )
                 .map_err(|e| Error::Attach {
@@ -271,9 +316,66 @@ fn attach_hook(
                     reason: e.to_string(),
                 })?;
             }
-            Ok(AttachMethod::PerfEventPerCpu(cpus.len()))
+            Ok(AttachMethod::PerfEventPerCpu {
+                cpus: cpus.len(),
+                period,
+            })
         }
     }
+}
+
+/// Attaches a group's hooks; an optional hook that cannot attach goes to `degraded`.
+#[allow(clippy::too_many_arguments)]
+fn attach_group(
+    ebpf: &mut Ebpf,
+    tracefs: &Path,
+    group: &HookGroup,
+    opts: &TracerOptions,
+    cpus: &[u32],
+    btf: &mut Option<Result<Btf, String>>,
+    attach_methods: &mut Vec<(String, AttachMethod)>,
+    degraded: &mut Vec<Degraded>,
+) -> Result<(), Error> {
+    for hook in group.hooks {
+        match attach_hook(ebpf, tracefs, hook, opts, cpus, btf) {
+            Ok(method) => attach_methods.push((hook.describe(), method)),
+            Err(e) if hook.optional => degraded.push(Degraded {
+                hook: hook.describe(),
+                reason: e.to_string(),
+                without: hook.without,
+            }),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Detaches and unloads a program, whatever its kind, if it was loaded.
+fn unload(ebpf: &mut Ebpf, name: &str) {
+    use aya::programs::Program;
+    let result = match ebpf.program_mut(name) {
+        Some(Program::BtfTracePoint(p)) => p.unload(),
+        Some(Program::PerfEvent(p)) => p.unload(),
+        Some(Program::RawTracePoint(p)) => p.unload(),
+        Some(Program::TracePoint(p)) => p.unload(),
+        _ => Ok(()),
+    };
+    if let Err(e) = result {
+        log::debug!("unloading {name}: {e}");
+    }
+}
+
+/// Offsets in `struct task_struct` of `pid`, `tgid`, `min_flt`, `maj_flt` and
+/// `pagefault_disabled`, when BTF has all five.
+fn task_fault_offsets(btf: &Btf) -> Option<[u32; 5]> {
+    let off = |member| btf.member_offset("task_struct", member);
+    Some([
+        off("pid")?,
+        off("tgid")?,
+        off("min_flt")?,
+        off("maj_flt")?,
+        off("pagefault_disabled")?,
+    ])
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (the clock of `bpf_ktime_get_ns`).
@@ -359,6 +461,22 @@ impl Tracer {
         } else {
             OFFSET_UNKNOWN
         };
+        // Fault records at entry read the current task's ids and fault counts at offsets from
+        // the kernel's BTF; without all of them, faults are recorded at the accounting.
+        let wants_faults = groups.iter().any(|g| g.name == hooks::FAULTS.name);
+        let task_offsets = if wants_faults && opts.faults_at_entry && !opts.classic_tracepoints {
+            match btf.get_or_insert_with(Btf::from_sys_fs) {
+                Ok(btf) => task_fault_offsets(btf),
+                Err(e) => {
+                    log::info!("kernel BTF: {e}; faults recorded at the kernel's accounting");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let [task_pid_off, task_tgid_off, task_min_flt_off, task_maj_flt_off, task_pagefault_disabled_off] =
+            task_offsets.unwrap_or([OFFSET_UNKNOWN; 5]);
         let buckets = memtrace_common::slab_buckets_for(slab_opts.max_tracked);
         let config = Config {
             slab_bucket_mask: buckets - 1,
@@ -373,6 +491,11 @@ impl Tracer {
             kmem_cache_size_off: offsets[2],
             vma_stacks: opts.vma_stacks as u32,
             task_stack_off,
+            task_pid_off,
+            task_tgid_off,
+            task_min_flt_off,
+            task_maj_flt_off,
+            task_pagefault_disabled_off,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
@@ -390,16 +513,68 @@ impl Tracer {
         })?;
         let mut attach_methods = Vec::new();
         let mut degraded = Vec::new();
-        for hook in groups.iter().flat_map(|g| g.hooks) {
-            match attach_hook(&mut ebpf, &tracefs, hook, &opts, &cpus, &mut btf) {
-                Ok(method) => attach_methods.push((hook.describe(), method)),
-                Err(e) if hook.optional => degraded.push(Degraded {
-                    hook: hook.describe(),
-                    reason: e.to_string(),
-                    without: hook.without,
-                }),
-                Err(e) => return Err(e),
+        let mut fault_records = FaultRecords::None;
+        for &group in groups {
+            if group.name == hooks::FAULTS.name && task_offsets.is_some() {
+                let mut attached = Vec::new();
+                match attach_group(
+                    &mut ebpf,
+                    &tracefs,
+                    &hooks::FAULTS_AT_ENTRY,
+                    &opts,
+                    &cpus,
+                    &mut btf,
+                    &mut attached,
+                    &mut degraded,
+                ) {
+                    Ok(()) => {
+                        attach_methods.append(&mut attached);
+                        let minor = attach_methods.iter().find_map(|(_, m)| match m {
+                            AttachMethod::PerfEventPerCpu { period, .. } if *period > 1 => {
+                                Some(*period)
+                            }
+                            _ => None,
+                        });
+                        let latency_period = if opts.latency_period == 0 {
+                            0
+                        } else {
+                            minor.unwrap_or(opts.latency_period.min(1))
+                        };
+                        fault_records = FaultRecords::AtEntry { latency_period };
+                        continue;
+                    }
+                    Err(e) => {
+                        // Detach what did attach; the accounting hooks take over.
+                        for hook in hooks::FAULTS_AT_ENTRY.hooks {
+                            unload(&mut ebpf, hook.program);
+                        }
+                        degraded.retain(|d| {
+                            !hooks::FAULTS_AT_ENTRY
+                                .hooks
+                                .iter()
+                                .any(|h| h.describe() == d.hook)
+                        });
+                        log::info!("fault records at entry: {e}; at the kernel's accounting");
+                        attach_methods.push((
+                            "fault records at entry".to_string(),
+                            AttachMethod::NotAttached("refused; at the kernel's accounting"),
+                        ));
+                    }
+                }
             }
+            if group.name == hooks::FAULTS.name {
+                fault_records = FaultRecords::AtAccounting;
+            }
+            attach_group(
+                &mut ebpf,
+                &tracefs,
+                group,
+                &opts,
+                &cpus,
+                &mut btf,
+                &mut attach_methods,
+                &mut degraded,
+            )?;
         }
 
         let events = match take_map(&mut ebpf, "EVENTS")? {
@@ -420,6 +595,7 @@ impl Tracer {
             targets_generation,
             attach_methods,
             degraded,
+            fault_records,
         })
     }
 

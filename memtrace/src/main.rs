@@ -181,15 +181,30 @@ struct FaultsArgs {
     /// Draw log2 latency histograms.
     #[arg(long)]
     hist: bool,
-    /// Skip stack capture (cheapest mode).
+    /// Skip stack capture.
     #[arg(long)]
     no_stacks: bool,
+    /// Measure the latency of every minor fault (default: a uniform sample, one in
+    /// --latency-period; every major fault is always measured).
+    #[arg(long, conflicts_with_all = ["latency_period", "counts_only"])]
+    every_fault_latency: bool,
+    /// Measure the latency of one minor fault in N (1: every one, 0: none).
+    #[arg(long, value_name = "N", default_value_t = memtrace::loader::DEFAULT_LATENCY_PERIOD)]
+    latency_period: u32,
+    /// Counts only: no stacks and no minor-fault latency (the cheapest mode; counts per
+    /// process, thread, mapping class and access type stay exact).
+    #[arg(long, conflicts_with = "latency_period")]
+    counts_only: bool,
     /// Walk the user stack on every fault instead of reusing repeats (for comparison).
     #[arg(long, hide = true)]
     no_stack_cache: bool,
     /// Attach classic tracepoints where raw tracepoints would work (for comparison).
     #[arg(long, hide = true)]
     classic_tracepoints: bool,
+    /// Send fault records at the kernel's accounting, every fault with its latency, as
+    /// before records at entry (for comparison; also the fallback without BTF).
+    #[arg(long, hide = true)]
+    records_at_accounting: bool,
 }
 
 #[derive(Args)]
@@ -336,10 +351,18 @@ fn faults(args: FaultsArgs) -> anyhow::Result<ExitCode> {
     let run = &args.run;
     let opts = run.run_options(TracerOptions {
         filter_pids: false,
-        capture_stacks: !args.no_stacks,
+        capture_stacks: !(args.no_stacks || args.counts_only),
         stack_cache: !args.no_stack_cache,
         ringbuf_bytes: run.ringbuf_bytes(),
         classic_tracepoints: args.classic_tracepoints,
+        faults_at_entry: !args.records_at_accounting,
+        latency_period: if args.every_fault_latency {
+            1
+        } else if args.counts_only {
+            0
+        } else {
+            args.latency_period
+        },
         ..TracerOptions::default()
     });
     let report = run.report_options(args.threads, args.hist);

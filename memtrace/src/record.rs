@@ -1,11 +1,16 @@
 //! Decoding ring-buffer records (plain bytes in, typed records out).
-use memtrace_common::{FaultRecord, ProcRecord, RecordKind, SlabStackRecord, VmaRecord};
+use memtrace_common::{
+    BatchedFault, FaultBatch, FaultRecord, ProcRecord, RecordKind, SlabStackRecord, VmaRecord,
+    FAULT_BATCH,
+};
 
 #[derive(Clone, Copy, Debug)]
 pub enum Record<'a> {
     /// A fault, and the raw bytes of the frames that follow it (`n_user` user frames, then
     /// `n_kernel` kernel frames, native-endian u64s); empty unless its stacks were walked.
     Fault(FaultRecord, &'a [u8]),
+    /// A CPU's batch of fault records without frames: the bytes of its valid records.
+    FaultBatch(&'a [u8]),
     /// A VMA change, and the bytes that follow it: `stack_copy` bytes of user stack, then the
     /// `n_user` user frames (see [`vma_parts`]).
     Vma(VmaRecord, &'a [u8]),
@@ -18,6 +23,7 @@ impl Record<'_> {
     pub fn time_ns(&self) -> u64 {
         match self {
             Record::Fault(f, _) => f.time_ns,
+            Record::FaultBatch(records) => batch_records(records).last().map_or(0, |f| f.time_ns),
             Record::Vma(v, _) => v.time_ns,
             Record::Proc(p) => p.time_ns,
             Record::SlabStack(s) => s.time_ns,
@@ -30,6 +36,14 @@ pub fn time_of(bytes: &[u8]) -> Option<u64> {
     use std::mem::offset_of;
     let tag = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
     let at = match RecordKind::from_u32(tag)? {
+        // The newest of the batch: the side-band must be read up to it.
+        RecordKind::FaultBatch => {
+            let count = u32::from_ne_bytes(bytes.get(4..8)?.try_into().ok()?) as usize;
+            let last = count.checked_sub(1)?.min(FAULT_BATCH - 1);
+            offset_of!(FaultBatch, records)
+                + last * std::mem::size_of::<BatchedFault>()
+                + offset_of!(BatchedFault, time_ns)
+        }
         RecordKind::Fault => offset_of!(FaultRecord, time_ns),
         RecordKind::Vma => offset_of!(VmaRecord, time_ns),
         RecordKind::Proc => offset_of!(ProcRecord, time_ns),
@@ -75,9 +89,25 @@ pub fn decode(bytes: &[u8]) -> Option<Record<'_>> {
             let rest = bytes.get(header..header.checked_add(len)?)?;
             Some(Record::Vma(rec, rest))
         }
+        RecordKind::FaultBatch => {
+            let count = u32::from_ne_bytes(bytes.get(4..8)?.try_into().ok()?) as usize;
+            if count > FAULT_BATCH {
+                return None;
+            }
+            let from = std::mem::offset_of!(FaultBatch, records);
+            let len = count * std::mem::size_of::<BatchedFault>();
+            bytes.get(from..from + len).map(Record::FaultBatch)
+        }
         RecordKind::Proc => read(bytes).map(Record::Proc),
         RecordKind::SlabStack => read(bytes).map(Record::SlabStack),
     }
+}
+
+/// The fault records of a batch's bytes ([`Record::FaultBatch`]).
+pub fn batch_records(bytes: &[u8]) -> impl Iterator<Item = BatchedFault> + '_ {
+    bytes
+        .chunks_exact(std::mem::size_of::<BatchedFault>())
+        .filter_map(read::<BatchedFault>)
 }
 
 /// The stack copy and the frame bytes of a VMA record's trailing bytes.

@@ -16,7 +16,7 @@ use crate::{
         Access, AccessCounts, CallsiteFaults, Cause, Counts, FaultKind, LatencySummary,
         ProcessFaults, SiteStats,
     },
-    loader::KernelCounters,
+    loader::{FaultRecords, KernelCounters},
     stacks::{StackId, StackTree, UserFrame, UserStack},
     symbolize::{Frame, MergePath, Symbolizer},
 };
@@ -80,6 +80,11 @@ pub struct ProcessReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel: Option<KernelFaults>,
     pub latency_ns: KindLatency,
+    /// Faults the kernel counted for the process's threads with no fault exception of theirs
+    /// (get_user_pages on their behalf), from the threads' own counters; not in
+    /// `minor`/`major`, which have addresses, stacks and access types.
+    #[serde(skip_serializing_if = "KernelFaults::is_zero")]
+    pub faulted_in_by_kernel: KernelFaults,
     pub threads: Vec<ThreadReport>,
     pub mappings: Vec<ClassReport>,
     pub access: Vec<AccessReport>,
@@ -166,6 +171,11 @@ pub struct FaultReport {
     /// Rows in `processes` before `--top` cut the list.
     pub processes_total: usize,
     pub processes: Vec<ProcessReport>,
+    /// How fault latency was measured: which faults have a latency in the figures.
+    pub latency_sampling: LatencySampling,
+    /// Faults recorded at entry that the kernel did not account (it failed them: a bad
+    /// address, a fatal signal): not counted anywhere else.
+    pub faults_not_accounted: u64,
     /// Callsites before `--top` cut the list.
     pub callsites_total: usize,
     pub callsites: Vec<CallsiteReport>,
@@ -188,6 +198,37 @@ pub struct FaultReport {
     pub rss_threads: Vec<RssThreadReport>,
     /// What memtrace itself cost, as of this report.
     pub agent: AgentStats,
+}
+
+/// Which faults' latencies the figures hold.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct LatencySampling {
+    /// `entry`: records are sent as each fault begins, and the kernel's accounting marks the
+    /// completions measured; `accounting`: records are sent at the accounting, every fault
+    /// with its latency.
+    pub records_at: &'static str,
+    /// One minor fault in this many has its latency measured (1: every one; 0: none).
+    pub minor_period: u32,
+    /// One major fault in this many (always 1 when traced).
+    pub major_period: u32,
+    /// Latencies measured, minor and major.
+    pub minor_samples: u64,
+    pub major_samples: u64,
+}
+
+impl LatencySampling {
+    /// For people: what the latency columns are made of.
+    pub fn describe(&self) -> String {
+        let minor = match self.minor_period {
+            0 => "minor faults not measured (--counts-only)".to_string(),
+            1 => "every minor fault".to_string(),
+            n => format!(
+                "minor faults sampled, 1 in {n} ({} samples)",
+                self.minor_samples
+            ),
+        };
+        format!("latency: {minor}; every major fault")
+    }
 }
 
 /// One thread's changes of its process's anonymous RSS (`kmem:rss_stat`, per-CPU batched:
@@ -214,12 +255,15 @@ pub struct KernelCountsReport {
     pub processes: u64,
     pub kernel: KernelFaults,
     pub memtrace: KernelFaults,
+    /// Faults the threads' own counters show the kernel faulted in for them without a fault
+    /// exception (get_user_pages), when faults are recorded at entry: most of the difference.
+    pub faulted_in_by_kernel: KernelFaults,
     pub note: &'static str,
 }
 
 const KERNEL_COUNTS_NOTE: &str = "the kernel also counts faults it takes on a process's behalf \
-     (get_user_pages: execve copying arguments, O_DIRECT I/O, ptrace), which raise no fault \
-     event: memtrace cannot attribute those";
+     (get_user_pages: execve copying arguments, MAP_POPULATE, mlock, O_DIRECT I/O, ptrace), \
+     which raise no fault exception: memtrace cannot attribute those to a callsite";
 
 /// memtrace's own footprint: what an SRE checks before leaving a tracer on a busy host.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -327,6 +371,8 @@ pub struct ReportInput<'a> {
     /// The kernel's counts for the traced command and the descendants it waited for, once
     /// it has been reaped.
     pub command_faults: Option<KernelFaults>,
+    /// How the fault path records, as attached.
+    pub fault_records: crate::loader::FaultRecords,
 }
 
 fn process_report(
@@ -370,6 +416,10 @@ fn process_report(
         kernel_mode: p.kernel_mode,
         exited,
         kernel,
+        faulted_in_by_kernel: KernelFaults {
+            minor: p.without_exception.minor,
+            major: p.without_exception.major,
+        },
         latency_ns: KindLatency {
             minor: p.latency[0].summary(),
             major: p.latency[1].summary(),
@@ -628,6 +678,11 @@ fn loss_table(c: &KernelCounters, stats: &crate::collector::CollectorStats) -> V
             "entry_missed",
             c.entry_missed,
             "fault entry not seen: no latency or access type",
+        ),
+        loss(
+            "completion_without_entry",
+            stats.done_without_entry,
+            "fault completion whose entry record was missing: no latency",
         ),
         loss(
             "pending_fault_map_full",
@@ -996,6 +1051,23 @@ pub fn build(
     drop(sites);
     symbolizer.finish();
 
+    let stats = &collector.stats;
+    let latency_sampling = match input.fault_records {
+        FaultRecords::AtEntry { latency_period } => LatencySampling {
+            records_at: "entry",
+            minor_period: latency_period,
+            major_period: 1,
+            minor_samples: stats.latency_samples[0],
+            major_samples: stats.latency_samples[1],
+        },
+        FaultRecords::AtAccounting | FaultRecords::None => LatencySampling {
+            records_at: "accounting",
+            minor_period: 1,
+            major_period: 1,
+            minor_samples: total.minor,
+            major_samples: total.major,
+        },
+    };
     FaultReport {
         scope,
         duration_s: input.elapsed.as_secs_f64(),
@@ -1005,6 +1077,8 @@ pub fn build(
         process_count,
         processes_total,
         processes,
+        latency_sampling,
+        faults_not_accounted: stats.faults_unaccounted,
         callsites_total,
         callsites,
         lost: LostReport {
@@ -1037,6 +1111,7 @@ fn kernel_counts(
                 minor: total.minor,
                 major: total.major,
             },
+            faulted_in_by_kernel: sum_faulted_in(processes.iter()),
             note: KERNEL_COUNTS_NOTE,
         });
     }
@@ -1047,6 +1122,7 @@ fn kernel_counts(
         processes: 0,
         kernel: KernelFaults::default(),
         memtrace: KernelFaults::default(),
+        faulted_in_by_kernel: KernelFaults::default(),
         note: KERNEL_COUNTS_NOTE,
     };
     for p in counted {
@@ -1056,8 +1132,19 @@ fn kernel_counts(
         report.kernel.major += k.major;
         report.memtrace.minor += p.minor;
         report.memtrace.major += p.major;
+        report.faulted_in_by_kernel.minor += p.faulted_in_by_kernel.minor;
+        report.faulted_in_by_kernel.major += p.faulted_in_by_kernel.major;
     }
     Some(report)
+}
+
+fn sum_faulted_in<'a>(processes: impl Iterator<Item = &'a ProcessReport>) -> KernelFaults {
+    let mut sum = KernelFaults::default();
+    for p in processes {
+        sum.minor += p.faulted_in_by_kernel.minor;
+        sum.major += p.faulted_in_by_kernel.major;
+    }
+    sum
 }
 
 fn ns(v: u64) -> String {
@@ -1117,6 +1204,7 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
         },
         r.lost.events
     );
+    let _ = writeln!(out, "{}", r.latency_sampling.describe());
     let _ = writeln!(
         out,
         "\n{:>8} {:<16} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9}  TOP MAPPINGS",
@@ -1220,10 +1308,19 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
         }
     }
     if let Some(k) = &r.kernel_counts {
+        let by_kernel = if k.faulted_in_by_kernel.is_zero() {
+            String::new()
+        } else {
+            format!(
+                ", and the threads' own counters show {} minor, {} major faulted in by the \
+                 kernel without a fault of theirs",
+                k.faulted_in_by_kernel.minor, k.faulted_in_by_kernel.major
+            )
+        };
         let _ = writeln!(
             out,
             "\nKernel's own count ({}, {} process(es)): {} minor, {} major; memtrace saw {} minor, \
-             {} major. The difference: {}.",
+             {} major{by_kernel}. The difference: {}.",
             k.source,
             k.processes,
             k.kernel.minor,
@@ -1231,6 +1328,14 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
             k.memtrace.minor,
             k.memtrace.major,
             k.note
+        );
+    }
+    if r.faults_not_accounted > 0 {
+        let _ = writeln!(
+            out,
+            "\n{} fault(s) began but the kernel did not account them (a bad address, a fatal \
+             signal): not counted.",
+            r.faults_not_accounted
         );
     }
     let lost: Vec<String> = r
@@ -1341,6 +1446,7 @@ mod tests {
             .or_default()
             .record(&fault, false);
         let input = ReportInput {
+            fault_records: crate::loader::FaultRecords::AtAccounting,
             collector: &collector,
             counters: KernelCounters {
                 ringbuf_full_fault: 3,
@@ -1416,6 +1522,7 @@ mod tests {
     ) -> FaultReport {
         let interval = since.is_some();
         let input = ReportInput {
+            fault_records: crate::loader::FaultRecords::AtAccounting,
             collector,
             counters,
             command_faults: None,

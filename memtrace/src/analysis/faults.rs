@@ -224,7 +224,12 @@ impl Analysis for FaultsAnalysis {
     }
 
     fn report(&mut self, ctx: &ReportContext<'_>) -> FaultReport {
+        if ctx.kind == ReportKind::Final {
+            // A thread's last fault settles at its next one: ask /proc for those still open.
+            self.collector.flush_pending(None, true);
+        }
         let input = ReportInput {
+            fault_records: ctx.tracer.fault_records,
             collector: &self.collector,
             counters: ctx.tracer.counters(),
             elapsed: ctx.elapsed,
