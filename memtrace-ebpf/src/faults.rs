@@ -521,6 +521,12 @@ fn emit_walked<C: EbpfContext>(ctx: &C, mut header: FaultRecord, user_sp: Option
     header.flags |= FAULT_STACK_WALKED;
     header.n_user = n_user as u16;
     header.n_kernel = n_kernel as u16;
+    if header.flags & FAULT_AT_ENTRY != 0 {
+        // The fault's latency is measured from here: the walk is the tracer's time, not the
+        // fault's.
+        // SAFETY: no preconditions.
+        header.time_ns = unsafe { bpf_ktime_get_ns() };
+    }
     buf.header = header;
     let len = core::mem::size_of::<FaultRecord>() + 8 * (n_user + n_kernel) as usize;
     if len > core::mem::size_of_val(buf) {

@@ -701,6 +701,15 @@ impl<S: ProcSource> Collector<S> {
         }
     }
 
+    /// Records read from the CPUs' batches at the end of a run, oldest first.
+    pub fn on_leftovers(&mut self, records: &[BatchedFault]) {
+        for f in records {
+            self.stats.records += 1;
+            self.settle(f.time_ns);
+            self.on_batched(f);
+        }
+    }
+
     /// A record from a CPU's batch: a fault's entry, or a completion.
     fn on_batched(&mut self, f: &BatchedFault) {
         if f.flags & FAULT_COMPLETION != 0 {
@@ -909,7 +918,8 @@ impl<S: ProcSource> Collector<S> {
             },
             kernel_mode: r.flags & FAULT_KERNEL_MODE != 0,
             address: r.address,
-            latency_ns: has_entry.then_some(r.latency_ns),
+            // A record at entry has none yet: its completion brings it, if it is measured.
+            latency_ns: (has_entry && r.flags & FAULT_AT_ENTRY == 0).then_some(r.latency_ns),
             access,
             cause,
             user_stack,
@@ -1481,6 +1491,48 @@ mod tests {
         }
     }
 
+    /// A fault's record at entry, from thread `tid` of process 1 whose counters read
+    /// (`minor`, `major`) as it began.
+    fn entry(tid: u32, address: u64, time_ns: u64, minor: u64, major: u64) -> BatchedFault {
+        BatchedFault {
+            flags: FAULT_AT_ENTRY | FAULT_HAS_ENTRY,
+            pid: 1,
+            tid,
+            error_code: 0x6,
+            address,
+            time_ns,
+            stack_token: 0,
+            thread_faults: memtrace_common::pack_thread_faults(minor, major),
+        }
+    }
+
+    fn completion(tid: u32, address: u64, time_ns: u64, major: bool) -> BatchedFault {
+        BatchedFault {
+            flags: FAULT_COMPLETION | if major { FAULT_MAJOR } else { 0 },
+            pid: 1,
+            tid,
+            address,
+            time_ns,
+            ..BatchedFault::default()
+        }
+    }
+
+    fn batch(records: &[BatchedFault]) -> Vec<u8> {
+        records
+            .iter()
+            .flat_map(|r| {
+                // SAFETY: `BatchedFault` is Pod (no padding); the slice covers exactly `r`.
+                unsafe {
+                    std::slice::from_raw_parts(
+                        (r as *const BatchedFault).cast::<u8>(),
+                        std::mem::size_of::<BatchedFault>(),
+                    )
+                }
+                .to_vec()
+            })
+            .collect()
+    }
+
     fn fault(pid: u32, address: u64, flags: u32) -> Record<'static> {
         Record::Fault(fault_rec(pid, address, flags), &[])
     }
@@ -1924,5 +1976,80 @@ mod tests {
         c.sweep_now();
         assert!(c.processes.is_empty());
         assert_eq!(&*c.exited[0].comm, "[unknown]");
+    }
+
+    #[test]
+    fn faults_at_entry_count_by_the_threads_own_counters() {
+        let mut c = Collector::new(Fake);
+        let heap = 0x0100_0000;
+        // Thread 1: three faults, each accounted as minor (its counter grows by one each).
+        // The last waits for the next record, or the final flush.
+        // Thread 2: a fault the kernel failed (counters unchanged at the next one), then
+        // one that was major (a completion), then one with two faults the kernel took for
+        // it in between (get_user_pages).
+        let records = [
+            entry(1, heap, 100, 10, 0),
+            entry(2, heap + 0x1000, 110, 5, 0),
+            entry(1, heap + 0x2000, 200, 11, 0),
+            entry(2, heap + 0x3000, 210, 5, 0),
+            completion(2, heap + 0x3000, 5_210, true),
+            entry(1, heap + 0x4000, 300, 12, 0),
+            entry(2, heap + 0x5000, 6_000, 5, 1),
+            entry(2, heap + 0x6000, 7_000, 8, 1),
+        ];
+        c.on_record(Record::FaultBatch(&batch(&records)));
+        let p = &c.processes[&1].faults;
+        // Before the flush: thread 1's first two, thread 2's major and its third fault.
+        assert_eq!((p.counts.minor, p.counts.major), (3, 1));
+        assert_eq!(p.without_exception.minor, 2);
+        assert_eq!(c.stats.faults_unaccounted, 1);
+        assert_eq!(p.latency[1].summary().count, 1);
+        // The histogram keeps 2 significant figures.
+        assert!((4_950..=5_050).contains(&p.latency[1].summary().max));
+        c.flush_pending(None, false);
+        let p = &c.processes[&1].faults;
+        assert_eq!((p.counts.minor, p.counts.major), (5, 1));
+        assert_eq!(p.threads[&1].minor, 3);
+        assert_eq!((p.threads[&2].minor, p.threads[&2].major), (2, 1));
+        // Only the major fault was measured: minor latencies come with their completions.
+        assert_eq!(p.latency[0].summary().count, 0);
+        // Counted at the flush: the next record's growth starts after it.
+        c.on_record(Record::FaultBatch(&batch(&[entry(1, heap, 400, 13, 0)])));
+        assert_eq!(c.processes[&1].faults.without_exception.minor, 2);
+        assert_eq!(c.stats.faults_unaccounted, 1);
+    }
+
+    #[test]
+    fn a_completion_before_its_entry_waits_for_it() {
+        // A major fault that slept and finished on another CPU: that CPU's batch went out
+        // first.
+        let mut c = Collector::new(Fake);
+        let heap = 0x0100_0000;
+        c.on_record(Record::FaultBatch(&batch(&[completion(
+            3, heap, 9_000, true,
+        )])));
+        c.on_record(Record::FaultBatch(&batch(&[
+            entry(3, heap, 1_000, 0, 0),
+            entry(3, heap + 0x1000, 10_000, 0, 1),
+        ])));
+        let p = &c.processes[&1].faults;
+        assert_eq!(p.counts.major, 1);
+        assert!((7_950..=8_050).contains(&p.latency[1].summary().max));
+        assert_eq!(c.stats.done_without_entry, 0);
+    }
+
+    #[test]
+    fn a_reused_tid_does_not_read_as_negative_growth() {
+        let mut c = Collector::new(Fake);
+        let heap = 0x0100_0000;
+        c.on_record(Record::FaultBatch(&batch(&[
+            entry(4, heap, 100, 900, 0),
+            // Another thread with the same tid: its counters start again.
+            entry(4, heap + 0x1000, 200, 2, 0),
+        ])));
+        let p = &c.processes[&1].faults;
+        assert_eq!(p.counts.minor, 1);
+        assert_eq!(p.without_exception.minor, 0);
+        assert_eq!(c.stats.faults_unaccounted, 0);
     }
 }

@@ -15,6 +15,7 @@ pub mod fault;
 pub mod hooks;
 pub mod ksyms;
 pub mod loader;
+pub mod perf;
 pub mod procmem;
 pub mod record;
 pub mod report;

@@ -17,6 +17,7 @@ use memtrace_common::{counter, Config, OFFSET_UNKNOWN};
 use crate::{
     btf::{self, Btf},
     hooks::{self, Hook, HookGroup, HookPoint, PerfPeriod},
+    perf::SampledEvent,
     ring::Ring,
     tracefs, Error,
 };
@@ -133,6 +134,16 @@ pub struct Tracer {
     pub degraded: Vec<Degraded>,
     /// How page faults are recorded, as attached.
     pub fault_records: FaultRecords,
+    /// The minor-fault completion events of the latency sample, when attached.
+    latency_events: Option<LatencyEvents>,
+}
+
+struct LatencyEvents {
+    events: SampledEvent,
+    /// The configured period (the mean of the drawn ones).
+    period: u32,
+    /// xorshift state.
+    draw: u64,
 }
 
 /// An optional hook left out: the run goes on without what it gives.
@@ -246,6 +257,7 @@ fn attach_hook(
     opts: &TracerOptions,
     cpus: &[u32],
     btf: &mut Option<Result<Btf, String>>,
+    latency_events: &mut Option<SampledEvent>,
 ) -> Result<AttachMethod, Error> {
     match hook.point {
         HookPoint::Tracepoint {
@@ -304,6 +316,30 @@ fn attach_hook(
             }
             let pe: &mut PerfEvent = program(ebpf, hook.program)?;
             pe.load().map_err(|e| load_error(hook.program, e))?;
+            if let HookPoint::PerfSoftware {
+                config,
+                period: PerfPeriod::LatencySample,
+                ..
+            } = hook.point
+            {
+                // Opened here, not by aya, to keep the fds: the period is re-drawn as it runs.
+                let prog_fd = pe.fd().map_err(|e| load_error(hook.program, e))?;
+                let events = SampledEvent::attach(
+                    config,
+                    u64::from(period),
+                    cpus,
+                    prog_fd.as_fd().as_raw_fd(),
+                )
+                .map_err(|e| Error::Attach {
+                    what: format!("perf software event {event:?}"),
+                    reason: e.to_string(),
+                })?;
+                *latency_events = Some(events);
+                return Ok(AttachMethod::PerfEventPerCpu {
+                    cpus: cpus.len(),
+                    period,
+                });
+            }
             for &cpu in cpus {
                 pe.attach(
                     PerfEventConfig::Software(event),
@@ -335,9 +371,10 @@ fn attach_group(
     btf: &mut Option<Result<Btf, String>>,
     attach_methods: &mut Vec<(String, AttachMethod)>,
     degraded: &mut Vec<Degraded>,
+    latency_events: &mut Option<SampledEvent>,
 ) -> Result<(), Error> {
     for hook in group.hooks {
-        match attach_hook(ebpf, tracefs, hook, opts, cpus, btf) {
+        match attach_hook(ebpf, tracefs, hook, opts, cpus, btf, latency_events) {
             Ok(method) => attach_methods.push((hook.describe(), method)),
             Err(e) if hook.optional => degraded.push(Degraded {
                 hook: hook.describe(),
@@ -514,6 +551,7 @@ impl Tracer {
         let mut attach_methods = Vec::new();
         let mut degraded = Vec::new();
         let mut fault_records = FaultRecords::None;
+        let mut latency_events = None;
         for &group in groups {
             if group.name == hooks::FAULTS.name && task_offsets.is_some() {
                 let mut attached = Vec::new();
@@ -526,6 +564,7 @@ impl Tracer {
                     &mut btf,
                     &mut attached,
                     &mut degraded,
+                    &mut latency_events,
                 ) {
                     Ok(()) => {
                         attach_methods.append(&mut attached);
@@ -545,6 +584,7 @@ impl Tracer {
                     }
                     Err(e) => {
                         // Detach what did attach; the accounting hooks take over.
+                        latency_events = None;
                         for hook in hooks::FAULTS_AT_ENTRY.hooks {
                             unload(&mut ebpf, hook.program);
                         }
@@ -574,6 +614,7 @@ impl Tracer {
                 &mut btf,
                 &mut attach_methods,
                 &mut degraded,
+                &mut latency_events,
             )?;
         }
 
@@ -596,7 +637,36 @@ impl Tracer {
             attach_methods,
             degraded,
             fault_records,
+            latency_events: latency_events.map(|events| LatencyEvents {
+                events,
+                period: opts.latency_period,
+                draw: monotonic_ns() | 1,
+            }),
         })
+    }
+
+    /// Draws the minor-fault latency sample's period again, so that the sampling rate is
+    /// uniform in [0.5/P, 1.5/P) around the configured one in P: each CPU's event then runs
+    /// its program on every k-th fault with k changing every draw, so no periodic pattern of
+    /// faults can line up with the sample for long, and the mean rate stays one in P. Call it
+    /// about once a second.
+    pub fn vary_latency_period(&mut self) {
+        let Some(l) = self.latency_events.as_mut() else {
+            return;
+        };
+        if l.period < 4 {
+            return;
+        }
+        // xorshift64: no quality needed beyond not repeating with the faults' patterns.
+        l.draw ^= l.draw << 13;
+        l.draw ^= l.draw >> 7;
+        l.draw ^= l.draw << 17;
+        // The rate, not the period, is drawn uniform in [0.5/P, 1.5/P): its mean is 1/P.
+        let p = u64::from(l.period);
+        let period = (p << 16) / ((1 << 15) + l.draw % (1 << 16));
+        if let Err(e) = l.events.set_period(period) {
+            log::debug!("latency sample period: {e}");
+        }
     }
 
     /// Adds a process to trace (with `filter_pids`).

@@ -207,7 +207,9 @@ pub struct LatencySampling {
     /// completions measured; `accounting`: records are sent at the accounting, every fault
     /// with its latency.
     pub records_at: &'static str,
-    /// One minor fault in this many has its latency measured (1: every one; 0: none).
+    /// One minor fault in this many has its latency measured, on average (1: every one;
+    /// 0: none). The period each CPU's event uses is drawn again every second, so that the
+    /// rate is uniform in [0.5, 1.5) times one in this.
     pub minor_period: u32,
     /// One major fault in this many (always 1 when traced).
     pub major_period: u32,
@@ -223,7 +225,7 @@ impl LatencySampling {
             0 => "minor faults not measured (--counts-only)".to_string(),
             1 => "every minor fault".to_string(),
             n => format!(
-                "minor faults sampled, 1 in {n} ({} samples)",
+                "minor faults sampled at random, 1 in {n} on average ({} measured)",
                 self.minor_samples
             ),
         };

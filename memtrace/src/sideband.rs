@@ -9,14 +9,17 @@
 //! newer (see [`crate::collector::Collector::queue_side`]).
 use foldhash::HashSet;
 use std::{
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
 };
 
-use crate::addrspace::Vma;
+use crate::{
+    addrspace::Vma,
+    perf::{open_on_cpu, PerfEventAttr, PERF_TYPE_SOFTWARE},
+};
 
 /// A side-band event, ready for the collector.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,11 +52,9 @@ pub enum SidebandError {
 }
 
 // Kernel ABI (include/uapi/linux/perf_event.h).
-const PERF_TYPE_SOFTWARE: u32 = 1;
 const PERF_COUNT_SW_DUMMY: u64 = 9;
 const PERF_SAMPLE_TID: u64 = 1 << 1;
 const PERF_SAMPLE_TIME: u64 = 1 << 2;
-const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
 // perf_event_attr flag bits.
 const ATTR_MMAP: u64 = 1 << 8;
 const ATTR_COMM: u64 = 1 << 9;
@@ -78,36 +79,6 @@ const SAMPLE_ID_LEN: usize = 16;
 /// mmap protection bits and the mapping flag perf reports.
 const PROT_EXEC: u32 = 0x4;
 const MAP_SHARED: u32 = 0x1;
-
-/// `struct perf_event_attr` as of PERF_ATTR_SIZE_VER8; older kernels accept it as long as the
-/// fields they do not know are zero.
-#[repr(C)]
-#[derive(Default)]
-struct PerfEventAttr {
-    kind: u32,
-    size: u32,
-    config: u64,
-    sample_period: u64,
-    sample_type: u64,
-    read_format: u64,
-    flags: u64,
-    wakeup_watermark: u32,
-    bp_type: u32,
-    config1: u64,
-    config2: u64,
-    branch_sample_type: u64,
-    sample_regs_user: u64,
-    sample_stack_user: u32,
-    clockid: i32,
-    sample_regs_intr: u64,
-    aux_watermark: u32,
-    sample_max_stack: u16,
-    reserved_2: u16,
-    aux_sample_size: u32,
-    reserved_3: u32,
-    sig_data: u64,
-    config3: u64,
-}
 
 /// One CPU's perf ring: a metadata page, then `data_size` bytes of records.
 struct PerfRing {
@@ -138,26 +109,7 @@ impl PerfRing {
             clockid: libc::CLOCK_MONOTONIC,
             ..PerfEventAttr::default()
         };
-        // SAFETY: a valid, fully initialized attr that outlives the call; pid -1 with a CPU
-        // means every process on that CPU; no group; the flags are valid.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_perf_event_open,
-                &attr as *const PerfEventAttr,
-                -1 as libc::pid_t,
-                cpu as libc::c_int,
-                -1 as libc::c_int,
-                PERF_FLAG_FD_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(SidebandError::Open {
-                cpu,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: the kernel just returned this fd and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let fd = open_on_cpu(&attr, cpu).map_err(|source| SidebandError::Open { cpu, source })?;
         let page = page_size();
         let map_len = page + data_bytes;
         // SAFETY: a fresh shared mapping of the perf fd, which the kernel sizes to one metadata

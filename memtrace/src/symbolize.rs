@@ -603,6 +603,7 @@ impl Symbolizer {
 
     /// Symbolizes a kernel stack (innermost first) with /proc/kallsyms.
     pub fn kernel_stack(&mut self, ips: &[u64]) -> Vec<Frame> {
+        let ips = self.past_fault_entry(ips);
         let mut out = Vec::with_capacity(ips.len());
         for &ip in ips {
             self.ensure_kernel(ip);
@@ -612,8 +613,29 @@ impl Symbolizer {
         out
     }
 
+    /// A kernel stack taken at the fault's entry tracepoint starts in the tracing code and the
+    /// exception entry (the program, `bpf_trace_run3`, `exc_page_fault`,
+    /// `asm_exc_page_fault`): the frames from the faulting function on.
+    fn past_fault_entry<'a>(&mut self, ips: &'a [u64]) -> &'a [u64] {
+        const ENTRY_FRAMES: usize = 8;
+        for (i, &ip) in ips.iter().enumerate().take(ENTRY_FRAMES) {
+            self.ensure_kernel(ip);
+            let is_entry = self.kernel_cache.get(&ip).is_some_and(|sym| {
+                sym.frames.iter().any(|f| {
+                    f.function
+                        .is_some_and(|id| self.strings.get(id) == "asm_exc_page_fault")
+                })
+            });
+            if is_entry {
+                return &ips[i + 1..];
+            }
+        }
+        ips
+    }
+
     /// [`Symbolizer::user_ids`] for a kernel stack.
     pub fn kernel_ids(&mut self, ips: &[u64], out: &mut Vec<u32>) {
+        let ips = self.past_fault_entry(ips);
         for &ip in ips {
             self.ensure_kernel(ip);
             if let Some(sym) = self.kernel_cache.get(&ip) {

@@ -5,7 +5,7 @@ use crate::{
     collector::Collector,
     engine::{self, process_alive, Analysis, ReportContext, ReportKind, DRAIN_BATCH, DRAIN_BUDGET},
     hooks::{self, HookGroup},
-    loader::Tracer,
+    loader::{FaultRecords, Tracer},
     report::{self, FaultReport, IntervalBaseline, ReportInput, ReportOptions},
     ring::Ring,
     sideband::{self, Sideband},
@@ -28,7 +28,11 @@ pub struct FaultsAnalysis {
     last_ahead: Instant,
     /// `kmem:rss_stat` per thread (`memtrace watch --trace`): the map, once loaded.
     rss: Option<Option<RssThreads>>,
+    /// Each CPU's batch of fault records not yet written to the ring (records at entry).
+    batches: Option<FaultBatches>,
 }
+
+type FaultBatches = aya::maps::PerCpuArray<aya::maps::MapData, memtrace_common::FaultBatch>;
 
 type RssThreads = aya::maps::HashMap<aya::maps::MapData, u32, memtrace_common::RssThread>;
 
@@ -54,6 +58,7 @@ impl FaultsAnalysis {
             tree_seen: 0,
             last_ahead: Instant::now(),
             rss: None,
+            batches: None,
         }
     }
 
@@ -153,6 +158,11 @@ impl Analysis for FaultsAnalysis {
                 aya::maps::HashMap::try_from(map).map_err(|e| Error::Map(e.to_string()))?,
             ));
         }
+        if matches!(tracer.fault_records, FaultRecords::AtEntry { .. }) {
+            let map = tracer.take_map("FAULT_BATCHES")?;
+            self.batches =
+                Some(aya::maps::PerCpuArray::try_from(map).map_err(|e| Error::Map(e.to_string()))?);
+        }
         self.collector.follow_all = system_wide;
         // Opened before any command starts, so its exec and first mappings are recorded.
         match Sideband::open() {
@@ -225,6 +235,19 @@ impl Analysis for FaultsAnalysis {
 
     fn report(&mut self, ctx: &ReportContext<'_>) -> FaultReport {
         if ctx.kind == ReportKind::Final {
+            // The last records of each CPU may still wait in its batch (a CPU that went quiet
+            // writes its batch out at its next fault): read them where they are.
+            if let Some(batches) = &self.batches {
+                if let Ok(per_cpu) = batches.get(&0, 0) {
+                    let mut left: Vec<memtrace_common::BatchedFault> = per_cpu
+                        .iter()
+                        .flat_map(|b| b.records.iter().take((b.count as usize).min(b.records.len())))
+                        .copied()
+                        .collect();
+                    left.sort_by_key(|f| f.time_ns);
+                    self.collector.on_leftovers(&left);
+                }
+            }
             // A thread's last fault settles at its next one: ask /proc for those still open.
             self.collector.flush_pending(None, true);
         }
