@@ -387,7 +387,7 @@ pub struct StackCacheSlot {
 }
 
 /// A walk serves this many faults (itself and its hits) on average (a power of two).
-pub const STACK_REWALK_MEAN: u32 = 32;
+pub const STACK_REWALK_MEAN: u32 = 128;
 
 impl StackCacheSlot {
     /// The token of the cached walk for a fault with these registers, or `None` when the
@@ -484,8 +484,8 @@ pub mod counter {
     pub const PENDING_FULL: u32 = 5;
     /// Child processes not followed because the target map was full.
     pub const TARGETS_FULL: u32 = 6;
-    /// User stacks reused from the per-CPU cache instead of walked.
-    pub const STACK_CACHE_HITS: u32 = 7;
+    /// Unused (was: user stacks reused from the cache; the agent counts those now).
+    pub const UNUSED_7: u32 = 7;
     /// Syscall entries not stashed (map full).
     pub const SYSCALL_PENDING_FULL: u32 = 8;
     /// Slab allocations not tracked: the outstanding-object table was full.

@@ -560,7 +560,7 @@ fn emit_user_cached<C: EbpfContext>(ctx: &C, mut header: FaultRecord, bp: u64, s
     }
 }
 
-/// The token of this CPU's cached walk for a fault at these registers (counted as a hit), or
+/// The token of this CPU's cached walk for a fault at these registers, or
 /// the cache slot to fill with a fresh walk (`None`: no slot).
 #[inline(always)]
 fn cached_stack(pid: u32, ip: u64, bp: u64, sp: u64) -> Result<u64, Option<u32>> {
@@ -570,13 +570,9 @@ fn cached_stack(pid: u32, ip: u64, bp: u64, sp: u64) -> Result<u64, Option<u32>>
     };
     // SAFETY: per-CPU slot from a successful lookup; BPF programs are not preempted.
     let cache = unsafe { &mut *slot };
-    match cache.lookup(pid, ip, bp, sp) {
-        Some(token) => {
-            bump(counter::STACK_CACHE_HITS);
-            Ok(token)
-        }
-        None => Err(Some(slot_index)),
-    }
+    // A hit is not counted here (a counter update per fault): the agent counts the records
+    // that carry FAULT_STACK_REUSED.
+    cache.lookup(pid, ip, bp, sp).ok_or(Some(slot_index))
 }
 
 /// Walks the stack of a user-mode fault, sends its record, and caches the walk in

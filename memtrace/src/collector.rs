@@ -311,6 +311,8 @@ pub struct CollectorStats {
     pub done_without_entry: u64,
     /// Latencies measured from entry to the kernel's accounting, minor and major.
     pub latency_samples: [u64; 2],
+    /// Faults whose user stack was a cached walk's (not walked again).
+    pub stack_reused: u64,
 }
 
 pub struct Collector<S: ProcSource = Procfs> {
@@ -898,6 +900,7 @@ impl<S: ProcSource> Collector<S> {
                 });
             (user, kernel)
         } else if r.flags & FAULT_STACK_REUSED != 0 {
+            self.stats.stack_reused += 1;
             let user = self.reused.resolve(r.stack_token, r.pid);
             if user.is_none() {
                 self.stats.stack_unresolved += 1;

@@ -114,7 +114,6 @@ pub struct KernelCounters {
     pub entry_missed: u64,
     pub pending_full: u64,
     pub targets_full: u64,
-    pub stack_cache_hits: u64,
     pub syscall_pending_full: u64,
     /// Mapping syscalls whose saved user registers were not found.
     pub syscall_args_unread: u64,
@@ -138,12 +137,98 @@ pub struct Tracer {
     latency_events: Option<LatencyEvents>,
 }
 
+/// The minor-fault completion events of the latency sample.
 struct LatencyEvents {
-    events: SampledEvent,
-    /// The configured period (the mean of the drawn ones).
+    /// Open while measuring: always without windows, during a window with them.
+    events: Option<SampledEvent>,
+    /// What opens them: the software event's number, the CPUs, the loaded program.
+    config: u64,
+    cpus: Vec<u32>,
+    prog_fd: std::os::fd::RawFd,
+    /// The period drawn around: the configured one, or the one in a window.
     period: u32,
+    windows: Option<LatencyWindows>,
+    /// Ticks of [`LATENCY_TICK`] so far, and the one of this cycle the events are open.
+    ticks: u64,
+    on_tick: u64,
     /// xorshift state.
     draw: u64,
+}
+
+impl LatencyEvents {
+    /// Opens the events at `period` (enabled at once without windows; in windows, opened once
+    /// to check they can be, then closed until the first window).
+    fn open(
+        config: u64,
+        period: u32,
+        cpus: &[u32],
+        prog_fd: std::os::fd::RawFd,
+    ) -> std::io::Result<Self> {
+        let windows = LatencyWindows::for_period(period);
+        let in_window = windows.map_or(period, |w| w.period_in_window);
+        let events = SampledEvent::attach(config, u64::from(in_window), cpus, prog_fd, true)?;
+        Ok(Self {
+            events: windows.is_none().then_some(events),
+            config,
+            cpus: cpus.to_vec(),
+            prog_fd,
+            period: in_window,
+            windows,
+            ticks: 0,
+            on_tick: 0,
+            draw: monotonic_ns() | 1,
+        })
+    }
+
+    /// xorshift64: no quality needed beyond not repeating with the faults' patterns.
+    fn next_draw(&mut self) -> u64 {
+        self.draw ^= self.draw << 13;
+        self.draw ^= self.draw >> 7;
+        self.draw ^= self.draw << 17;
+        self.draw
+    }
+
+    /// A period drawn so that the sampling rate is uniform in [0.5/P, 1.5/P) around one in
+    /// P: no periodic pattern of faults lines up with the sample for long, and the mean rate
+    /// stays one in P.
+    fn draw_period(&mut self) -> u64 {
+        let p = u64::from(self.period);
+        if p < 4 {
+            return p;
+        }
+        let draw = self.next_draw();
+        (p << 16) / ((1 << 15) + draw % (1 << 16))
+    }
+}
+
+/// How often [`Tracer::latency_tick`] wants to be called.
+pub const LATENCY_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Minor-fault latency measured in windows: the completion events exist for one random
+/// [`LATENCY_TICK`] of every `ticks_per_cycle`, at a period that many times shorter. While any
+/// minor-fault perf event exists, even disabled, every fault's accounting enters the kernel's
+/// software-event code (~3% of the cheapest fault here), so the events are opened for a window
+/// and closed after it: the samples per fault stay one in P on average.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LatencyWindows {
+    pub window_ms: u64,
+    /// One window in this many ticks.
+    pub ticks_per_cycle: u64,
+    /// The mean period while a window is on.
+    pub period_in_window: u32,
+}
+
+impl LatencyWindows {
+    /// Windows for a configured period of `period`, if it is long enough to be split (a
+    /// window's period must stay above a few faults).
+    pub fn for_period(period: u32) -> Option<Self> {
+        const CYCLE: u64 = 10;
+        (period >= 4 * CYCLE as u32).then(|| Self {
+            window_ms: LATENCY_TICK.as_millis() as u64,
+            ticks_per_cycle: CYCLE,
+            period_in_window: period / CYCLE as u32,
+        })
+    }
 }
 
 /// An optional hook left out: the run goes on without what it gives.
@@ -257,7 +342,7 @@ fn attach_hook(
     opts: &TracerOptions,
     cpus: &[u32],
     btf: &mut Option<Result<Btf, String>>,
-    latency_events: &mut Option<SampledEvent>,
+    latency_events: &mut Option<LatencyEvents>,
 ) -> Result<AttachMethod, Error> {
     match hook.point {
         HookPoint::Tracepoint {
@@ -322,18 +407,14 @@ fn attach_hook(
                 ..
             } = hook.point
             {
-                // Opened here, not by aya, to keep the fds: the period is re-drawn as it runs.
+                // Opened here, not by aya, to keep the fds: the period is re-drawn as it runs,
+                // and in windows the events exist only a tenth of the time.
                 let prog_fd = pe.fd().map_err(|e| load_error(hook.program, e))?;
-                let events = SampledEvent::attach(
-                    config,
-                    u64::from(period),
-                    cpus,
-                    prog_fd.as_fd().as_raw_fd(),
-                )
-                .map_err(|e| Error::Attach {
-                    what: format!("perf software event {event:?}"),
-                    reason: e.to_string(),
-                })?;
+                let events = LatencyEvents::open(config, period, cpus, prog_fd.as_fd().as_raw_fd())
+                    .map_err(|e| Error::Attach {
+                        what: format!("perf software event {event:?}"),
+                        reason: e.to_string(),
+                    })?;
                 *latency_events = Some(events);
                 return Ok(AttachMethod::PerfEventPerCpu {
                     cpus: cpus.len(),
@@ -371,7 +452,7 @@ fn attach_group(
     btf: &mut Option<Result<Btf, String>>,
     attach_methods: &mut Vec<(String, AttachMethod)>,
     degraded: &mut Vec<Degraded>,
-    latency_events: &mut Option<SampledEvent>,
+    latency_events: &mut Option<LatencyEvents>,
 ) -> Result<(), Error> {
     for hook in group.hooks {
         match attach_hook(ebpf, tracefs, hook, opts, cpus, btf, latency_events) {
@@ -637,35 +718,50 @@ impl Tracer {
             attach_methods,
             degraded,
             fault_records,
-            latency_events: latency_events.map(|events| LatencyEvents {
-                events,
-                period: opts.latency_period,
-                draw: monotonic_ns() | 1,
-            }),
+            latency_events,
         })
     }
 
-    /// Draws the minor-fault latency sample's period again, so that the sampling rate is
-    /// uniform in [0.5/P, 1.5/P) around the configured one in P: each CPU's event then runs
-    /// its program on every k-th fault with k changing every draw, so no periodic pattern of
-    /// faults can line up with the sample for long, and the mean rate stays one in P. Call it
-    /// about once a second.
-    pub fn vary_latency_period(&mut self) {
+    /// The latency sample's windows, when the events are on only part of the time.
+    pub fn latency_windows(&self) -> Option<LatencyWindows> {
+        self.latency_events.as_ref().and_then(|l| l.windows)
+    }
+
+    /// Moves the minor-fault latency sample on: call it every [`LATENCY_TICK`]. In windows,
+    /// opens the events for one random tick of each cycle (the first tick of the first cycle,
+    /// so a short command is measured too) and closes them after it, with a period drawn
+    /// afresh each time; without windows, draws the period again once a cycle.
+    pub fn latency_tick(&mut self) {
         let Some(l) = self.latency_events.as_mut() else {
             return;
         };
-        if l.period < 4 {
+        let cycle = l.windows.map_or(10, |w| w.ticks_per_cycle);
+        let tick = l.ticks % cycle;
+        if tick == 0 && l.ticks > 0 {
+            l.on_tick = l.next_draw() % cycle;
+        }
+        l.ticks += 1;
+        if l.windows.is_none() {
+            if tick == 0 {
+                let period = l.draw_period();
+                if let Some(Err(e)) = l.events.as_ref().map(|e| e.set_period(period)) {
+                    log::debug!("latency sample period: {e}");
+                }
+            }
             return;
         }
-        // xorshift64: no quality needed beyond not repeating with the faults' patterns.
-        l.draw ^= l.draw << 13;
-        l.draw ^= l.draw >> 7;
-        l.draw ^= l.draw << 17;
-        // The rate, not the period, is drawn uniform in [0.5/P, 1.5/P): its mean is 1/P.
-        let p = u64::from(l.period);
-        let period = (p << 16) / ((1 << 15) + l.draw % (1 << 16));
-        if let Err(e) = l.events.set_period(period) {
-            log::debug!("latency sample period: {e}");
+        let want = tick == l.on_tick;
+        if want == l.events.is_some() {
+            return;
+        }
+        if want {
+            let period = l.draw_period();
+            match SampledEvent::attach(l.config, period, &l.cpus, l.prog_fd, true) {
+                Ok(events) => l.events = Some(events),
+                Err(e) => log::debug!("latency sample window: {e}"),
+            }
+        } else {
+            l.events = None;
         }
     }
 
@@ -712,7 +808,6 @@ impl Tracer {
             entry_missed: sum(counter::ENTRY_MISSED),
             pending_full: sum(counter::PENDING_FULL),
             targets_full: sum(counter::TARGETS_FULL),
-            stack_cache_hits: sum(counter::STACK_CACHE_HITS),
             syscall_pending_full: sum(counter::SYSCALL_PENDING_FULL),
             syscall_args_unread: sum(counter::SYSCALL_ARGS_UNREAD),
         }

@@ -973,7 +973,7 @@ pub fn build(
     let c = input.counters;
     let mut losses = loss_table(&c, &collector.stats);
     let mut lost_events = c.ringbuf_full_fault;
-    let mut stack_cache_hits = c.stack_cache_hits;
+    let mut stack_cache_hits = collector.stats.stack_reused;
     if let Some(baseline) = since {
         let totals: Vec<u64> = losses.iter().map(|l| l.count).collect();
         for (loss, earlier) in losses.iter_mut().zip(&baseline.losses) {
@@ -985,7 +985,7 @@ pub fn build(
             .map_or(0, |l| l.count);
         stack_cache_hits = stack_cache_hits.saturating_sub(baseline.stack_cache_hits);
         baseline.losses = totals;
-        baseline.stack_cache_hits = c.stack_cache_hits;
+        baseline.stack_cache_hits = collector.stats.stack_reused;
         baseline.processes = rows
             .iter()
             .map(|(key, _, comm, n, _, faults)| {

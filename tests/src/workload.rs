@@ -308,6 +308,50 @@ fn kernel_touch(pages: usize) -> Result<()> {
     report(&format!("pages={pages}"))
 }
 
+/// Touches `pages` fresh pages, and asks the kernel `failed` times to copy into a page it may
+/// not write (read(2) from /dev/zero into PROT_NONE memory): each is a page fault the kernel
+/// fails (EFAULT) and never counts.
+fn failed_faults(failed: usize, pages: usize) -> Result<()> {
+    touch_pages_write(map_anon(pages * PAGE, false)?, pages);
+    let guard = map_anon(PAGE, false)?;
+    // SAFETY: `guard` is a page of our own mapping; no access to it follows.
+    if unsafe { libc::mprotect(guard.cast(), PAGE, libc::PROT_NONE) } != 0 {
+        bail!("mprotect: {}", std::io::Error::last_os_error());
+    }
+    let zero = std::fs::File::open("/dev/zero")?;
+    let mut efault = 0;
+    for _ in 0..failed {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: the kernel checks the destination and fails with EFAULT; nothing is written.
+        let n = unsafe { libc::read(zero.as_raw_fd(), guard.cast(), 64) };
+        if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EFAULT) {
+            efault += 1;
+        }
+    }
+    report(&format!("pages={pages} efault={efault}"))
+}
+
+/// Maps `pages` pages with MAP_POPULATE (the kernel faults them in itself, counting minor
+/// faults for this thread with no page-fault exception), then touches `pages` fresh pages.
+fn populate(pages: usize) -> Result<()> {
+    // SAFETY: a fresh anonymous mapping; no existing memory is affected.
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            pages * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_POPULATE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        bail!("mmap: {}", std::io::Error::last_os_error());
+    }
+    touch_pages_write(map_anon(pages * PAGE, false)?, pages);
+    report(&format!("pages={pages}"))
+}
+
 /// Two callers of the same touch loop, called one after the other from the same function:
 /// their frames sit at the same stack addresses, so only the return address tells their
 /// faults apart (the case the stack cache's periodic check exists for).
@@ -477,7 +521,8 @@ fn distinct_stacks(paths: usize) -> Result<()> {
 fn usage() -> ! {
     eprintln!(
         "usage: memtrace-workload anon PAGES | anon-recycle PAGES |\n\
-         \x20      kernel-touch PAGES | two-callers PAGES | interleaved-callers PAGES |\n\
+         \x20      kernel-touch PAGES | failed-faults N PAGES | populate PAGES |\n\
+         \x20      two-callers PAGES | interleaved-callers PAGES |\n\
          \x20      leaf-touch PAGES | distinct-stacks PATHS |\n\
          \x20      heap PAGES | file PATH PAGES | cow PATH PAGES |\n\
          \x20      threads N PAGES | forks N PAGES | wait-then-anon PAGES | sleep MS | demo DIR |\n\
@@ -501,6 +546,8 @@ fn main() -> Result<()> {
         "anon" => anon(num(1)?),
         "anon-recycle" => anon_recycle(num(1)?),
         "kernel-touch" => kernel_touch(num(1)?),
+        "failed-faults" => failed_faults(num(1)?, num(2)?),
+        "populate" => populate(num(1)?),
         "two-callers" => two_callers(num(1)?),
         "interleaved-callers" => interleaved_callers(num(1)?),
         "leaf-touch" => leaf_touch(num(1)?),

@@ -244,8 +244,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[derive(Clone, Copy)]
 enum Runner {
     Untraced,
-    /// `memtrace faults` with these extra flags.
+    /// `memtrace faults` with these extra flags, tracing the workload (`-- CMD`).
     Memtrace(&'static [&'static str]),
+    /// `memtrace faults` with these extra flags, system-wide, started before the workload.
+    MemtraceSystemWide(&'static [&'static str]),
     /// bpftrace counting the workload's faults by user stack: the yardstick the field has.
     Bpftrace,
 }
@@ -271,10 +273,19 @@ fn bench_run(bin: &Path, workload: &str, pages: u64, runner: Runner) -> Result<(
                 .arg(&workload_bin)
                 .args([workload, &pages]),
         )?,
+        Runner::MemtraceSystemWide(flags) => {
+            let mut args = vec!["faults"];
+            args.extend_from_slice(flags);
+            let leaked: &'static [&'static str] = Box::leak(args.into_boxed_slice());
+            let tracer = background::start(bin, background::Tracer::Memtrace(leaked))?;
+            let workload_out = output(Command::new(&workload_bin).args([workload, &pages]))?;
+            let report = tracer.map(|t| t.stop()).transpose()?.unwrap_or_default();
+            format!("{workload_out}\n{report}")
+        }
     };
     let seconds = touch_seconds(&out)?;
     let (lost, agent_ns) = match runner {
-        Runner::Memtrace(_) => {
+        Runner::Memtrace(_) | Runner::MemtraceSystemWide(_) => {
             let i = out.find("\n{").context("memtrace printed no JSON report")?;
             let report: serde_json::Value = serde_json::from_str(&out[i + 1..])?;
             (
@@ -311,6 +322,11 @@ const UNTRACED: BenchConfig = ("untraced", Runner::Untraced);
 const MEMTRACE_DEFAULT: BenchConfig = (
     "memtrace faults (stacks + latency + mappings)",
     Runner::Memtrace(&[]),
+);
+/// The same, system-wide, started before the workload.
+const MEMTRACE_SYSTEM_WIDE: BenchConfig = (
+    "memtrace faults, system-wide",
+    Runner::MemtraceSystemWide(&[]),
 );
 
 /// Runs every configuration once per round, rotating the order each round so that slow phases
@@ -363,6 +379,80 @@ fn bench_table(
             round_ratio,
             lost[i],
             all.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// The machine's maximum fault rate: one `anon-recycle` per CPU at once, untraced and under
+/// system-wide `memtrace faults`. Prints the fault rate, what the agent lost (the floor is 0)
+/// and its CPU per record.
+fn bench_both_cpus(bin: &Path, pages: u64, runs: usize) -> Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let configs: [(&str, background::Tracer); 3] = [
+        ("untraced", background::Tracer::None),
+        (
+            "memtrace faults, system-wide",
+            background::Tracer::Memtrace(&["faults"]),
+        ),
+        (
+            "memtrace faults --every-fault-latency",
+            background::Tracer::Memtrace(&["faults", "--every-fault-latency"]),
+        ),
+    ];
+    let mut rates = vec![Vec::new(); configs.len()];
+    let mut lost = vec![0u64; configs.len()];
+    let mut agent = vec![Vec::new(); configs.len()];
+    let pages_arg = pages.to_string();
+    for round in 0..runs {
+        for k in 0..configs.len() {
+            let i = (k + round) % configs.len();
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            let tracer = background::start(bin, configs[i].1)?;
+            let started = std::time::Instant::now();
+            let children = (0..cpus)
+                .map(|_| {
+                    Command::new(bin.join("memtrace-workload"))
+                        .args(["anon-recycle", &pages_arg])
+                        .stdout(std::process::Stdio::null())
+                        .spawn()
+                        .context("starting memtrace-workload")
+                })
+                .collect::<Result<Vec<_>>>()?;
+            for mut child in children {
+                child.wait()?;
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            rates[i].push((cpus as u64 * pages) as f64 / seconds);
+            if let Some(t) = tracer {
+                let out = t.stop()?;
+                let i_json = out.find('{').context("memtrace printed no JSON report")?;
+                let report: serde_json::Value = serde_json::from_str(&out[i_json..])?;
+                lost[i] += report["lost"]["events"].as_u64().unwrap_or(0);
+                agent[i].push(report["agent"]["cpu_ns_per_record"].as_f64().unwrap_or(0.0));
+            }
+        }
+    }
+    println!(
+        "\nboth CPUs: {cpus} x anon-recycle {pages} at once, {runs} rounds (wall time of the slowest, \
+         from start to exit)"
+    );
+    println!(
+        "{:<46} {:>12} {:>7} {:>6} {:>13}",
+        "configuration", "faults/s", "ratio", "lost", "agent ns/rec"
+    );
+    let base = median(rates[0].clone());
+    for (i, (name, _)) in configs.iter().enumerate() {
+        let rate = median(rates[i].clone());
+        let a = if agent[i].is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.0}", median(agent[i].clone()))
+        };
+        println!(
+            "{name:<46} {rate:>12.0} {:>6.2}x {:>6} {a:>13}",
+            base / rate,
+            lost[i]
         );
     }
     Ok(())
@@ -425,7 +515,7 @@ fn bench(pages: u64, runs: usize, only: Option<&str>) -> Result<()> {
             "anon",
             pages,
             runs,
-            &with_bpftrace(vec![UNTRACED, MEMTRACE_DEFAULT]),
+            &with_bpftrace(vec![UNTRACED, MEMTRACE_DEFAULT, MEMTRACE_SYSTEM_WIDE]),
         )?;
     }
     if wanted("slab") {
@@ -437,7 +527,9 @@ fn bench(pages: u64, runs: usize, only: Option<&str>) -> Result<()> {
     if !wanted("anon-recycle") {
         return Ok(());
     }
+    bench_both_cpus(&bin, pages, runs)?;
     // The worst case for a tracer: the cheapest fault there is (recycled, host-backed pages).
+    // The rows switch pieces off one at a time, so the table is also the cost breakdown.
     bench_table(
         &bin,
         "anon-recycle",
@@ -446,17 +538,26 @@ fn bench(pages: u64, runs: usize, only: Option<&str>) -> Result<()> {
         &with_bpftrace(vec![
             UNTRACED,
             MEMTRACE_DEFAULT,
+            MEMTRACE_SYSTEM_WIDE,
             (
                 "memtrace faults --no-stacks",
                 Runner::Memtrace(&["--no-stacks"]),
             ),
             (
-                "memtrace faults, stack walked every fault",
-                Runner::Memtrace(&["--no-stack-cache"]),
+                "memtrace faults --no-stacks (system-wide)",
+                Runner::MemtraceSystemWide(&["--no-stacks"]),
             ),
             (
-                "memtrace faults, classic tracepoints",
-                Runner::Memtrace(&["--classic-tracepoints"]),
+                "memtrace faults --counts-only",
+                Runner::Memtrace(&["--counts-only"]),
+            ),
+            (
+                "memtrace faults --every-fault-latency",
+                Runner::Memtrace(&["--every-fault-latency"]),
+            ),
+            (
+                "before: records at the kernel's accounting",
+                Runner::Memtrace(&["--records-at-accounting"]),
             ),
         ]),
     )

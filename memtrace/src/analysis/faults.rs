@@ -241,7 +241,11 @@ impl Analysis for FaultsAnalysis {
                 if let Ok(per_cpu) = batches.get(&0, 0) {
                     let mut left: Vec<memtrace_common::BatchedFault> = per_cpu
                         .iter()
-                        .flat_map(|b| b.records.iter().take((b.count as usize).min(b.records.len())))
+                        .flat_map(|b| {
+                            b.records
+                                .iter()
+                                .take((b.count as usize).min(b.records.len()))
+                        })
                         .copied()
                         .collect();
                     left.sort_by_key(|f| f.time_ns);

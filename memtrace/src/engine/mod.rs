@@ -250,7 +250,7 @@ pub async fn run<A: Analysis>(
     // The kernel side wakes us only per batch; drain whatever is waiting at least this often.
     // This tick also bounds how long a stop signal waits to be seen.
     let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
-    let mut second = tokio::time::interval(Duration::from_secs(1));
+    let mut latency_tick = tokio::time::interval(crate::loader::LATENCY_TICK);
 
     let ended_by = loop {
         if let Some(signal) = stop_signal() {
@@ -289,8 +289,8 @@ pub async fn run<A: Analysis>(
             _ = drain_tick.tick() => {
                 analysis.drain(ring.get_mut());
             }
-            _ = second.tick() => {
-                tracer.vary_latency_period();
+            _ = latency_tick.tick() => {
+                tracer.latency_tick();
             }
             _ = exit_check.tick() => {
                 if targets_done(&mut traced, &watched, analysis) {
