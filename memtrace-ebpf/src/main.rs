@@ -1,8 +1,11 @@
 //! memtrace's kernel programs: one module per hook family.
 //!
-//! Only tracepoints, perf software events and helpers that work under kernel lockdown are used:
-//! records are read straight from the tracepoint context at offsets the agent has checked
-//! against tracefs (see `memtrace_common::layout`), never with `bpf_probe_read_kernel`.
+//! Only tracepoints and perf software events are used (no kprobes, no fentry). Classic
+//! tracepoint records are read at offsets the agent has checked against tracefs (see
+//! `memtrace_common::layout`); BTF-typed tracepoints read their arguments and the current task
+//! with plain loads the verifier checks against the kernel's BTF, at offsets the agent reads
+//! from it; `memtrace vma`'s raw-tracepoint fallback and `slab`'s cache names use
+//! `bpf_probe_read_kernel`.
 #![no_std]
 #![no_main]
 

@@ -202,13 +202,15 @@ impl LatencyEvents {
 }
 
 /// How often [`Tracer::latency_tick`] wants to be called.
-pub const LATENCY_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+pub const LATENCY_TICK: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Minor-fault latency measured in windows: the completion events exist for one random
 /// [`LATENCY_TICK`] of every `ticks_per_cycle`, at a period that many times shorter. While any
 /// minor-fault perf event exists, even disabled, every fault's accounting enters the kernel's
 /// software-event code (~3% of the cheapest fault here), so the events are opened for a window
-/// and closed after it: the samples per fault stay one in P on average.
+/// and closed after it: the samples per fault stay one in P on average. Windows of 10 ms in
+/// every 100 ms, so that a command running a fraction of a second is still measured several
+/// times (each opening and closing flips the kernel's static key for the event: 20 a second).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LatencyWindows {
     pub window_ms: u64,
