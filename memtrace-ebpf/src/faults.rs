@@ -7,7 +7,8 @@ use aya_ebpf::{
         bpf_get_current_task_btf, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_get_stack,
         bpf_ktime_get_ns, bpf_probe_read_user,
     },
-    macros::{btf_tracepoint, perf_event, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, perf_event, raw_tracepoint, tracepoint},
+    maps::Array,
     programs::{BtfTracePointContext, PerfEventContext, RawTracePointContext, TracePointContext},
     EbpfContext,
 };
@@ -23,6 +24,10 @@ use crate::maps::{
     bump, commit_fault, cpu_state, current_ids, fault_batch, flush_faults, is_target, push_fault,
     tp_field, wakeup_flags, EVENTS, FAULT_SCRATCH, PENDING_FAULTS, STACK_CACHE,
 };
+
+/// When the agent's current minor-latency window ends (`CLOCK_MONOTONIC` ns; 0: no windows).
+#[map]
+pub static LATENCY_WINDOW_END: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Highest user-space address on x86_64 (47-bit address space; 5-level paging is rarer).
 const USER_ADDR_MAX: u64 = 0x0000_7fff_ffff_ffff;
@@ -420,14 +425,23 @@ fn fault_done(ctx: &PerfEventContext, flags: u32) {
     }
     // SAFETY: `ctx.ctx` is the kernel-provided `bpf_perf_event_data`.
     let address = unsafe { (*ctx.ctx).addr };
+    // SAFETY: no preconditions.
+    let time_ns = unsafe { bpf_ktime_get_ns() };
+    if flags & FAULT_MAJOR == 0 {
+        // A minor-fault sample only inside the agent's window, however late it closes it.
+        if let Some(end) = LATENCY_WINDOW_END.get(0) {
+            if *end != 0 && time_ns > *end {
+                return;
+            }
+        }
+    }
     push_fault(BatchedFault {
         flags: FAULT_COMPLETION | flags,
         pid: tgid,
         tid,
         error_code: 0,
         address,
-        // SAFETY: no preconditions.
-        time_ns: unsafe { bpf_ktime_get_ns() },
+        time_ns,
         stack_token: 0,
         thread_faults: 0,
     });

@@ -148,9 +148,12 @@ struct LatencyEvents {
     /// The period drawn around: the configured one, or the one in a window.
     period: u32,
     windows: Option<LatencyWindows>,
-    /// Ticks of [`LATENCY_TICK`] so far, and the one of this cycle the events are open.
-    ticks: u64,
-    on_tick: u64,
+    /// The programs' copy of the current window's end, so samples stop on time even when
+    /// this agent closes the window late.
+    window_end: Option<Array<MapData, u64>>,
+    /// When the current cycle began, and when the events open or close next.
+    cycle_start: std::time::Instant,
+    next_change: std::time::Instant,
     /// xorshift state.
     draw: u64,
 }
@@ -174,8 +177,9 @@ impl LatencyEvents {
             prog_fd,
             period: in_window,
             windows,
-            ticks: 0,
-            on_tick: 0,
+            window_end: None,
+            cycle_start: std::time::Instant::now(),
+            next_change: std::time::Instant::now(),
             draw: monotonic_ns() | 1,
         })
     }
@@ -710,6 +714,11 @@ impl Tracer {
         let targets = HashMap::try_from(take_map(&mut ebpf, "TARGETS")?).map_err(map_error)?;
         let targets_generation =
             Array::try_from(take_map(&mut ebpf, "TARGETS_GENERATION")?).map_err(map_error)?;
+        if let Some(l) = latency_events.as_mut().filter(|l| l.windows.is_some()) {
+            l.window_end = Some(
+                Array::try_from(take_map(&mut ebpf, "LATENCY_WINDOW_END")?).map_err(map_error)?,
+            );
+        }
 
         Ok(Self {
             ebpf,
@@ -729,42 +738,52 @@ impl Tracer {
         self.latency_events.as_ref().and_then(|l| l.windows)
     }
 
-    /// Moves the minor-fault latency sample on: call it every [`LATENCY_TICK`]. In windows,
-    /// opens the events for one random tick of each cycle (the first tick of the first cycle,
-    /// so a short command is measured too) and closes them after it, with a period drawn
-    /// afresh each time; without windows, draws the period again once a cycle.
+    /// Moves the minor-fault latency sample on: call it every [`LATENCY_TICK`] or so. In
+    /// windows, opens the events at a random point of each cycle (at once for the first, so a
+    /// short command is measured too) and closes them once a window's time has passed, with a
+    /// period drawn afresh each time; without windows, draws the period again once a cycle.
+    /// Windows go by the clock, not by calls: a late call makes a window longer, never shorter.
     pub fn latency_tick(&mut self) {
         let Some(l) = self.latency_events.as_mut() else {
             return;
         };
-        let cycle = l.windows.map_or(10, |w| w.ticks_per_cycle);
-        let tick = l.ticks % cycle;
-        if tick == 0 && l.ticks > 0 {
-            l.on_tick = l.next_draw() % cycle;
-        }
-        l.ticks += 1;
-        if l.windows.is_none() {
-            if tick == 0 {
+        let now = std::time::Instant::now();
+        let Some(w) = l.windows else {
+            if now >= l.next_change {
+                l.next_change = now + LATENCY_TICK * 10;
                 let period = l.draw_period();
                 if let Some(Err(e)) = l.events.as_ref().map(|e| e.set_period(period)) {
                     log::debug!("latency sample period: {e}");
                 }
             }
             return;
-        }
-        let want = tick == l.on_tick;
-        if want == l.events.is_some() {
+        };
+        if now < l.next_change {
             return;
         }
-        if want {
-            let period = l.draw_period();
-            match SampledEvent::attach(l.config, period, &l.cpus, l.prog_fd, true) {
-                Ok(events) => l.events = Some(events),
-                Err(e) => log::debug!("latency sample window: {e}"),
+        let window = std::time::Duration::from_millis(w.window_ms);
+        let cycle = window * w.ticks_per_cycle as u32;
+        if l.events.take().is_some() {
+            // Closed: the next window opens at a random point of the next cycle. Cycles keep
+            // their own clock (a late close does not push them back), and one that has passed
+            // while this agent was busy is skipped.
+            l.cycle_start += cycle;
+            while l.cycle_start + cycle <= now {
+                l.cycle_start += cycle;
             }
-        } else {
-            l.events = None;
+            let slots = w.ticks_per_cycle;
+            l.next_change = l.cycle_start + window * (l.next_draw() % slots) as u32;
+            return;
         }
+        let period = l.draw_period();
+        if let Some(end) = l.window_end.as_mut() {
+            let _ = end.set(0, monotonic_ns() + window.as_nanos() as u64, 0);
+        }
+        match SampledEvent::attach(l.config, period, &l.cpus, l.prog_fd, true) {
+            Ok(events) => l.events = Some(events),
+            Err(e) => log::debug!("latency sample window: {e}"),
+        }
+        l.next_change = now + window;
     }
 
     /// Adds a process to trace (with `filter_pids`).

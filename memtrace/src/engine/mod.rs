@@ -251,6 +251,7 @@ pub async fn run<A: Analysis>(
     // This tick also bounds how long a stop signal waits to be seen.
     let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
     let mut latency_tick = tokio::time::interval(crate::loader::LATENCY_TICK);
+    latency_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     let ended_by = loop {
         if let Some(signal) = stop_signal() {
@@ -266,6 +267,8 @@ pub async fn run<A: Analysis>(
                 if !analysis.drain(guard.get_inner_mut()) {
                     guard.clear_ready();
                 }
+                // A busy ring keeps this branch ready: the latency windows go on between drains.
+                tracer.latency_tick();
             }
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break RunEnd::Deadline,
             _ = async { match interval.as_mut() { Some(i) => { i.tick().await; } None => std::future::pending().await } } => {
