@@ -41,6 +41,20 @@ pub static FAULT_SCRATCH: PerCpuArray<FaultWithStacks> = PerCpuArray::with_max_e
 #[map]
 pub static FAULT_BATCHES: PerCpuArray<FaultBatch> = PerCpuArray::with_max_entries(1, 0);
 
+/// The time of the first record in each CPU's batch (0: empty), for the agent: it applies
+/// exits and side-band mapping changes only up to the oldest record still in a batch.
+#[map]
+pub static FAULT_BATCH_FIRST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn set_batch_first(time_ns: u64) {
+    if let Some(first) = FAULT_BATCH_FIRST.get_ptr_mut(0) {
+        // SAFETY: a per-CPU value from a successful lookup; a plain 8-byte store the agent
+        // may read at any time (it cannot tear on x86_64).
+        unsafe { core::ptr::write_volatile(first, time_ns) };
+    }
+}
+
 /// Adds a fault record without frames (or a completion) to this CPU's batch.
 #[inline(always)]
 pub fn push_fault(record: BatchedFault) {
@@ -76,6 +90,7 @@ pub fn commit_fault(batch: &mut FaultBatch, time_ns: u64) {
     let n = batch.count;
     if n == 0 {
         batch.first_ns = time_ns;
+        set_batch_first(time_ns);
     }
     batch.count = n + 1;
     if n + 1 >= FAULT_BATCH as u32 || time_ns.wrapping_sub(batch.first_ns) > FAULT_BATCH_MAX_AGE_NS
@@ -112,6 +127,7 @@ fn write_batch(batch: &mut FaultBatch) {
         }
     }
     batch.count = 0;
+    set_batch_first(0);
 }
 
 /// Fault entries of threads that were switched out mid-fault (major faults sleep on I/O and may

@@ -361,6 +361,12 @@ pub struct Collector<S: ProcSource = Procfs> {
     pub vma: Option<VmaLedger>,
     /// Completions that came before their fault's entry record, by tid.
     orphan_done: HashMap<u32, BatchedFault>,
+    /// Fault records come through per-CPU batches, so they may arrive after a later record
+    /// of another CPU: exits wait in the side-band queue, applied in time order.
+    pub batched_faults: bool,
+    /// With batched fault records: how far records may settle the side-band queue (the
+    /// oldest record still in a CPU's batch, as of the drain's start).
+    pub settle_limit: u64,
 }
 
 impl Default for Collector<Procfs> {
@@ -429,6 +435,8 @@ impl<S: ProcSource> Collector<S> {
             intervals: false,
             vma: None,
             orphan_done: HashMap::new(),
+            batched_faults: false,
+            settle_limit: u64::MAX,
         }
     }
 
@@ -493,7 +501,16 @@ impl<S: ProcSource> Collector<S> {
                     info.comm = comm;
                 }
             }
+            SideKind::Exit { comm } => self.exit(ev.pid, ev.time_ns, comm),
         }
+    }
+
+    /// A process exited: its row keeps what it did.
+    fn exit(&mut self, pid: u32, time_ns: u64, comm: Option<String>) {
+        if let Some(vma) = self.vma.as_mut() {
+            vma.ledger.exited(pid, time_ns);
+        }
+        self.retire(pid, comm);
     }
 
     /// Records a process as seen now (reads its maps and name), unless already known.
@@ -532,12 +549,12 @@ impl<S: ProcSource> Collector<S> {
                 self.stats.records -= 1;
                 for f in crate::record::batch_records(records) {
                     self.stats.records += 1;
-                    self.settle(f.time_ns);
+                    self.settle(f.time_ns.min(self.settle_limit));
                     self.on_batched(&f);
                 }
             }
             Some(rec) => {
-                self.settle(rec.time_ns());
+                self.settle(rec.time_ns().min(self.settle_limit));
                 self.on_record(rec)
             }
             None => self.stats.undecodable += 1,
@@ -627,7 +644,7 @@ impl<S: ProcSource> Collector<S> {
             })
             .flatten();
         if let Some((pending, credited, delta)) = previous {
-            self.settle_previous(r.pid, r.tid, pending, credited, delta);
+            self.settle_previous(r.pid, pending, credited, delta);
         }
         if let Some(done) = self.orphan_done.remove(&r.tid) {
             if !self.complete(&done) {
@@ -645,7 +662,6 @@ impl<S: ProcSource> Collector<S> {
     fn settle_previous(
         &mut self,
         pid: u32,
-        tid: u32,
         pending: Option<PendingFault>,
         credited: bool,
         delta: Option<(u32, u32)>,
@@ -698,7 +714,6 @@ impl<S: ProcSource> Collector<S> {
                 let faults = &mut info.faults;
                 faults.without_exception.minor += u64::from(minor);
                 faults.without_exception.major += u64::from(major);
-                let _ = tid;
             }
         }
     }
@@ -814,7 +829,7 @@ impl<S: ProcSource> Collector<S> {
                             t.credited = false;
                             t.counts = now.unwrap_or(t.counts);
                         }
-                        self.settle_previous(pid, tid, Some(p), false, Some(delta));
+                        self.settle_previous(pid, Some(p), false, Some(delta));
                     }
                     None => self.record_fault(&p.fault, p.calling_image_stack),
                 }
@@ -1139,7 +1154,6 @@ impl<S: ProcSource> Collector<S> {
             match r.op {
                 PROC_FORK => vma.ledger.forked(r.child_pid),
                 PROC_EXEC => vma.ledger.exec(r.pid),
-                PROC_EXIT => vma.ledger.exited(r.pid, r.time_ns),
                 _ => {}
             }
         }
@@ -1178,7 +1192,18 @@ impl<S: ProcSource> Collector<S> {
             }
             PROC_EXIT => {
                 let comm = comm_str(&r.comm);
-                self.retire(r.pid, (!comm.is_empty()).then_some(comm));
+                let comm = (!comm.is_empty()).then_some(comm);
+                if self.batched_faults {
+                    // Its last faults on another CPU may still wait in that CPU's batch: the
+                    // exit is applied once every record older than it is in.
+                    self.queue_side([SideEvent {
+                        time_ns: r.time_ns,
+                        pid: r.pid,
+                        kind: SideKind::Exit { comm },
+                    }]);
+                } else {
+                    self.exit(r.pid, r.time_ns, comm);
+                }
             }
             _ => {}
         }

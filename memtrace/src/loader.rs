@@ -169,7 +169,7 @@ impl LatencyEvents {
     ) -> std::io::Result<Self> {
         let windows = LatencyWindows::for_period(period);
         let in_window = windows.map_or(period, |w| w.period_in_window);
-        let events = SampledEvent::attach(config, u64::from(in_window), cpus, prog_fd, true)?;
+        let events = SampledEvent::attach(config, u64::from(in_window), cpus, prog_fd)?;
         Ok(Self {
             events: windows.is_none().then_some(events),
             config,
@@ -217,10 +217,10 @@ pub const LATENCY_TICK: std::time::Duration = std::time::Duration::from_millis(1
 /// times (each opening and closing flips the kernel's static key for the event: 20 a second).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LatencyWindows {
+    /// A window's length, and one window in every `cycle_ms`.
     pub window_ms: u64,
-    /// One window in this many ticks.
-    pub ticks_per_cycle: u64,
-    /// The mean period while a window is on.
+    pub cycle_ms: u64,
+    /// The mean period while a window is open.
     pub period_in_window: u32,
 }
 
@@ -229,9 +229,10 @@ impl LatencyWindows {
     /// window's period must stay above a few faults).
     pub fn for_period(period: u32) -> Option<Self> {
         const CYCLE: u64 = 10;
+        let window_ms = LATENCY_TICK.as_millis() as u64;
         (period >= 4 * CYCLE as u32).then(|| Self {
-            window_ms: LATENCY_TICK.as_millis() as u64,
-            ticks_per_cycle: CYCLE,
+            window_ms,
+            cycle_ms: window_ms * CYCLE,
             period_in_window: period / CYCLE as u32,
         })
     }
@@ -762,7 +763,7 @@ impl Tracer {
             return;
         }
         let window = std::time::Duration::from_millis(w.window_ms);
-        let cycle = window * w.ticks_per_cycle as u32;
+        let cycle = std::time::Duration::from_millis(w.cycle_ms);
         if l.events.take().is_some() {
             // Closed: the next window opens at a random point of the next cycle. Cycles keep
             // their own clock (a late close does not push them back), and one that has passed
@@ -771,7 +772,7 @@ impl Tracer {
             while l.cycle_start + cycle <= now {
                 l.cycle_start += cycle;
             }
-            let slots = w.ticks_per_cycle;
+            let slots = w.cycle_ms / w.window_ms;
             l.next_change = l.cycle_start + window * (l.next_draw() % slots) as u32;
             return;
         }
@@ -779,7 +780,7 @@ impl Tracer {
         if let Some(end) = l.window_end.as_mut() {
             let _ = end.set(0, monotonic_ns() + window.as_nanos() as u64, 0);
         }
-        match SampledEvent::attach(l.config, period, &l.cpus, l.prog_fd, true) {
+        match SampledEvent::attach(l.config, period, &l.cpus, l.prog_fd) {
             Ok(events) => l.events = Some(events),
             Err(e) => log::debug!("latency sample window: {e}"),
         }

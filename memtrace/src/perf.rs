@@ -1,5 +1,5 @@
 //! `perf_event_open(2)` for what aya does not offer: the side-band's dummy event, and sampling
-//! software events whose period the agent changes while they run.
+//! software events the agent opens, closes and re-periods while it runs.
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
 // Kernel ABI (include/uapi/linux/perf_event.h).
@@ -9,7 +9,6 @@ const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
 const ATTR_DISABLED: u64 = 1 << 0;
 // ioctl requests: _IO('$', 0), _IOW('$', 4, u64), _IOW('$', 8, u32).
 const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
-const PERF_EVENT_IOC_DISABLE: libc::c_ulong = 0x2401;
 const PERF_EVENT_IOC_PERIOD: libc::c_ulong = 0x4008_2404;
 const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
 
@@ -81,14 +80,12 @@ pub struct SampledEvent {
 
 impl SampledEvent {
     /// Opens `PERF_COUNT_SW_*` number `config` on each CPU with `period`, and runs `prog_fd`
-    /// (a loaded perf-event program) on each overflow, from now on if `enabled`, else from
-    /// [`Self::enable`].
+    /// (a loaded perf-event program) on each overflow, until dropped.
     pub fn attach(
         config: u64,
         period: u64,
         cpus: &[u32],
         prog_fd: std::os::fd::RawFd,
-        enabled: bool,
     ) -> std::io::Result<Self> {
         let attr = PerfEventAttr {
             kind: PERF_TYPE_SOFTWARE,
@@ -102,25 +99,10 @@ impl SampledEvent {
         for &cpu in cpus {
             let fd = open_on_cpu(&attr, cpu)?;
             ioctl(&fd, PERF_EVENT_IOC_SET_BPF, prog_fd as libc::c_ulong)?;
-            if enabled {
-                ioctl(&fd, PERF_EVENT_IOC_ENABLE, 0)?;
-            }
+            ioctl(&fd, PERF_EVENT_IOC_ENABLE, 0)?;
             fds.push(fd);
         }
         Ok(Self { fds })
-    }
-
-    /// Starts or stops counting (and running the program) on every CPU.
-    pub fn enable(&self, on: bool) -> std::io::Result<()> {
-        let request = if on {
-            PERF_EVENT_IOC_ENABLE
-        } else {
-            PERF_EVENT_IOC_DISABLE
-        };
-        for fd in &self.fds {
-            ioctl(fd, request, 0)?;
-        }
-        Ok(())
     }
 
     /// Sets the period of every CPU's event (from its next overflow on).

@@ -216,6 +216,10 @@ pub struct LatencySampling {
     /// Latencies measured, minor and major.
     pub minor_samples: u64,
     pub major_samples: u64,
+    /// When minor faults are measured in windows: a `window_ms` window at a random point of
+    /// every `cycle_ms`, at `period_in_window` (the mean rate is still one in `minor_period`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub minor_windows: Option<crate::loader::LatencyWindows>,
 }
 
 impl LatencySampling {
@@ -224,10 +228,17 @@ impl LatencySampling {
         let minor = match self.minor_period {
             0 => "minor faults not measured (--counts-only)".to_string(),
             1 => "every minor fault".to_string(),
-            n => format!(
-                "minor faults sampled at random, 1 in {n} on average ({} measured)",
-                self.minor_samples
-            ),
+            n => match self.minor_windows {
+                Some(w) => format!(
+                    "minor faults sampled at random, 1 in {n} on average (in a {} ms window of \
+                     every {} ms; {} measured)",
+                    w.window_ms, w.cycle_ms, self.minor_samples
+                ),
+                None => format!(
+                    "minor faults sampled at random, 1 in {n} on average ({} measured)",
+                    self.minor_samples
+                ),
+            },
         };
         format!("latency: {minor}; every major fault")
     }
@@ -375,6 +386,8 @@ pub struct ReportInput<'a> {
     pub command_faults: Option<KernelFaults>,
     /// How the fault path records, as attached.
     pub fault_records: crate::loader::FaultRecords,
+    /// The minor-latency sample's windows, if it has them.
+    pub latency_windows: Option<crate::loader::LatencyWindows>,
 }
 
 fn process_report(
@@ -1061,6 +1074,7 @@ pub fn build(
             major_period: 1,
             minor_samples: stats.latency_samples[0],
             major_samples: stats.latency_samples[1],
+            minor_windows: input.latency_windows,
         },
         FaultRecords::AtAccounting | FaultRecords::None => LatencySampling {
             records_at: "accounting",
@@ -1068,6 +1082,7 @@ pub fn build(
             major_period: 1,
             minor_samples: total.minor,
             major_samples: total.major,
+            minor_windows: None,
         },
     };
     FaultReport {
@@ -1449,6 +1464,7 @@ mod tests {
             .record(&fault, false);
         let input = ReportInput {
             fault_records: crate::loader::FaultRecords::AtAccounting,
+            latency_windows: None,
             collector: &collector,
             counters: KernelCounters {
                 ringbuf_full_fault: 3,
@@ -1525,6 +1541,7 @@ mod tests {
         let interval = since.is_some();
         let input = ReportInput {
             fault_records: crate::loader::FaultRecords::AtAccounting,
+            latency_windows: None,
             collector,
             counters,
             command_faults: None,

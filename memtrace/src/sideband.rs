@@ -39,6 +39,9 @@ pub enum SideKind {
     Exec { comm: Arc<str> },
     /// The process renamed its main thread.
     Rename { comm: Arc<str> },
+    /// The process exited (a ring record, applied in time order when fault records may still
+    /// be on their way from the CPUs' batches).
+    Exit { comm: Option<String> },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -30,6 +30,8 @@ pub struct FaultsAnalysis {
     rss: Option<Option<RssThreads>>,
     /// Each CPU's batch of fault records not yet written to the ring (records at entry).
     batches: Option<FaultBatches>,
+    /// The time of each CPU's oldest record still in its batch (0: none).
+    batch_first: Option<aya::maps::PerCpuArray<aya::maps::MapData, u64>>,
 }
 
 type FaultBatches = aya::maps::PerCpuArray<aya::maps::MapData, memtrace_common::FaultBatch>;
@@ -59,6 +61,7 @@ impl FaultsAnalysis {
             last_ahead: Instant::now(),
             rss: None,
             batches: None,
+            batch_first: None,
         }
     }
 
@@ -162,6 +165,10 @@ impl Analysis for FaultsAnalysis {
             let map = tracer.take_map("FAULT_BATCHES")?;
             self.batches =
                 Some(aya::maps::PerCpuArray::try_from(map).map_err(|e| Error::Map(e.to_string()))?);
+            let map = tracer.take_map("FAULT_BATCH_FIRST")?;
+            self.batch_first =
+                Some(aya::maps::PerCpuArray::try_from(map).map_err(|e| Error::Map(e.to_string()))?);
+            self.collector.batched_faults = true;
         }
         self.collector.follow_all = system_wide;
         // Opened before any command starts, so its exec and first mappings are recorded.
@@ -198,6 +205,19 @@ impl Analysis for FaultsAnalysis {
             }
             now
         };
+        // Records still in a CPU's batch are older than any that come later: side-band
+        // events and exits are applied only up to the oldest of them.
+        let batch_first = self.batch_first.as_ref();
+        let settle_limit = || {
+            let now = sideband::monotonic_ns();
+            batch_first.map_or(u64::MAX, |m| {
+                m.get(&0, 0)
+                    .ok()
+                    .and_then(|per_cpu| per_cpu.iter().copied().filter(|&t| t != 0).min())
+                    .map_or(now, |t| t.saturating_sub(1).min(now))
+            })
+        };
+        collector.settle_limit = settle_limit();
         let mut cutoff = catch_up(collector);
         let mut more = true;
         for n in 0..DRAIN_BATCH {
@@ -215,7 +235,7 @@ impl Analysis for FaultsAnalysis {
             collector.on_bytes(&item);
         }
         if !more {
-            collector.settle(cutoff);
+            collector.settle(cutoff.min(settle_limit()));
         }
         collector.sweep();
         if !more && self.last_ahead.elapsed() >= AHEAD_EVERY {
@@ -252,11 +272,14 @@ impl Analysis for FaultsAnalysis {
                     self.collector.on_leftovers(&left);
                 }
             }
+            // Every record is in: exits and mapping changes still queued apply now.
+            self.collector.settle(u64::MAX);
             // A thread's last fault settles at its next one: ask /proc for those still open.
             self.collector.flush_pending(None, true);
         }
         let input = ReportInput {
             fault_records: ctx.tracer.fault_records,
+            latency_windows: ctx.tracer.latency_windows(),
             collector: &self.collector,
             counters: ctx.tracer.counters(),
             elapsed: ctx.elapsed,
