@@ -309,8 +309,6 @@ pub struct CollectorStats {
     pub faults_unaccounted: u64,
     /// Completions whose entry record was not there to complete (lost, or before tracing).
     pub done_without_entry: u64,
-    /// Latencies measured from entry to the kernel's accounting, minor and major.
-    pub latency_samples: [u64; 2],
     /// Faults whose user stack was a cached walk's (not walked again).
     pub stack_reused: u64,
 }
@@ -471,6 +469,29 @@ impl<S: ProcSource> Collector<S> {
                 self.on_side(ev);
             }
         }
+    }
+
+    /// Applies the queued side-band events of process `pid` up to `time_ns` (not its exit),
+    /// ahead of the rest: a fault record whose address is unknown may be newer than the
+    /// queue's limit (records still in other CPUs' batches hold it back).
+    fn settle_pid(&mut self, pid: u32, time_ns: u64) -> bool {
+        let mut applied = false;
+        let mut i = 0;
+        while i < self.side_pending.len() {
+            let e = &self.side_pending[i];
+            if e.time_ns > time_ns {
+                break;
+            }
+            if e.pid == pid && !matches!(e.kind, SideKind::Exit { .. }) {
+                if let Some(ev) = self.side_pending.remove(i) {
+                    self.on_side(ev);
+                    applied = true;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        applied
     }
 
     fn on_side(&mut self, ev: SideEvent) {
@@ -783,7 +804,6 @@ impl<S: ProcSource> Collector<S> {
         p.done = true;
         p.fault.kind = kind;
         p.fault.latency_ns = Some(d.time_ns - p.entry_ns);
-        self.stats.latency_samples[kind as usize] += 1;
         true
     }
 
@@ -854,6 +874,9 @@ impl<S: ProcSource> Collector<S> {
                 .map(|v| (v.class, v.path.clone()))
         };
         let mut mapping = lookup(self);
+        if mapping.is_none() && self.settle_pid(r.pid, r.time_ns) {
+            mapping = lookup(self);
+        }
         if mapping.is_none() && self.space_mut(r.pid).grow_stack(r.address) {
             self.stats.stack_grown += 1;
             mapping = lookup(self);

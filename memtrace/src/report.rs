@@ -213,7 +213,7 @@ pub struct LatencySampling {
     pub minor_period: u32,
     /// One major fault in this many (always 1 when traced).
     pub major_period: u32,
-    /// Latencies measured, minor and major.
+    /// Latencies measured in what the report covers, minor and major.
     pub minor_samples: u64,
     pub major_samples: u64,
     /// When minor faults are measured in windows: a `window_ms` window at a random point of
@@ -223,21 +223,27 @@ pub struct LatencySampling {
 }
 
 impl LatencySampling {
-    /// For people: what the latency columns are made of.
-    pub fn describe(&self) -> String {
+    /// For people: what the latency columns are made of, for a report of `minor` faults.
+    pub fn describe(&self, minor: u64) -> String {
+        let measured = if self.minor_samples > 0 {
+            format!(
+                ": {} of {minor} measured (1 in {:.0})",
+                self.minor_samples,
+                minor as f64 / self.minor_samples as f64
+            )
+        } else {
+            format!(": none of {minor} measured")
+        };
         let minor = match self.minor_period {
             0 => "minor faults not measured (--counts-only)".to_string(),
             1 => "every minor fault".to_string(),
             n => match self.minor_windows {
                 Some(w) => format!(
-                    "minor faults sampled at random, 1 in {n} on average (in a {} ms window of \
-                     every {} ms; {} measured)",
-                    w.window_ms, w.cycle_ms, self.minor_samples
+                    "minor faults sampled at random, 1 in {n} on average, in a {} ms window of \
+                     every {} ms{measured}",
+                    w.window_ms, w.cycle_ms
                 ),
-                None => format!(
-                    "minor faults sampled at random, 1 in {n} on average ({} measured)",
-                    self.minor_samples
-                ),
+                None => format!("minor faults sampled at random, 1 in {n} on average{measured}"),
             },
         };
         format!("latency: {minor}; every major fault")
@@ -870,9 +876,13 @@ pub fn build(
         processes.push(report);
     }
     let mut total = Counts::default();
+    // Latencies measured in what this report covers, minor and major.
+    let mut measured = [0u64; 2];
     for p in &processes {
         total.minor += p.minor;
         total.major += p.major;
+        measured[0] += p.latency_ns.minor.count;
+        measured[1] += p.latency_ns.major.count;
     }
     // Before --top cuts the rows: every process counts. Interval reports leave the
     // kernel's counts out: they are totals since each process was first traced.
@@ -1072,8 +1082,8 @@ pub fn build(
             records_at: "entry",
             minor_period: latency_period,
             major_period: 1,
-            minor_samples: stats.latency_samples[0],
-            major_samples: stats.latency_samples[1],
+            minor_samples: measured[0],
+            major_samples: measured[1],
             minor_windows: input.latency_windows,
         },
         FaultRecords::AtAccounting | FaultRecords::None => LatencySampling {
@@ -1221,7 +1231,7 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
         },
         r.lost.events
     );
-    let _ = writeln!(out, "{}", r.latency_sampling.describe());
+    let _ = writeln!(out, "{}", r.latency_sampling.describe(r.minor));
     let _ = writeln!(
         out,
         "\n{:>8} {:<16} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9}  TOP MAPPINGS",

@@ -202,7 +202,7 @@ fn anonymous_first_touch_matches_kernel_minor_count() {
 fn minor_latency_is_sampled_at_the_stated_rate() {
     // One in 61 on average: 10 ms windows in every 100 ms at a tenth of the period, each
     // window's rate drawn between 0.5 and 1.5 times. Over a second of faults, within a factor
-    // of two.
+    // of two (an agent too busy to open a window on time measures fewer, and says so).
     let pages = 300_000u64;
     let (r, out) = trace_workload(&["anon-recycle", &pages.to_string()]);
     let w = workload_fields(&out);

@@ -143,8 +143,9 @@ impl RunOutcome {
 /// reports).
 pub const DRAIN_BATCH: usize = 1 << 16;
 /// The longest a drain runs before the loop gets its turn, for an agent slower than the
-/// records come (a flooded system, a debug build): the deadline and signals must not wait.
-pub const DRAIN_BUDGET: Duration = Duration::from_millis(50);
+/// records come (a flooded system, a debug build): the deadline, signals and the latency
+/// sample's 10 ms windows must not wait.
+pub const DRAIN_BUDGET: Duration = Duration::from_millis(10);
 
 /// How long a command sent SIGTERM at the end of a run gets to exit.
 const COMMAND_EXIT_WAIT: Duration = Duration::from_secs(1);
