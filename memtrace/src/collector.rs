@@ -638,32 +638,28 @@ impl<S: ProcSource> Collector<S> {
         }
         // Sent at entry: the thread's previous fault is settled by how far its counters moved
         // since, and this one waits for its own settling.
-        let previous = self
-            .processes
-            .get_mut(&r.pid)
-            .map(|info| {
-                let thread = info.threads.entry(r.tid).or_default();
-                let previous = (thread.seen).then(|| {
-                    (
-                        thread.pending.take(),
-                        thread.credited,
-                        thread_faults_since(thread.counts, r.thread_faults),
-                    )
-                });
-                *thread = ThreadFaults {
-                    seen: true,
-                    counts: r.thread_faults,
-                    pending: Some(PendingFault {
-                        fault,
-                        entry_ns: r.time_ns,
-                        done: false,
-                        calling_image_stack,
-                    }),
-                    credited: false,
-                };
-                previous
-            })
-            .flatten();
+        let previous = self.processes.get_mut(&r.pid).and_then(|info| {
+            let thread = info.threads.entry(r.tid).or_default();
+            let previous = (thread.seen).then(|| {
+                (
+                    thread.pending.take(),
+                    thread.credited,
+                    thread_faults_since(thread.counts, r.thread_faults),
+                )
+            });
+            *thread = ThreadFaults {
+                seen: true,
+                counts: r.thread_faults,
+                pending: Some(PendingFault {
+                    fault,
+                    entry_ns: r.time_ns,
+                    done: false,
+                    calling_image_stack,
+                }),
+                credited: false,
+            };
+            previous
+        });
         if let Some((pending, credited, delta)) = previous {
             self.settle_previous(r.pid, pending, credited, delta);
         }
@@ -723,10 +719,8 @@ impl<S: ProcSource> Collector<S> {
                     self.stats.faults_unaccounted += 1;
                 }
             }
-            None if credited => {
-                if !take(FaultKind::Minor) && !take(FaultKind::Major) {
-                    self.stats.faults_unaccounted += 1;
-                }
+            None if credited && !take(FaultKind::Minor) && !take(FaultKind::Major) => {
+                self.stats.faults_unaccounted += 1;
             }
             None => {}
         }
