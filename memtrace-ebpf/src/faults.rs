@@ -403,6 +403,15 @@ fn fault_at_entry(ctx: &BtfTracePointContext, kernel_entry: bool) {
     commit_fault(batch, time_ns);
 }
 
+/// A thread leaving the CPU takes its records along: they go out before it can run (and
+/// fault) on another CPU, so each thread's records reach the agent in the order it made them,
+/// which the settling of each fault by the next one's counters relies on.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch_flush_raw(_ctx: RawTracePointContext) -> u32 {
+    flush_faults();
+    0
+}
+
 #[perf_event]
 pub fn fault_minor_done(ctx: PerfEventContext) -> u32 {
     fault_done(&ctx, 0);

@@ -257,6 +257,8 @@ pub const FAULTS_AT_ENTRY: HookGroup = HookGroup {
     hooks: &[
         btf_tracepoint("page_fault_user_btf", "exceptions", "page_fault_user"),
         btf_tracepoint("page_fault_kernel_btf", "exceptions", "page_fault_kernel"),
+        // Each CPU's batch goes out when a thread leaves it: a thread's records stay in order.
+        raw_only("sched_switch_flush_raw", "sched", "sched_switch", &[]),
         perf_software("fault_major_done", SoftwareEvent::PageFaultsMaj, 6),
         optional(
             perf_software_at(

@@ -1320,7 +1320,11 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
             c.mapping.class,
             path,
             access,
-            ns(c.latency_ns.p50),
+            if c.latency_ns.count == 0 {
+                "-".to_string()
+            } else {
+                ns(c.latency_ns.p50)
+            },
             who
         );
         // Innermost first: a kernel-mode fault's kernel frames sit below the syscall's user frames.

@@ -561,6 +561,39 @@ fn faults_in_kernel_mode_carry_the_kernel_stack() {
 }
 
 #[test]
+fn a_command_that_sleeps_forks_and_moves_between_cpus_is_counted_exactly() {
+    // The demo: heap, a cold file (major faults that sleep on I/O and may wake on the other
+    // CPU), shared memory, two children. Each fault is settled by its thread's next one, so a
+    // thread's records must arrive in order whichever CPU they were made on.
+    let dir = std::env::var("MEMTRACE_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let (r, _) = trace_workload(&["demo", &dir]);
+    let k = &r["kernel_counts"];
+    let kernel = (
+        k["kernel"]["minor"].as_u64().unwrap(),
+        k["kernel"]["major"].as_u64().unwrap(),
+    );
+    let seen = (
+        k["memtrace"]["minor"].as_u64().unwrap(),
+        k["memtrace"]["major"].as_u64().unwrap(),
+    );
+    let by_kernel = (
+        k["faulted_in_by_kernel"]["minor"].as_u64().unwrap(),
+        k["faulted_in_by_kernel"]["major"].as_u64().unwrap(),
+    );
+    assert!(within(seen.0, kernel.0, 1.0), "{k}");
+    assert!(within(seen.1, kernel.1, 1.0), "{k}");
+    // Out-of-order records would read as faults the kernel took for a thread.
+    assert!(by_kernel.0 < 20 && by_kernel.1 == 0, "{k}");
+    assert_eq!(
+        lost_count(&r, "completion_without_entry"),
+        0,
+        "{}",
+        r["lost"]
+    );
+    assert_eq!(r["faults_not_accounted"], 0);
+}
+
+#[test]
 fn cold_file_reads_are_major_faults_on_the_file() {
     let pages = 2_000u64;
     let path = scratch("major.dat");
