@@ -103,7 +103,11 @@ pub fn run() -> (Vec<Probe>, bool) {
                     Err(e) => (hook.optional, format!("{e} ({need})")),
                 },
             };
-            probes.push(probe(hook.describe(), ok, detail));
+            probes.push(probe(
+                format!("{}: {}", group.name, hook.describe()),
+                ok,
+                detail,
+            ));
         }
     }
     if let Ok(tfs) = &tracefs {
@@ -184,7 +188,7 @@ pub fn render(probes: &[Probe]) -> String {
     for p in probes {
         let _ = writeln!(
             out,
-            "{:<4} {:<44} {}",
+            "{:<4} {:<62} {}",
             if p.ok { "ok" } else { "FAIL" },
             p.what,
             p.detail
