@@ -362,6 +362,10 @@ pub struct Collector<S: ProcSource = Procfs> {
     /// Fault records come through per-CPU batches, so they may arrive after a later record
     /// of another CPU: exits wait in the side-band queue, applied in time order.
     pub batched_faults: bool,
+    /// The kernel's counts of the processes traced from now on (`-p`, the command) at the
+    /// moment they were added: for a command, the faults its child took between fork and
+    /// being followed.
+    pub before_followed: KernelFaults,
     /// With batched fault records: how far records may settle the side-band queue (the
     /// oldest record still in a CPU's batch, as of the drain's start).
     pub settle_limit: u64,
@@ -435,6 +439,7 @@ impl<S: ProcSource> Collector<S> {
             orphan_done: HashMap::new(),
             batched_faults: false,
             settle_limit: u64::MAX,
+            before_followed: KernelFaults::default(),
         }
     }
 
@@ -553,6 +558,10 @@ impl<S: ProcSource> Collector<S> {
     /// kernel's counts so far, so its report can set the kernel's counts beside memtrace's.
     pub fn observe_from_now(&mut self, pid: u32) {
         let baseline = self.source.fault_counts(pid);
+        if let Some(b) = baseline {
+            self.before_followed.minor += b.minor;
+            self.before_followed.major += b.major;
+        }
         self.observe(pid).kernel_baseline = baseline;
     }
 

@@ -184,8 +184,9 @@ struct FaultsArgs {
     /// Skip stack capture.
     #[arg(long)]
     no_stacks: bool,
-    /// Measure the latency of every minor fault (default: a uniform sample, one in
-    /// --latency-period; every major fault is always measured).
+    /// Measure the latency of every minor fault (default: a random sample, one in
+    /// --latency-period on average, taken in 10 ms windows of every 100 ms; every major
+    /// fault is always measured).
     #[arg(long, conflicts_with_all = ["latency_period", "counts_only"])]
     every_fault_latency: bool,
     /// Measure the latency of one minor fault in N (1: every one, 0: none).

@@ -277,6 +277,10 @@ pub struct KernelCountsReport {
     /// Faults the threads' own counters show the kernel faulted in for them without a fault
     /// exception (get_user_pages), when faults are recorded at entry: most of the difference.
     pub faulted_in_by_kernel: KernelFaults,
+    /// For a command memtrace started: the faults its child took after fork, before memtrace
+    /// followed it (the rest of the difference).
+    #[serde(skip_serializing_if = "KernelFaults::is_zero")]
+    pub before_followed: KernelFaults,
     pub note: &'static str,
 }
 
@@ -1139,6 +1143,7 @@ fn kernel_counts(
                 major: total.major,
             },
             faulted_in_by_kernel: sum_faulted_in(processes.iter()),
+            before_followed: input.collector.before_followed,
             note: KERNEL_COUNTS_NOTE,
         });
     }
@@ -1150,6 +1155,7 @@ fn kernel_counts(
         kernel: KernelFaults::default(),
         memtrace: KernelFaults::default(),
         faulted_in_by_kernel: KernelFaults::default(),
+        before_followed: KernelFaults::default(),
         note: KERNEL_COUNTS_NOTE,
     };
     for p in counted {
@@ -1346,6 +1352,15 @@ pub fn render_table(r: &FaultReport, opts: &ReportOptions) -> String {
                 ", and the threads' own counters show {} minor, {} major faulted in by the \
                  kernel without a fault of theirs",
                 k.faulted_in_by_kernel.minor, k.faulted_in_by_kernel.major
+            )
+        };
+        let by_kernel = if k.before_followed.is_zero() {
+            by_kernel
+        } else {
+            format!(
+                "{by_kernel}; {} minor, {} major came before memtrace followed the command (its \
+                 child between fork and exec)",
+                k.before_followed.minor, k.before_followed.major
             )
         };
         let _ = writeln!(
