@@ -117,8 +117,16 @@ pub fn flush_faults() {
 fn write_batch(batch: &mut FaultBatch) {
     batch.kind = RecordKind::FaultBatch as u32;
     let count = u64::from(batch.count);
+    // Only the records it holds: a batch written out at a context switch often holds one.
+    let used = (batch.count as usize).min(FAULT_BATCH);
+    let len =
+        core::mem::offset_of!(FaultBatch, records) + used * core::mem::size_of::<BatchedFault>();
+    // SAFETY: `len` is at most the batch's size (`used` <= FAULT_BATCH), and the batch is a
+    // live per-CPU map value.
+    let bytes =
+        unsafe { core::slice::from_raw_parts((batch as *const FaultBatch).cast::<u8>(), len) };
     if EVENTS
-        .output::<FaultBatch>(&*batch, wakeup_flags_for(count))
+        .output::<[u8]>(bytes, wakeup_flags_for(count))
         .is_err()
     {
         if let Some(slot) = COUNTERS.get_ptr_mut(counter::RINGBUF_FULL_FAULT) {
