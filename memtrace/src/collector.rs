@@ -479,7 +479,7 @@ impl<S: ProcSource> Collector<S> {
     /// Applies the queued side-band events of process `pid` up to `time_ns` (not its exit),
     /// ahead of the rest: a fault record whose address is unknown may be newer than the
     /// queue's limit (records still in other CPUs' batches hold it back).
-    fn settle_pid(&mut self, pid: u32, time_ns: u64) -> bool {
+    fn settle_pid(&mut self, pid: u32, time_ns: u64, with_exit: bool) -> bool {
         let mut applied = false;
         let mut i = 0;
         while i < self.side_pending.len() {
@@ -487,7 +487,7 @@ impl<S: ProcSource> Collector<S> {
             if e.time_ns > time_ns {
                 break;
             }
-            if e.pid == pid && !matches!(e.kind, SideKind::Exit { .. }) {
+            if e.pid == pid && (with_exit || !matches!(e.kind, SideKind::Exit { .. })) {
                 if let Some(ev) = self.side_pending.remove(i) {
                     self.on_side(ev);
                     applied = true;
@@ -670,12 +670,16 @@ impl<S: ProcSource> Collector<S> {
             previous
         });
         if let Some((pending, credited, delta)) = previous {
-            self.settle_previous(r.pid, pending, credited, delta);
+            self.settle_previous(r.pid, pending, credited, delta, true);
         }
         if let Some(done) = self.orphan_done.remove(&r.tid) {
             if !self.complete(&done) {
-                // Not this fault's: keep it until the next one (or a report) settles it.
-                self.orphan_done.insert(r.tid, done);
+                if done.time_ns < r.time_ns {
+                    // This thread has moved on past it: its fault's entry will not come.
+                    self.stats.done_without_entry += 1;
+                } else {
+                    self.orphan_done.insert(r.tid, done);
+                }
             }
         }
     }
@@ -691,6 +695,7 @@ impl<S: ProcSource> Collector<S> {
         pending: Option<PendingFault>,
         credited: bool,
         delta: Option<(u32, u32)>,
+        rest_faulted_in: bool,
     ) {
         let Some((mut minor, mut major)) = delta else {
             if let Some(p) = pending {
@@ -733,7 +738,7 @@ impl<S: ProcSource> Collector<S> {
             }
             None => {}
         }
-        if minor + major > 0 {
+        if rest_faulted_in && minor + major > 0 {
             if let Some(info) = self.processes.get_mut(&pid) {
                 let faults = &mut info.faults;
                 faults.without_exception.minor += u64::from(minor);
@@ -852,7 +857,9 @@ impl<S: ProcSource> Collector<S> {
                             t.credited = false;
                             t.counts = now.unwrap_or(t.counts);
                         }
-                        self.settle_previous(pid, Some(p), false, Some(delta));
+                        // Only whether it was accounted: what else the counters grew by since
+                        // may be faults whose records are still on their way.
+                        self.settle_previous(pid, Some(p), false, Some(delta), false);
                     }
                     None => self.record_fault(&p.fault, p.calling_image_stack),
                 }
@@ -877,7 +884,7 @@ impl<S: ProcSource> Collector<S> {
                 .map(|v| (v.class, v.path.clone()))
         };
         let mut mapping = lookup(self);
-        if mapping.is_none() && self.settle_pid(r.pid, r.time_ns) {
+        if mapping.is_none() && self.settle_pid(r.pid, r.time_ns, false) {
             mapping = lookup(self);
         }
         if mapping.is_none() && self.space_mut(r.pid).grow_stack(r.address) {
@@ -1185,6 +1192,11 @@ impl<S: ProcSource> Collector<S> {
         }
         match r.op {
             PROC_FORK => {
+                // A pid reused: what is still queued for its previous process (its exit, its
+                // last mappings) belongs to that one, and goes first.
+                if self.batched_faults {
+                    self.settle_pid(r.child_pid, r.time_ns, true);
+                }
                 // The child starts as a copy of its parent's address space.
                 let parent = self.observe(r.pid);
                 let mut child = ProcessInfo::new(parent.comm.clone(), parent.space.clone());
@@ -1244,6 +1256,10 @@ impl<S: ProcSource> Collector<S> {
         let Some(info) = self.processes.get_mut(&pid) else {
             return;
         };
+        // Exec and exit end every thread but the leader (whose counters go on: its next fault
+        // also shows execve's own argument copy). A thread other than the leader that calls
+        // execve takes the leader's tid with counters of its own: not told apart here (rare).
+        info.threads.retain(|&tid, _| tid == pid);
         self.live_callsites = self.live_callsites.saturating_sub(info.callsites.len());
         // Each stack once (several callsites share one), then the raw stacks go before the
         // callsites are copied: both tables are never held beside the new one.

@@ -656,17 +656,10 @@ impl Tracer {
                 ) {
                     Ok(()) => {
                         attach_methods.append(&mut attached);
-                        let minor = attach_methods.iter().find_map(|(_, m)| match m {
-                            AttachMethod::PerfEventPerCpu { period, .. } if *period > 1 => {
-                                Some(*period)
-                            }
-                            _ => None,
-                        });
-                        let latency_period = if opts.latency_period == 0 {
-                            0
-                        } else {
-                            minor.unwrap_or(opts.latency_period.min(1))
-                        };
+                        // No minor completions (not asked for, or not attached): no minor
+                        // latency at all.
+                        let latency_period =
+                            latency_events.as_ref().map_or(0, |_| opts.latency_period);
                         fault_records = FaultRecords::AtEntry { latency_period };
                         continue;
                     }

@@ -47,6 +47,11 @@ type RssThreads = aya::maps::HashMap<aya::maps::MapData, u32, memtrace_common::R
 /// meanwhile: a busy build's first 30 s left 0.5-0.8 s of symbolizing to the first report
 /// with 100 ms rounds.
 const AHEAD_EVERY: Duration = Duration::from_secs(10);
+
+/// How far behind the present side-band events and exits may be held for records still in a
+/// CPU's batch (a batch goes out at its CPU's next context switch, fault or record; a CPU that
+/// does none of these for this long has records that old at most this rare).
+const SETTLE_LAG_MAX_NS: u64 = 100_000_000;
 const AHEAD_BUDGET: Duration = Duration::from_millis(300);
 
 impl FaultsAnalysis {
@@ -215,6 +220,9 @@ impl Analysis for FaultsAnalysis {
                     .ok()
                     .and_then(|per_cpu| per_cpu.iter().copied().filter(|&t| t != 0).min())
                     .map_or(now, |t| t.saturating_sub(1).min(now))
+                    // A CPU that faulted once and then only computes (or went offline) must
+                    // not hold every process's mappings and exits back for long.
+                    .max(now.saturating_sub(SETTLE_LAG_MAX_NS))
             })
         };
         collector.settle_limit = settle_limit();
