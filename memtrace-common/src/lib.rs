@@ -484,29 +484,27 @@ pub mod counter {
     pub const PENDING_FULL: u32 = 5;
     /// Child processes not followed because the target map was full.
     pub const TARGETS_FULL: u32 = 6;
-    /// Unused (was: user stacks reused from the cache; the agent counts those now).
-    pub const UNUSED_7: u32 = 7;
     /// Syscall entries not stashed (map full).
-    pub const SYSCALL_PENDING_FULL: u32 = 8;
+    pub const SYSCALL_PENDING_FULL: u32 = 7;
     /// Slab allocations not tracked: the outstanding-object table was full.
-    pub const SLAB_UNTRACKED: u32 = 9;
+    pub const SLAB_UNTRACKED: u32 = 8;
     /// Allocations at an address still tracked: the old object was freed without an event
     /// (kfree_rcu on sheaf caches, bulk frees); it counts as freed.
-    pub const SLAB_IMPLICIT_FREES: u32 = 10;
+    pub const SLAB_IMPLICIT_FREES: u32 = 9;
     /// Site counts not kept when a site slot was handed over (the counter map was full).
-    pub const SLAB_SITES_FULL: u32 = 11;
+    pub const SLAB_SITES_FULL: u32 = 10;
     /// Stack walks that found no frame, or nested too deep to have room.
-    pub const SLAB_STACK_LOST: u32 = 12;
+    pub const SLAB_STACK_LOST: u32 = 11;
     /// Stacks captured but not kept (the stack map was full).
-    pub const SLAB_STACKS_FULL: u32 = 13;
+    pub const SLAB_STACKS_FULL: u32 = 12;
     /// kmem_cache names not recorded (the cache map was full, or the name could not be read).
-    pub const SLAB_CACHE_UNNAMED: u32 = 14;
+    pub const SLAB_CACHE_UNNAMED: u32 = 13;
     /// Frees the second free program saw unhandled by the first (which was skipped: the free
     /// came while it ran on that CPU).
-    pub const SLAB_FREES_NESTED: u32 = 15;
+    pub const SLAB_FREES_NESTED: u32 = 14;
     /// A mapping syscall whose saved user registers were not found: the call is missed.
-    pub const SYSCALL_ARGS_UNREAD: u32 = 16;
-    pub const COUNT: u32 = 17;
+    pub const SYSCALL_ARGS_UNREAD: u32 = 15;
+    pub const COUNT: u32 = 16;
 }
 
 /// Configuration written into the kernel programs at load time.

@@ -236,20 +236,6 @@ fn try_fault_accounted(ctx: &PerfEventContext, kind_flags: u32) -> Result<u32, u
         sp_words: [0; SP_WORDS],
         thread_faults: 0,
     };
-    emit_with_stacks(ctx, header, kernel_mode, bp, sp);
-    Ok(0)
-}
-
-/// Sends a fault's record with the stacks the configuration asks for. `bp` and `sp` are the
-/// user registers of a user-mode fault.
-#[inline(always)]
-fn emit_with_stacks<C: EbpfContext>(
-    ctx: &C,
-    header: FaultRecord,
-    kernel_mode: bool,
-    bp: u64,
-    sp: u64,
-) {
     if config!(capture_stacks) == 0 {
         emit_fixed(header);
     } else if kernel_mode {
@@ -260,6 +246,7 @@ fn emit_with_stacks<C: EbpfContext>(
     } else {
         emit_user_cached(ctx, header, bp, sp);
     }
+    Ok(0)
 }
 
 // Records at entry (the default where the kernel's BTF allows): one program per fault, at the
@@ -368,13 +355,9 @@ fn fault_at_entry(ctx: &BtfTracePointContext, kernel_entry: bool) {
                 address,
                 ip,
                 time_ns,
-                latency_ns: 0,
-                stack_token: 0,
                 error_code: error_code as u32,
-                n_user: 0,
-                n_kernel: 0,
-                sp_words: [0; SP_WORDS],
                 thread_faults,
+                ..FaultRecord::default()
             };
             match walk_slot {
                 Some(slot) => walk_and_cache(ctx, header, slot, bp, sp),
@@ -456,22 +439,9 @@ fn fault_done(ctx: &PerfEventContext, flags: u32) {
     });
 }
 
-/// Sends a record without frames: records at entry through this CPU's batch.
+/// Sends a record without frames (records at the kernel's accounting).
 #[inline(always)]
 fn emit_fixed(header: FaultRecord) {
-    if header.flags & FAULT_AT_ENTRY != 0 {
-        push_fault(BatchedFault {
-            flags: header.flags,
-            pid: header.pid,
-            tid: header.tid,
-            error_code: header.error_code,
-            address: header.address,
-            time_ns: header.time_ns,
-            stack_token: header.stack_token,
-            thread_faults: header.thread_faults,
-        });
-        return;
-    }
     match EVENTS.reserve::<FaultRecord>(0) {
         Some(mut rec) => {
             rec.write(header);

@@ -573,34 +573,31 @@ impl<S: ProcSource> Collector<S> {
     }
 
     pub fn on_bytes(&mut self, bytes: &[u8]) {
-        self.stats.records += 1;
         match crate::record::decode(bytes) {
-            Some(Record::FaultBatch(records)) => {
-                self.stats.records -= 1;
-                for f in crate::record::batch_records(records) {
-                    self.stats.records += 1;
-                    self.settle(f.time_ns.min(self.settle_limit));
-                    self.on_batched(&f);
-                }
+            Some(rec) => self.on_record(rec),
+            None => {
+                self.stats.records += 1;
+                self.stats.undecodable += 1;
             }
-            Some(rec) => {
-                self.settle(rec.time_ns().min(self.settle_limit));
-                self.on_record(rec)
-            }
-            None => self.stats.undecodable += 1,
         }
     }
 
+    /// A ring record, after the side-band events older than it (up to `settle_limit`).
     pub fn on_record(&mut self, rec: Record<'_>) {
+        if let Record::FaultBatch(records) = rec {
+            for f in crate::record::batch_records(records) {
+                self.on_batched(&f);
+            }
+            return;
+        }
+        self.stats.records += 1;
+        self.settle(rec.time_ns().min(self.settle_limit));
         match rec {
             Record::Fault(f, frames) => self.on_fault(&f, frames),
-            Record::FaultBatch(records) => {
-                for f in crate::record::batch_records(records) {
-                    self.on_batched(&f);
-                }
-            }
             Record::Vma(v, frames) => self.on_vma(&v, frames),
             Record::Proc(p) => self.on_proc(&p),
+            // Handled above.
+            Record::FaultBatch(_) => {}
             // Not a faults record; never sent to this analysis's ring.
             Record::SlabStack(_) => {}
         }
@@ -750,14 +747,14 @@ impl<S: ProcSource> Collector<S> {
     /// Records read from the CPUs' batches at the end of a run, oldest first.
     pub fn on_leftovers(&mut self, records: &[BatchedFault]) {
         for f in records {
-            self.stats.records += 1;
-            self.settle(f.time_ns);
             self.on_batched(f);
         }
     }
 
     /// A record from a CPU's batch: a fault's entry, or a completion.
     fn on_batched(&mut self, f: &BatchedFault) {
+        self.stats.records += 1;
+        self.settle(f.time_ns.min(self.settle_limit));
         if f.flags & FAULT_COMPLETION != 0 {
             self.on_fault_done(f);
             return;

@@ -286,8 +286,7 @@ fn bench_run(bin: &Path, workload: &str, pages: u64, runner: Runner) -> Result<(
     let seconds = touch_seconds(&out)?;
     let (lost, agent_ns) = match runner {
         Runner::Memtrace(_) | Runner::MemtraceSystemWide(_) => {
-            let i = out.find("\n{").context("memtrace printed no JSON report")?;
-            let report: serde_json::Value = serde_json::from_str(&out[i + 1..])?;
+            let report = memtrace_report(&out)?;
             (
                 report["lost"]["events"]
                     .as_u64()
@@ -302,16 +301,27 @@ fn bench_run(bin: &Path, workload: &str, pages: u64, runner: Runner) -> Result<(
 
 /// The touch-phase time from the workload's report line.
 fn touch_seconds(out: &str) -> Result<f64> {
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("pid="))
-        .context("no workload report")?;
-    let ns: f64 = line
+    Ok(workload_number(out, "touch_ns")? / 1e9)
+}
+
+/// The number after `key=` in a workload's `key=value ...` output.
+pub(crate) fn workload_number(out: &str, key: &str) -> Result<f64> {
+    let prefix = format!("{key}=");
+    Ok(out
         .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("touch_ns="))
-        .context("no touch_ns")?
-        .parse()?;
-    Ok(ns / 1e9)
+        .find_map(|kv| kv.strip_prefix(prefix.as_str()))
+        .with_context(|| format!("no {key}= in the workload's output"))?
+        .parse()?)
+}
+
+/// memtrace's JSON report in `out`: all of it, or what follows other programs' lines.
+pub(crate) fn memtrace_report(out: &str) -> Result<serde_json::Value> {
+    let start = if out.starts_with('{') {
+        0
+    } else {
+        out.find("\n{").context("memtrace printed no JSON report")? + 1
+    };
+    Ok(serde_json::from_str(&out[start..])?)
 }
 
 type BenchConfig = (&'static str, Runner);
@@ -425,9 +435,7 @@ fn bench_both_cpus(bin: &Path, pages: u64, runs: usize) -> Result<()> {
             let seconds = started.elapsed().as_secs_f64();
             rates[i].push((cpus as u64 * pages) as f64 / seconds);
             if let Some(t) = tracer {
-                let out = t.stop()?;
-                let i_json = out.find('{').context("memtrace printed no JSON report")?;
-                let report: serde_json::Value = serde_json::from_str(&out[i_json..])?;
+                let report = memtrace_report(&t.stop()?)?;
                 lost[i] += report["lost"]["events"].as_u64().unwrap_or(0);
                 agent[i].push(report["agent"]["cpu_ns_per_record"].as_f64().unwrap_or(0.0));
             }

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
 use crate::{
     background::{start, Tracer},
@@ -34,11 +34,7 @@ fn run_once(bin: &Path, tracer: Tracer, duration_ms: u64) -> Result<Run> {
         &duration_ms.to_string(),
         "262144",
     ]))?;
-    let per_s: f64 = out
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("blocks_per_s="))
-        .context("no blocks_per_s")?
-        .parse()?;
+    let per_s = crate::workload_number(&out, "blocks_per_s")?;
     let report = match running {
         Some(r) => r.stop()?,
         None => String::new(),
@@ -48,8 +44,7 @@ fn run_once(bin: &Path, tracer: Tracer, duration_ms: u64) -> Result<Run> {
         ..Run::default()
     };
     if let Tracer::Memtrace(_) = tracer {
-        let start = report.find('{').context("memtrace printed no report")?;
-        let r: serde_json::Value = serde_json::from_str(&report[start..])?;
+        let r = crate::memtrace_report(&report)?;
         run.lost = r["lost"]["events"].as_u64().unwrap_or(0);
         run.peak_rss_mib = r["agent"]["peak_rss_bytes"].as_u64().unwrap_or(0) >> 20;
         run.agent_ns_per_record = r["agent"]["cpu_ns_per_record"].as_f64().unwrap_or(0.0);

@@ -37,16 +37,8 @@ fn run_once(bin: &Path, tracer: Tracer, duration_ms: u64, bytes: usize) -> Resul
         &duration_ms.to_string(),
         &bytes.to_string(),
     ]))?;
-    let pipes: f64 = out
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("pipes="))
-        .context("no pipes=")?
-        .parse()?;
-    let per_s: f64 = out
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("pipes_per_s="))
-        .context("no pipes_per_s")?
-        .parse()?;
+    let pipes = crate::workload_number(&out, "pipes")?;
+    let per_s = crate::workload_number(&out, "pipes_per_s")?;
     let report = match running {
         Some(r) => r.stop()?,
         None => String::new(),
@@ -56,8 +48,7 @@ fn run_once(bin: &Path, tracer: Tracer, duration_ms: u64, bytes: usize) -> Resul
         ..Run::default()
     };
     if let Tracer::Memtrace(_) = tracer {
-        let start = report.find('{').context("memtrace printed no report")?;
-        let r: serde_json::Value = serde_json::from_str(&report[start..])?;
+        let r = crate::memtrace_report(&report)?;
         run.lost = r["lost"]["events"].as_u64().unwrap_or(0);
         run.peak_rss_mib = r["agent"]["peak_rss_bytes"].as_u64().unwrap_or(0) >> 20;
         let t = &r["totals"];
